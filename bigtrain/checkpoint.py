@@ -1,0 +1,247 @@
+"""Checkpoints that exist only when complete, plus a ring of fast snapshots for rollback.
+
+Layout of one checkpoint (durable: RUN_DIR/checkpoints/step_00000100; snapshot: SNAP_DIR/step_00000100):
+  DeepSpeed's files (model states, ZeRO optimizer partitions)
+  bigtrain_state.json   TrainState (JSON, not pickle: bigtrain's own state executes nothing on load)
+  rng_rank{R}.json      every rank's RNG states
+  hf/                   model config + tokenizer (what `bigtrain export` needs)
+  COMPLETE              manifest (file sizes), written by rank 0 last, after a barrier: only a directory
+                        with this marker is a checkpoint. DeepSpeed's own `latest` is written before its
+                        final barrier and is not proof of completeness.
+
+Every save and load here is collective: all ranks must call it (DeepSpeed's save hangs if rank 0
+calls it alone).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MARKER = "COMPLETE"
+STATE_FILE = "bigtrain_state.json"
+
+
+@dataclass
+class TrainState:
+    """Everything a restart needs besides DeepSpeed's own state (nanochat's loop_state)."""
+
+    step: int = 0
+    """Optimizer steps completed (including steps DeepSpeed skipped on overflow)."""
+    cursor: int = 0
+    """Stream index of the next sample (see bigtrain.sampler): the data position."""
+    tokens: int = 0
+    """Training tokens consumed."""
+    skipped: list[list[int]] = field(default_factory=list)
+    """Half-open stream ranges never to be trained on (spike recovery)."""
+    eps: float = 1e-8
+    lr_scale: float = 1.0
+    beta2: float = 0.95
+    monitor: dict = field(default_factory=dict)
+    escalation: dict = field(default_factory=dict)
+    ds_skipped_steps: int = 0
+    """Steps DeepSpeed skipped (fp16 overflow, bf16 non-finite gradients)."""
+    rollbacks: int = 0
+    wasted_steps: int = 0
+    """Optimizer steps thrown away by rollbacks."""
+    executed_steps: int = 0
+    """Optimizer steps executed, including thrown-away ones."""
+    poisoned: list[list[int]] = field(default_factory=list)
+    """Fault injection: stream ranges whose samples are garbage (bad data stays bad)."""
+    faults_fired: list[str] = field(default_factory=list)
+    fingerprint: str = ""
+    world_size: int = 1
+    zero_stage: int = 0
+    config: dict = field(default_factory=dict)
+
+    # Fields that survive a rollback: what was learned about the run, not the model's state.
+    PERSISTENT = ("skipped", "eps", "lr_scale", "beta2", "escalation", "ds_skipped_steps", "rollbacks",
+                  "wasted_steps", "executed_steps", "poisoned", "faults_fired")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TrainState":
+        return cls(**data)
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _encode(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _decode(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": _encode(torch.get_rng_state()), "python": repr(random.getstate()),
+             "numpy": repr(np.random.get_state(legacy=True)[1].tolist()), "numpy_pos": np.random.get_state()[2]}
+    if torch.cuda.is_available():
+        state["cuda"] = _encode(torch.cuda.get_rng_state())
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import ast
+
+    torch.set_rng_state(_decode(state["torch"]))
+    py = ast.literal_eval(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    keys = np.array(ast.literal_eval(state["numpy"]), dtype=np.uint32)
+    np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_decode(state["cuda"]))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def is_complete(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.name.startswith("step_") and is_complete(p)),
+                  key=lambda p: p.name)
+
+
+def resolve_resume(arg: str, root: Path) -> Path | None:
+    """``auto`` -> newest complete checkpoint under root (None if there is none); else the given path."""
+    if arg == "auto":
+        found = complete_checkpoints(root)
+        return found[-1] if found else None
+    path = Path(arg)
+    if not path.is_dir() or not (path / STATE_FILE).is_file():
+        raise ValueError(f"--resume {arg}: not a bigtrain checkpoint directory (no {STATE_FILE}); "
+                         f"use --resume auto or a path like {root}/step_00000100")
+    if not is_complete(path):
+        raise ValueError(f"--resume {arg}: checkpoint is incomplete (no {MARKER} marker; the save was "
+                         "interrupted): pick an older one or use --resume auto")
+    return path
+
+
+class CheckpointStore:
+    """One directory of checkpoints with a keep-K policy. Used for durable checkpoints and for the
+    snapshot ring alike; ``saved`` (steps, same on every rank) is the rollback catalogue, so no rank
+    ever decides from a directory listing another rank may be pruning."""
+
+    def __init__(self, root: Path, keep: int, hf_files: dict[str, Any] | None = None):
+        self.root = root
+        self.keep = keep
+        self.hf_files = hf_files or {}
+        self.saved: list[int] = [int(p.name[5:]) for p in complete_checkpoints(root)]
+
+    def save(self, engine, state: TrainState) -> Path:
+        tag = tag_for(state.step)
+        path = self.root / tag
+        rank = _rank()
+        complete = is_complete(path)
+        _barrier()  # every rank has looked before rank 0 may touch the directory
+        if complete:
+            # Steps are deterministic and newer checkpoints are dropped on rollback, so a complete
+            # checkpoint of this step holds this engine state: refresh only bigtrain's state (skip list,
+            # eps, ...). Never delete a complete checkpoint to rewrite it.
+            if rank == 0:
+                _atomic_write(path / STATE_FILE, json.dumps(state.to_json()))
+            _barrier()
+            return path
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # an incomplete leftover of an interrupted save of the same step
+                shutil.rmtree(path)
+        _barrier()
+        # Collective: every rank writes its partition.
+        engine.save_checkpoint(str(self.root), tag=tag, client_state={"bigtrain_step": state.step},
+                               save_latest=False)
+        _atomic_write(path / f"rng_rank{rank}.json", json.dumps(rng_state()))
+        if rank == 0:
+            _atomic_write(path / STATE_FILE, json.dumps(state.to_json()))
+            for name, writer in self.hf_files.items():
+                writer(path / name)
+        _barrier()  # every rank has written: now, and only now, the checkpoint may exist
+        if rank == 0:
+            manifest = {"step": state.step, "time": time.time(),
+                        "files": {str(p.relative_to(path)): p.stat().st_size
+                                  for p in sorted(path.rglob("*")) if p.is_file()}}
+            _atomic_write(path / MARKER, json.dumps(manifest, indent=1))
+        self.saved = sorted(set(self.saved) | {state.step})
+        self._prune()
+        _barrier()
+        return path
+
+    def _prune(self) -> None:
+        """Delete the oldest complete checkpoints beyond ``keep`` (a newer one is complete by now), and
+        incomplete leftovers older than the newest complete one."""
+        drop, self.saved = self.saved[:-self.keep], self.saved[-self.keep:]
+        if _rank() != 0:
+            return
+        for step in drop:
+            shutil.rmtree(self.root / tag_for(step), ignore_errors=True)
+        newest = self.saved[-1]
+        for p in self.root.glob("step_*"):
+            if not is_complete(p) and p.name < tag_for(newest):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def latest_before(self, step: int) -> int | None:
+        """Newest saved step strictly before ``step`` (a rollback target must predate the onset)."""
+        older = [s for s in self.saved if s < step]
+        return older[-1] if older else None
+
+    def drop_after(self, step: int) -> None:
+        """Forget (and delete) checkpoints newer than ``step``: after a rollback they hold the spike."""
+        newer = [s for s in self.saved if s > step]
+        self.saved = [s for s in self.saved if s <= step]
+        if _rank() == 0:
+            for s in newer:
+                shutil.rmtree(self.root / tag_for(s), ignore_errors=True)
+
+
+def load(engine, path: Path) -> TrainState:
+    """Collective load of DeepSpeed state + this rank's RNG; returns the saved TrainState. The caller
+    must re-apply eps/betas/lr afterwards (DeepSpeed's load restores the saved ones)."""
+    rank = _rank()
+    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
+    if load_path is None:  # DeepSpeed returns (None, ...) on failure instead of raising
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+    rng_file = path / f"rng_rank{rank}.json"
+    if rng_file.is_file():
+        set_rng_state(json.loads(rng_file.read_text()))
+    return TrainState.from_json(json.loads((path / STATE_FILE).read_text()))
+
+
+def read_state(path: Path) -> TrainState:
+    return TrainState.from_json(json.loads((path / STATE_FILE).read_text()))

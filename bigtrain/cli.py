@@ -1,0 +1,65 @@
+"""Command line: ``bigtrain train | export | report``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from bigtrain.config import ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bigtrain", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train (any launcher: plain, torchrun, deepspeed, srun)")
+    t.add_argument("--config", help="YAML config file (sections: model, data, optim, train, checkpoint, spike, faults)")
+    t.add_argument("--resume", help="'auto' (newest complete checkpoint in run_dir, or a fresh start) or a checkpoint path")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved config and DeepSpeed JSON, then exit")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 optim.lr=3e-4")
+    t.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    e = sub.add_parser("export", help="write a Hugging Face model directory from a checkpoint")
+    e.add_argument("checkpoint", type=Path)
+    e.add_argument("out_dir", type=Path)
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    r = sub.add_parser("report", help="plot loss/grad norm with spikes and rollbacks; print a summary table")
+    r.add_argument("run_dir", type=Path)
+    r.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/report.png)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            cfg = load_config(args.config, args.overrides)
+            if args.dry_run:
+                from bigtrain.engine import resolve_ds_config
+
+                world = int(os.environ.get("WORLD_SIZE", "1"))
+                print("# bigtrain config (resolved)")
+                print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+                print(f"# DeepSpeed config (resolved for {world} rank(s))")
+                print(json.dumps(resolve_ds_config(cfg, world), indent=2))
+                return 0
+            from bigtrain.train import train
+
+            return train(cfg, resume=args.resume)
+        if args.command == "export":
+            from bigtrain.export import export
+
+            print(export(args.checkpoint, args.out_dir, args.dtype))
+            return 0
+        if args.command == "report":
+            from bigtrain.report import report
+
+            report(args.run_dir, args.out)
+            return 0
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"bigtrain: error: {exc}", file=sys.stderr)
+        return 2
+    return 1

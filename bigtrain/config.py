@@ -1,0 +1,307 @@
+"""One typed config tree: YAML file + dotted ``key=value`` overrides -> validated ``Config``.
+
+Every field has a docstring right below it (litgpt / torchtitan style). Unknown keys, wrong types and
+impossible values are rejected with a message that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bigtrain.data import DataConfig
+from bigtrain.spike import SpikeConfig
+
+
+class ConfigError(ValueError):
+    """A config problem a user must fix; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None
+    """Local Hugging Face model directory to fine-tune (``save_pretrained`` layout). None: build
+    ``preset`` from scratch. The tokenizer is loaded from this directory when it has one."""
+    preset: str = "tiny-llama"
+    """Built-in architecture when ``path`` is None: ``tiny-llama`` (2 layers, d=64, the CPU default),
+    ``small-llama`` (4 layers, d=256), ``llama-1b`` (a ~1B Llama for GPUs), ``modadd`` (1 layer,
+    d=128, 4 heads: the low-loss Adam spike recipe, used with ``data.source=modadd``)."""
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass (``gradient_checkpointing_enable``): less memory,
+    ~30% more compute."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers: ``sdpa`` or ``eager``."""
+
+    def __post_init__(self) -> None:
+        presets = ("tiny-llama", "small-llama", "llama-1b", "modadd")
+        if self.path is None and self.preset not in presets:
+            raise ConfigError(f"model.preset must be one of {list(presets)}, got {self.preset!r}")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ConfigError(f"model.attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay (the last step)."""
+    warmup_steps: int = 20
+    """Linear warmup from 0 to ``lr`` over this many optimizer steps."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2 (0.95 is the large-model standard: PaLM, Llama, OLMo)."""
+    eps: float = 1e-8
+    """Adam epsilon. The spike monitor may lower it on rollback; bigtrain re-applies the current value
+    after every checkpoint load because DeepSpeed's load restores the saved one."""
+    weight_decay: float = 0.0
+    """Decoupled (AdamW) weight decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient 2-norm to this value; 0 turns clipping off."""
+    torch_adam: str = "auto"
+    """``auto``: torch's AdamW on CPU, DeepSpeed's FusedAdam on CUDA. ``true`` / ``false`` force it."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.eps >= 0:
+            raise ConfigError(f"optim.eps must be >= 0, got {self.eps}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("optim.weight_decay and optim.grad_clip must be >= 0")
+        if self.torch_adam not in ("auto", "true", "false"):
+            raise ConfigError(f"optim.torch_adam must be auto, true or false, got {self.torch_adam!r}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    """Total optimizer steps. The LR schedule ends here."""
+    micro_batch: int = 8
+    """Sequences per rank per forward/backward (DeepSpeed's train_micro_batch_size_per_gpu)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step. Global batch = micro_batch x grad_accum x ranks."""
+    precision: str = "bf16"
+    """``bf16``, ``fp16`` (dynamic loss scaling; GPU only) or ``fp32``."""
+    deepspeed: str = "zero2"
+    """DeepSpeed JSON: a name from ``ds_configs/`` (zero1, zero2, zero3, zero2_offload, zero3_offload)
+    or a path. Its ``"auto"`` values are filled from this config; an explicit value that contradicts
+    this config is an error."""
+    seed: int = 1234
+    """Seeds model init, data order and every rank's RNG."""
+    eval_interval: int = 50
+    """Evaluate the held-out split every N steps and at the end; 0 = only at the end."""
+    eval_batches: int = 4
+    """Micro-batches per rank in one evaluation."""
+    log_interval: int = 1
+    """Write metrics every N steps (metrics.jsonl, TensorBoard, progress bar)."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "micro_batch", "grad_accum", "eval_batches", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_interval < 0:
+            raise ConfigError(f"train.eval_interval must be >= 0, got {self.eval_interval}")
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ConfigError(f"train.precision must be bf16, fp16 or fp32, got {self.precision!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100
+    """Durable checkpoint every N steps (and always at the end); 0 = only at the end."""
+    keep: int = 3
+    """Complete durable checkpoints kept; older ones are pruned only after a newer one is complete."""
+    snapshot_interval: int = 10
+    """Fast rollback snapshot every N steps (to RAM-backed /dev/shm when present); 0 = off, then
+    rollbacks use durable checkpoints only."""
+    snapshot_keep: int = 4
+    """Snapshots kept in the ring. Rollback needs one older than the spike's onset."""
+    snapshot_dir: str | None = None
+    """Where snapshots live. None: /dev/shm/bigtrain-<run id> when /dev/shm exists, else
+    RUN_DIR/snapshots."""
+
+    def __post_init__(self) -> None:
+        if self.interval < 0 or self.snapshot_interval < 0:
+            raise ConfigError("checkpoint.interval and checkpoint.snapshot_interval must be >= 0")
+        if self.keep < 1 or self.snapshot_keep < 1:
+            raise ConfigError("checkpoint.keep and checkpoint.snapshot_keep must be >= 1")
+
+
+@dataclass
+class FaultConfig:
+    """Deterministic fault injection for tests and benchmarks; everything off by default. Each fault
+    fires once (the first time its step is reached), so a rollback does not replay a transient fault;
+    poisoned *data* stays poisoned, as real bad data would."""
+
+    poison_steps: list[int] = field(default_factory=list)
+    """Replace the batches of these steps with random garbage tokens (bad data)."""
+    nan_steps: list[int] = field(default_factory=list)
+    """Force a non-finite loss at these steps."""
+    corrupt_weights_step: int = 0
+    """At this step, scale one weight matrix by 1000 (silent data corruption); 0 = off."""
+    scale_grad_steps: list[int] = field(default_factory=list)
+    """Multiply the loss (hence the gradients) by ``grad_scale`` at these steps."""
+    grad_scale: float = 1000.0
+    """Factor for ``scale_grad_steps``."""
+    ranks: list[int] = field(default_factory=list)
+    """Ranks the faults happen on; empty = all ranks. Decisions must stay collective either way."""
+
+    @property
+    def any(self) -> bool:
+        return bool(self.poison_steps or self.nan_steps or self.corrupt_weights_step or self.scale_grad_steps)
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    """Output directory: config, metrics.jsonl, spikes.jsonl, TensorBoard events, checkpoints."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+
+    def __post_init__(self) -> None:
+        if self.optim.warmup_steps > self.train.steps:
+            raise ConfigError(
+                f"optim.warmup_steps={self.optim.warmup_steps} exceeds train.steps={self.train.steps}: "
+                "lower the warmup or train longer")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of what defines the model being trained (architecture, data, seed). A resume from a
+        checkpoint with another fingerprint is refused."""
+        key = {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
+               "seed": self.train.seed}
+        key["model"].pop("activation_checkpointing")
+        key["data"].pop("cache_dir", None)
+        key["data"].pop("num_proc", None)
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing: dict -> dataclasses with type checks and named errors.
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, bool):  # yaml reads `true` as bool; some str fields take "true"/"false"
+            return "true" if value else "false"
+    else:
+        return value
+    raise ConfigError(f"{key} must be {getattr(tp, '__name__', tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            raise ConfigError(f"unknown config key {dotted!r}{hint} (allowed: {', '.join(names)})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{dotted}.")
+        else:
+            kwargs[key] = _check_type(value, tp, dotted)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # sections validated in their own modules (data, spike)
+        raise ConfigError(str(exc)) from None
+
+
+def apply_override(tree: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` override; the value is parsed as YAML (so 3, 1e-4, true, [1,2] work)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value (e.g. train.steps=100)")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    node = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- dotted overrides, validated."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found: pass an existing YAML file to --config")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        apply_override(tree, item)
+    return _build(Config, tree, "")
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    return _build(Config, tree, "")

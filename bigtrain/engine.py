@@ -1,0 +1,122 @@
+"""DeepSpeed: resolve the JSON config against the bigtrain config, build the engine, set hyper-parameters."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bigtrain.config import Config, ConfigError, OptimConfig
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+_AUTO = "auto"
+
+
+def ds_config_path(name: str) -> Path:
+    """A shipped config name (``zero2``) or a path to a JSON file."""
+    shipped = DS_CONFIG_DIR / f"{name}.json"
+    if shipped.is_file():
+        return shipped
+    path = Path(name)
+    if path.is_file():
+        return path
+    names = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
+    raise ConfigError(f"train.deepspeed={name!r} is neither a shipped config {names} nor an existing JSON file")
+
+
+def use_torch_adam(optim: OptimConfig) -> bool:
+    if optim.torch_adam == "auto":
+        return not torch.cuda.is_available()  # FusedAdam needs CUDA; on CPU it is a slow C++ JIT build
+    return optim.torch_adam == "true"
+
+
+def resolve_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """Fill every ``"auto"`` from the bigtrain config. An explicit value that disagrees with the bigtrain
+    config is an error, never silently overridden (the HF Trainer overrides; users lose hours to it)."""
+    path = ds_config_path(cfg.train.deepspeed)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: invalid JSON ({exc}): fix the file or pick a shipped one (train.deepspeed=zero2)")
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object")
+    ds = copy.deepcopy(ds)
+    t, o = cfg.train, cfg.optim
+    for key in ("scheduler",):
+        if key in ds:
+            raise ConfigError(f"{path}: remove {key!r}: bigtrain owns the LR schedule (optim.warmup_steps, optim.min_lr)")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 1, 2 or 3, got {stage!r}")
+
+    def fill(node: dict, key: str, value: Any, source: str) -> None:
+        current = node.get(key, _AUTO)
+        if current == _AUTO:
+            node[key] = value
+        elif current != value and not (isinstance(value, float) and isinstance(current, (int, float))
+                                       and math.isclose(current, value, rel_tol=1e-12)):
+            raise ConfigError(f"{path.name}: {key}={current!r} contradicts {source}={value!r}: "
+                              f'set it to "auto" or change {source}')
+
+    fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch, "train.micro_batch")
+    fill(ds, "gradient_accumulation_steps", t.grad_accum, "train.grad_accum")
+    fill(ds, "train_batch_size", t.micro_batch * t.grad_accum * world_size, "train.micro_batch*grad_accum*ranks")
+    fill(ds, "gradient_clipping", float(o.grad_clip), "optim.grad_clip")
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
+        raise ConfigError(f"{path.name}: optimizer.type={opt.get('type')!r} is not supported: use AdamW")
+    params = opt.setdefault("params", {})
+    fill(params, "lr", o.lr, "optim.lr")
+    fill(params, "betas", [o.beta1, o.beta2], "optim.beta1/beta2")
+    fill(params, "eps", o.eps, "optim.eps")
+    fill(params, "weight_decay", o.weight_decay, "optim.weight_decay")
+    fill(params, "torch_adam", use_torch_adam(o), "optim.torch_adam")
+    if str(opt["type"]).lower() == "adamw":
+        params.setdefault("adam_w_mode", True)
+    for prec in ("bf16", "fp16"):
+        fill(ds.setdefault(prec, {}), "enabled", t.precision == prec, "train.precision")
+    if t.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.precision=fp16 needs a GPU (DeepSpeed refuses fp16 on CPU): use bf16 or fp32 here")
+    return ds
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config["zero_optimization"]["stage"])
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, world_size: int):
+    import deepspeed
+
+    ds_config = resolve_ds_config(cfg, world_size)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    return engine, ds_config
+
+
+def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
+    """Warmup then cosine to ``min_lr``: a pure function of the step, so resume and rollback need no
+    scheduler state. ``step`` counts optimizer steps already taken (the LR of the next update)."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / (optim.warmup_steps + 1)
+    decay_steps = max(1, total_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / decay_steps)
+    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def set_hparams(engine, lr: float, eps: float, beta2: float) -> None:
+    """Set lr, eps and beta2 on the optimizer DeepSpeed actually steps. Called every step (lr) and after
+    every load: ``optimizer.load_state_dict`` restores the saved eps/betas (OPT-175B lost a betas change
+    this way, metaseq chronicles 27_percent_update.md)."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+        group["eps"] = eps
+        group["betas"] = (group["betas"][0], beta2)
+
+
+def check_hparams(engine, eps: float, beta2: float) -> None:
+    for group in engine.optimizer.param_groups:
+        if group["eps"] != eps or group["betas"][1] != beta2:
+            raise RuntimeError(f"optimizer eps/beta2 {group['eps']}/{group['betas'][1]} != intended {eps}/{beta2}")

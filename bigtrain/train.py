@@ -1,0 +1,346 @@
+"""The training loop: resume -> loop {batch -> step -> observe -> act -> log -> eval -> save} -> final save.
+
+Every function here runs on every rank; decisions come from globally reduced numbers only, so all
+ranks take the same branch and every DeepSpeed save/load stays collective.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from bigtrain import checkpoint
+from bigtrain.checkpoint import CheckpointStore, TrainState
+from bigtrain.config import Config, ConfigError
+from bigtrain.data import PackedData, build_dataset, build_tokenizer
+from bigtrain.distributed import init_distributed, setup_logging
+from bigtrain.engine import build_engine, check_hparams, lr_at, set_hparams, zero_stage
+from bigtrain.faults import FaultInjector
+from bigtrain.metrics import Recorder
+from bigtrain.model import build_model
+from bigtrain.sampler import Sampler
+from bigtrain.spike import Escalation, Verdict, build_monitor
+
+log = logging.getLogger("bigtrain")
+
+EXIT_GAVE_UP = 3  # the spike budget was spent: a person should look (spikes.jsonl, `bigtrain report`)
+
+
+@dataclass
+class Layout:
+    """Who trains on what: the global batch of one step is split rank-major into micro-batches."""
+
+    rank: int
+    world: int
+    micro: int
+    accum: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.accum * self.world
+
+    def local(self, stream: list[int]) -> list[list[int]]:
+        per_rank = self.micro * self.accum
+        mine = stream[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return [mine[i * self.micro:(i + 1) * self.micro] for i in range(self.accum)]
+
+
+def build_data(cfg: Config, tokenizer, local_rank: int) -> PackedData:
+    """Local rank 0 tokenizes and fills the cache first; the others then read it (no 2x tokenizing)."""
+    if local_rank != 0:
+        dist.barrier()
+    data = build_dataset(cfg.data, tokenizer, cfg.train.seed)
+    if local_rank == 0:
+        dist.barrier()
+    return data
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path, resume: str | None, rank: int) -> Path | None:
+    """Resolve --resume, refuse to mix two runs in one directory, write the resolved config."""
+    ckpt_root = run_dir / "checkpoints"
+    resume_path = checkpoint.resolve_resume(resume, ckpt_root) if resume else None
+    if resume is None and (checkpoint.complete_checkpoints(ckpt_root) or (run_dir / "metrics.jsonl").exists()):
+        raise ConfigError(f"run_dir {run_dir} already holds a run: continue it with --resume auto, "
+                          "or choose another run_dir=...")
+    if resume_path is not None:
+        saved = checkpoint.read_state(resume_path)
+        if saved.fingerprint != cfg.fingerprint():
+            raise ConfigError(f"--resume {resume_path}: it belongs to another model/data/seed (fingerprint "
+                              f"{saved.fingerprint} != {cfg.fingerprint()}): resume with the config it was "
+                              "trained with (RUN_DIR/config.yaml)")
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return resume_path
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """On resume, drop metrics rows the killed run wrote after its checkpoint: the run redoes them."""
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
+def hf_writers(engine_model, tokenizer) -> dict:
+    """Model config + tokenizer saved with every checkpoint, so `bigtrain export` needs nothing else."""
+    def write(path: Path) -> None:
+        engine_model.config.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return {"hf": write}
+
+
+def snapshot_root(cfg: Config, run_dir: Path, world: int, local_world: int) -> Path:
+    if cfg.checkpoint.snapshot_dir:
+        return Path(cfg.checkpoint.snapshot_dir)
+    # /dev/shm is node-local: only usable when every rank is on this node.
+    if Path("/dev/shm").is_dir() and world == local_world:
+        return Path("/dev/shm") / f"bigtrain-{cfg.fingerprint()}-{abs(hash(str(run_dir.resolve()))) % 10**8}"
+    return run_dir / "snapshots"
+
+
+def micro_batch(data: PackedData, sampler: Sampler, stream: list[int], poisoned: list[list[int]],
+                vocab: int) -> torch.Tensor:
+    ids = torch.tensor([sampler.sample_id(i) for i in stream], dtype=torch.long)
+    x = data.train[ids].clone()
+    for row, i in enumerate(stream):
+        if any(a <= i < b for a, b in poisoned):  # injected bad data: garbage tokens, fixed per sample
+            x[row] = torch.randint(0, vocab, (x.shape[1],), generator=torch.Generator().manual_seed(i))
+    return x
+
+
+def train_step(engine, batches: list[torch.Tensor], norm: float, faults: FaultInjector) -> torch.Tensor:
+    """Forward/backward over the micro-batches and one optimizer step. Returns the *local* tensor
+    [loss_sum, nonfinite, grad_norm / world] for one all-reduce. No host sync in here.
+
+    Loss normalisation: each micro-batch's summed token loss is divided by ``norm`` = global tokens /
+    (accum * world); DeepSpeed then divides by accum and averages over ranks, so the gradient is that of
+    (sum of token losses over the whole global batch) / (global tokens) - not a mean of micro-batch means.
+    """
+    loss_sum = torch.zeros((), dtype=torch.float32)
+    for x in batches:
+        x = x.to(engine.device)
+        out = engine(input_ids=x, labels=x, num_items_in_batch=norm)
+        loss = faults.scale_loss(out.loss)
+        engine.backward(loss)
+        engine.step()  # DeepSpeed updates only at the accumulation boundary
+        loss_sum += loss.detach().float().cpu() * norm
+    grad_norm = engine.get_global_grad_norm()
+    grad_norm = float("nan") if grad_norm is None else grad_norm
+    grad_norm = torch.as_tensor(grad_norm, dtype=torch.float32).cpu()
+    nonfinite = (~torch.isfinite(loss_sum)).float()
+    return torch.stack([loss_sum, nonfinite, grad_norm / dist.get_world_size()])
+
+
+@torch.no_grad()
+def evaluate(engine, data: PackedData, layout: Layout, batches: int) -> float:
+    """Held-out loss, every rank on its own shard; same number of forwards per rank (ZeRO-3 gathers
+    parameters collectively). One all-reduce."""
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    m = data.eval.shape[0]
+    for b in range(batches):
+        start = (b * layout.world + layout.rank) * layout.micro
+        x = data.eval[[(start + j) % m for j in range(layout.micro)]].to(engine.device)
+        out = engine(input_ids=x, labels=x)
+        n = x.shape[0] * (x.shape[1] - 1)
+        total += torch.tensor([out.loss.float().item() * n, n], dtype=torch.float64)
+    dist.all_reduce(total)
+    engine.train()
+    return (total[0] / total[1]).item()
+
+
+def train(cfg: Config, resume: str | None = None) -> int:
+    rank, world, local_world = init_distributed()
+    setup_logging(rank)
+    run_dir = Path(cfg.run_dir)
+    resume_path = prepare_run_dir(cfg, run_dir, resume, rank)
+    t, sc = cfg.train, cfg.spike
+    layout = Layout(rank, world, t.micro_batch, t.grad_accum)
+
+    tokenizer = build_tokenizer(cfg.model.path)
+    data = build_data(cfg, tokenizer, int(os.environ.get("LOCAL_RANK", 0)))
+    model = build_model(cfg.model, tokenizer, cfg.data.seq_len, t.seed)
+    engine, ds_config = build_engine(cfg, model, world)
+    if rank == 0:
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    vocab = model.config.get_text_config().vocab_size
+    sampler = Sampler(data.train.shape[0], t.seed, cfg.data.shuffle)
+    monitor, escalation = build_monitor(sc, t.steps), Escalation(sc)
+    faults = FaultInjector(cfg.faults, rank)
+    durable = CheckpointStore(run_dir / "checkpoints", cfg.checkpoint.keep, hf_writers(model, tokenizer))
+    snaps = CheckpointStore(snapshot_root(cfg, run_dir, world, local_world), cfg.checkpoint.snapshot_keep)
+    if rank == 0:
+        shutil.rmtree(snaps.root, ignore_errors=True)  # snapshots of an earlier process are not ours
+    snaps.saved = []
+    stores = [snaps, durable] if cfg.checkpoint.snapshot_interval else [durable]
+
+    state = TrainState(eps=cfg.optim.eps, beta2=cfg.optim.beta2, fingerprint=cfg.fingerprint(), world_size=world,
+                       zero_stage=zero_stage(ds_config), config=cfg.to_dict())
+    if resume_path is not None:
+        check_world(checkpoint.read_state(resume_path), world, resume_path)
+        state = checkpoint.load(engine, resume_path)
+        state.config = cfg.to_dict()
+        monitor.load_state_dict(state.monitor)
+        escalation.load_state_dict(state.escalation)
+        log.info("resumed from %s at step %d (samples %d)", resume_path, state.step, state.cursor)
+        if rank == 0:
+            truncate_metrics(run_dir, state.step)
+    set_hparams(engine, lr_at(state.step, cfg.optim, t.steps) * state.lr_scale, state.eps, state.beta2)
+    check_hparams(engine, state.eps, state.beta2)
+
+    rec = Recorder(run_dir, rank == 0, t.steps, state.step)
+    log.info("run_dir %s | %d rank(s) | ZeRO-%d %s | global batch %d x %d tokens | %d train / %d eval blocks",
+             run_dir, world, zero_stage(ds_config), t.precision, layout.global_batch, cfg.data.seq_len,
+             data.train.shape[0], data.eval.shape[0])
+    global_tokens = layout.global_batch * (cfg.data.seq_len - 1)  # packed blocks: every shifted label counts
+    norm = global_tokens / (t.grad_accum * world)
+    if cfg.checkpoint.snapshot_interval:
+        save(snaps, engine, state, monitor, escalation)
+    t_start, eval_loss, last = time.time(), None, {}
+
+    while state.step < t.steps:
+        t0 = time.perf_counter()
+        stream, cursor = sampler.take(state.cursor, layout.global_batch, state.skipped)
+        faults.begin_step(state, state.step + 1, stream, t.micro_batch * t.grad_accum, engine)
+        batches = [micro_batch(data, sampler, s, state.poisoned, vocab) for s in layout.local(stream)]
+        set_hparams(engine, lr_at(state.step, cfg.optim, t.steps) * state.lr_scale, state.eps, state.beta2)
+        local = train_step(engine, batches, norm, faults)
+        dist.all_reduce(local)  # the one collective of the step: every rank sees the same numbers
+        loss_sum, nonfinite, grad_norm = local.tolist()  # the one host sync of the step
+        loss = loss_sum / global_tokens
+        applied = engine.was_step_applied()
+        state.step += 1
+        state.executed_steps += 1
+        state.cursor, state.tokens = cursor, state.tokens + global_tokens
+        state.ds_skipped_steps += not applied
+        verdict = monitor.observe(state.step, loss, grad_norm, nonfinite=nonfinite > 0, ds_skipped=not applied)
+        dt = time.perf_counter() - t0
+        last = {"step": state.step, "loss": loss, "lr": lr_at(state.step - 1, cfg.optim, t.steps) * state.lr_scale,
+                "grad_norm": grad_norm, "tokens_per_sec": global_tokens / dt, "samples": state.cursor,
+                "tokens": state.tokens, "eps": state.eps, "step_applied": applied, "verdict": verdict.kind}
+        if not applied:
+            log.warning("step %d: DeepSpeed skipped the update (overflow / non-finite gradients); %d so far",
+                        state.step, state.ds_skipped_steps)
+
+        if verdict.recover:
+            rec.step(last)
+            reason = recover(cfg, engine, stores, state, verdict, last, monitor, escalation, sampler, data, rec)
+            if reason is not None:
+                path = save(durable, engine, state, monitor, escalation)
+                rec.close()
+                log.error("gave up: %s. The last healthy state is saved at %s; see spikes.jsonl", reason, path)
+                return EXIT_GAVE_UP
+            continue
+        if verdict.kind == "stop":  # a kill-the-run policy (llm-foundry's rule, for comparison)
+            rec.step(last)
+            rec.event({"event": "stop", "step": state.step, "reason": verdict.reason, "severity": verdict.severity})
+            save(durable, engine, state, monitor, escalation)
+            rec.close()
+            return EXIT_GAVE_UP
+        if t.eval_interval and state.step % t.eval_interval == 0 or state.step == t.steps:
+            eval_loss = evaluate(engine, data, layout, t.eval_batches)
+            last["eval_loss"] = eval_loss
+        if state.step % t.log_interval == 0 or state.step == t.steps or "eval_loss" in last:
+            rec.step(last)
+        if cfg.checkpoint.snapshot_interval and state.step % cfg.checkpoint.snapshot_interval == 0 \
+                and verdict.kind == "ok":
+            save(snaps, engine, state, monitor, escalation)
+        if cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0 and state.step != t.steps:
+            save(durable, engine, state, monitor, escalation)
+
+    final = save(durable, engine, state, monitor, escalation)
+    if rank == 0:
+        shutil.rmtree(snaps.root, ignore_errors=True)
+    rec.close()
+    summary = {"steps": state.step, "seconds": round(time.time() - t_start, 1), "final_loss": last.get("loss"),
+               "eval_loss": eval_loss, "rollbacks": state.rollbacks, "wasted_steps": state.wasted_steps,
+               "ds_skipped_steps": state.ds_skipped_steps, "skipped_ranges": state.skipped,
+               "checkpoint": str(final)}
+    log.info("done: %s", json.dumps(summary))
+    if rank == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+def check_world(saved: TrainState, world: int, path: Path) -> None:
+    if saved.world_size != world:
+        raise ConfigError(
+            f"--resume {path}: saved with {saved.world_size} rank(s), now {world}. ZeRO partitions are per "
+            f"rank: convert first with `python -m deepspeed.checkpoint.ds_to_universal --input_folder {path} "
+            f"--output_folder {path}_universal`, or relaunch with {saved.world_size} rank(s)")
+
+
+def save(store: CheckpointStore, engine, state: TrainState, monitor, escalation) -> Path:
+    state.monitor = monitor.state_dict()
+    state.escalation = escalation.state_dict()
+    return store.save(engine, state)
+
+
+def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainState, verdict: Verdict,
+            signals: dict, monitor, escalation: Escalation, sampler: Sampler, data: PackedData,
+            rec: Recorder) -> str | None:
+    """Roll back to the newest checkpoint before the spike's onset, skip the data from there to the
+    spike, lower eps (and LR when escalating). Mutates ``state`` in place. Returns the reason when the
+    budget is spent (state is then the last healthy one; the caller saves and exits): never loops."""
+    t0 = time.time()
+    onset = verdict.onset_step if verdict.onset_step is not None else state.step
+    targets = [(s.latest_before(onset), i) for i, s in enumerate(stores)]
+    targets = [(step, i) for step, i in targets if step is not None]
+    event = {"step": state.step, "onset_step": onset, "verdict": verdict.kind, "reason": verdict.reason,
+             "severity": verdict.severity, "stats": verdict.stats, "loss": signals["loss"],
+             "grad_norm": signals["grad_norm"]}
+    if not targets:
+        reason = f"no checkpoint before the onset step {onset} to roll back to"
+        rec.event({**event, "event": "give_up", "action": "stop", "reason": reason})
+        return reason
+    target_step, which = max(targets, key=lambda x: (x[0], -x[1]))
+    plan = escalation.decide(state.step, onset, target_step, target_step, state.eps, state.lr_scale, state.beta2)
+    store = stores[which]
+    spike_cursor, spike_step = state.cursor, state.step
+    persistent = {k: getattr(state, k) for k in TrainState.PERSISTENT}
+    old = checkpoint.load(engine, store.root / checkpoint.tag_for(target_step))  # collective
+    for k, v in persistent.items():
+        setattr(state, k, v)
+    for k in ("step", "cursor", "tokens", "monitor"):
+        setattr(state, k, getattr(old, k))
+    monitor.load_state_dict(old.monitor)
+    monitor.reset_pending()
+    if plan.stop:
+        rec.event({**event, "event": "give_up", "action": "stop", "restored_step": target_step,
+                   "reason": plan.reason, "level": plan.level})
+        state.escalation = escalation.state_dict()
+        set_hparams(engine, lr_at(state.step, cfg.optim, cfg.train.steps) * state.lr_scale, state.eps, state.beta2)
+        return plan.reason
+    skip_end = old.cursor + plan.skip_multiplier * (spike_cursor - old.cursor) + cfg.spike.skip_margin
+    state.skipped = [list(r) for r in Sampler.merge_ranges([*map(tuple, state.skipped), (old.cursor, skip_end)])]
+    before = {"eps": state.eps, "lr_scale": state.lr_scale, "beta2": state.beta2}
+    state.eps, state.lr_scale, state.beta2 = plan.eps, plan.lr_scale, plan.beta2
+    state.rollbacks += 1
+    state.wasted_steps += spike_step - target_step
+    set_hparams(engine, lr_at(state.step, cfg.optim, cfg.train.steps) * state.lr_scale, state.eps, state.beta2)
+    check_hparams(engine, state.eps, state.beta2)  # DeepSpeed's load restored the old eps: prove it is set
+    for s in stores:
+        s.drop_after(target_step)
+    rec.quarantine([{"stream_index": i, "sample_id": sampler.sample_id(i), "sources": data.sources(sampler.sample_id(i)),
+                     "rollback": state.rollbacks} for i in range(old.cursor, skip_end)])
+    rec.event({**event, "event": "rollback", "action": "rollback+skip" + ("+eps" if plan.eps != before["eps"] else "")
+               + ("+lr" if plan.lr_scale != before["lr_scale"] else "") + ("+beta2" if plan.beta2 != before["beta2"] else ""),
+               "level": plan.level, "restored_step": target_step, "restored_from": str(store.root),
+               "skipped_range": [old.cursor, skip_end], "skipped_samples": skip_end - old.cursor,
+               "eps_before": before["eps"], "eps_after": state.eps, "lr_scale_before": before["lr_scale"],
+               "lr_scale_after": state.lr_scale, "beta2_before": before["beta2"], "beta2_after": state.beta2,
+               "wasted_steps": spike_step - target_step, "recover_seconds": round(time.time() - t0, 3)})
+    log.warning("step %d: %s -> rolled back to step %d, skipping samples [%d, %d), eps %.3g -> %.3g",
+                spike_step, verdict.reason, target_step, old.cursor, skip_end, before["eps"], state.eps)
+    return None
