@@ -1,0 +1,559 @@
+"""Loss-spike detection and the escalation ladder that decides how to recover.
+
+Everything here is pure Python (no torch, no I/O, no ranks, no clock, no randomness): the trainer
+feeds each monitor the *globally reduced* loss, grad norm and flags once per step, so every rank
+computes the same verdict and takes the same collective action (DESIGN.md "All ranks agree").
+Detection is a small object with a ``state_dict``; recovery stays in the trainer's control flow
+(STYLE.md 2, after OLMo-core's SkipStepOptimizer and StabilityMonitorCallback).
+
+Three competitors are reproduced next to bigtrain's own monitor so a benchmark can run them under
+the same trainer: OLMo-core's skip-step rule, llm-foundry's KillLossSpike and plain DeepSpeed.
+Sources and line numbers: /work/shared/research/spike-anchors.md sections 1.6, 1.7 and 2.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+POLICIES = ("bigtrain", "olmo_skip_step", "llmfoundry_kill", "none")
+
+# Verdict kinds. SPIKE and INCIDENT mean "roll back"; SKIP_UPDATE (OLMo-core) means "undo this one
+# update"; STOP (llm-foundry) means "end the run".
+OK, ANOMALOUS, SPIKE, INCIDENT = "ok", "anomalous", "spike", "incident"
+SKIP_UPDATE, STOP = "skip_update", "stop"
+
+# Consistency constant for the MAD: 1.4826 * MAD estimates sigma of a normal distribution.
+_MAD_TO_SIGMA = 1.4826
+
+
+@dataclass
+class SpikeConfig:
+    """Config section ``spike``: detection thresholds, escalation ladder and budgets."""
+
+    enabled: bool = True
+    """Watch for spikes at all. False behaves like policy "none" (plain DeepSpeed)."""
+
+    policy: str = "bigtrain"
+    """Detector and reaction: "bigtrain" (robust detector, rollback + skip + escalation),
+    "olmo_skip_step" (OLMo-core: skip the single update beyond 6 sigma), "llmfoundry_kill"
+    (llm-foundry: stop after 5 steps at >= 2x the window mean), "none" (do nothing). The
+    competitors exist so that the benchmark compares against their exact rules."""
+
+    window: int = 64
+    """Accepted (non-anomalous) steps the median/MAD use. 64 is half of OLMo-core's 128: medians
+    are robust, so fewer values suffice, and a shorter window follows a fast-falling loss."""
+
+    warmup: int = 20
+    """Accepted observations before any verdict other than non-finite (OLMo-core waits for 64,
+    Lightning for 1). A median/MAD of 20 values is already stable; early loss falls too fast for a
+    long baseline anyway."""
+
+    z_threshold: float = 6.0
+    """Robust z-score of log(value) against median/MAD above which a step is anomalous. 6 matches
+    OLMo-core's 6 sigma; the log makes the rule scale-free (a 1% wiggle at loss 8 or 0.01)."""
+
+    min_loss_ratio: float = 1.3
+    """An anomalous loss must also exceed the median by this factor: on a very flat curve the MAD
+    is tiny and a z-score alone would flag harmless wiggles."""
+
+    min_grad_ratio: float = 3.0
+    """Same guard for the grad norm, which is far noisier than the loss (OPT/GLM logs show 2-3x
+    grad-norm swings without any loss spike)."""
+
+    mad_floor: float = 0.01
+    """Lower bound on the scaled MAD in log space (about 1%), so z stays finite on a flat curve."""
+
+    patience: int = 3
+    """Consecutive anomalous steps that make a spike: one hard batch is not a spike (GLM-130B saw
+    benign self-recovering spikes). llm-foundry uses 5 consecutive steps; 3 reacts sooner."""
+
+    grad_blowup_ratio: float = 10.0
+    """Grad norm this many times the median (and z above threshold) is a spike at once: Megatron-LM
+    uses 10x for its large-grad check (rerun_state_machine.is_unexpectedly_large)."""
+
+    loss_blowup_ratio: float = 4.0
+    """Loss this many times the median (and z above threshold) is a spike at once: waiting for
+    `patience` steps of a 4x loss lets Adam's moments absorb the burst (the 10-50x spikes of
+    spike-anchors.md 6.2 are caught on their first step)."""
+
+    max_ds_skipped_run: int = 5
+    """Consecutive steps DeepSpeed itself skipped (fp16 overflow, bf16 non-finite grads) that count
+    as an incident. Isolated skips are normal dynamic loss scaling; a run of them means the model
+    produces non-finite gradients whatever the scale."""
+
+    skip_margin: int = 0
+    """Extra samples skipped beyond the spike's data window (PaLM skipped 200-500 batches around a
+    spike; 0 skips exactly the samples between the restored position and the spike)."""
+
+    eps_factor: float = 0.1
+    """Adam eps multiplier on each rollback when `lower_eps` (Wortsman et al. 2023, OLMo 2: smaller
+    eps limits the uncorrelated large updates of Molybog et al. 2023)."""
+
+    eps_floor: float = 1e-15
+    """Smallest eps ever set: 1e-15 is the lowest value Wortsman et al. 2023 report as stable."""
+
+    lower_eps: bool = True
+    """Lower eps on rollback. A measured lever, not a cure: spike-anchors.md 6.2 saw no change in
+    spike count for eps in 1e-15..1e-6, so it is cheap to turn off."""
+
+    lr_factor: float = 1.0
+    """LR multiplier applied on every rollback (1.0 = off, PaLM changed nothing). GLM-130B and OPT
+    lowered the LR by hand."""
+
+    lr_floor_scale: float = 0.01
+    """Never scale the LR below this fraction of the schedule: halving on every rollback drove the
+    LR to 2^-20 and stalled training in spike-anchors.md 6.2."""
+
+    region_steps: int = 200
+    """A spike whose onset lies within this many steps of the previous rollback's onset is "the
+    same region" and escalates: optimizer-driven spikes came back 100-250 steps after each
+    rollback in spike-anchors.md 6.2."""
+
+    max_rollbacks: int = 10
+    """Rollbacks allowed in one run before stopping with a report (the 6.2 probe hit a cap of 20
+    while still spiking)."""
+
+    max_wasted_fraction: float = 0.5
+    """Stop when steps discarded by rollbacks exceed this share of all steps run: plain
+    rewind-and-skip threw away 1,902 of 2,500 steps in spike-anchors.md 6.2."""
+
+    escalate_lr_factor: float = 0.5
+    """Extra LR multiplier from escalation level 1 on: a recurring spike in the same region is
+    optimizer dynamics, not data, and a lower LR gave the lowest final loss in 6.2."""
+
+    escalate_beta2: float | None = 0.95
+    """Adam beta2 set from escalation level 2 on if the current one is larger (OPT went 0.98 ->
+    0.95; a large beta2 made spikes earlier and more frequent in 6.2). None leaves beta2 alone."""
+
+    max_skip_multiplier: int = 16
+    """Cap on the widening of the skipped data window (1, 2, 4, ...) so escalation cannot skip an
+    unbounded share of the data."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise ValueError(f"spike.{name} must be {rule}, got {getattr(self, name)!r}")
+
+        need(self.policy in POLICIES, "policy", f"one of {', '.join(POLICIES)}")
+        need(self.window >= 8, "window", ">= 8")
+        need(4 <= self.warmup <= self.window, "warmup", "between 4 and spike.window")
+        need(self.z_threshold > 0, "z_threshold", "> 0")
+        need(self.min_loss_ratio >= 1.0, "min_loss_ratio", ">= 1.0")
+        need(self.min_grad_ratio >= 1.0, "min_grad_ratio", ">= 1.0")
+        need(self.mad_floor > 0, "mad_floor", "> 0")
+        need(self.patience >= 1, "patience", ">= 1")
+        need(self.grad_blowup_ratio >= self.min_grad_ratio, "grad_blowup_ratio",
+             ">= spike.min_grad_ratio")
+        need(self.loss_blowup_ratio >= self.min_loss_ratio, "loss_blowup_ratio",
+             ">= spike.min_loss_ratio")
+        need(self.max_ds_skipped_run >= 1, "max_ds_skipped_run", ">= 1")
+        need(self.skip_margin >= 0, "skip_margin", ">= 0")
+        need(0 < self.eps_factor <= 1, "eps_factor", "in (0, 1]")
+        need(self.eps_floor > 0, "eps_floor", "> 0 (eps = 0 divides by zero where v = 0)")
+        need(0 < self.lr_factor <= 1, "lr_factor", "in (0, 1]")
+        need(0 < self.lr_floor_scale <= 1, "lr_floor_scale", "in (0, 1]")
+        need(self.region_steps >= 0, "region_steps", ">= 0")
+        need(self.max_rollbacks >= 0, "max_rollbacks", ">= 0")
+        need(0 < self.max_wasted_fraction <= 1, "max_wasted_fraction", "in (0, 1]")
+        need(0 < self.escalate_lr_factor <= 1, "escalate_lr_factor", "in (0, 1]")
+        need(self.escalate_beta2 is None or 0 < self.escalate_beta2 < 1, "escalate_beta2",
+             "None or in (0, 1)")
+        need(self.max_skip_multiplier >= 1, "max_skip_multiplier", ">= 1")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a monitor concluded about one step; ``stats`` holds JSON-safe floats for the log."""
+
+    kind: str
+    reason: str
+    onset_step: int | None = None
+    severity: float = 0.0
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def recover(self) -> bool:
+        """True when the trainer must roll back (bigtrain's spike or incident)."""
+        return self.kind in (SPIKE, INCIDENT)
+
+
+class Monitor(Protocol):
+    """The seam the trainer uses; all four monitors below satisfy it."""
+
+    def observe(self, step: int, loss: float, grad_norm: float, nonfinite: bool = False,
+                ds_skipped: bool = False) -> Verdict: ...
+
+    def reset_pending(self) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, d: dict[str, Any]) -> None: ...
+
+
+def _median_mad(xs: deque[float] | list[float], floor: float) -> tuple[float, float]:
+    med = statistics.median(xs)
+    mad = _MAD_TO_SIGMA * statistics.median([abs(x - med) for x in xs])
+    return med, max(mad, floor)
+
+
+class SpikeMonitor:
+    """bigtrain's detector: robust z-scores of log loss / log grad norm, severity plus persistence.
+
+    Unlike OLMo-core and llm-foundry, values flagged anomalous never enter the baseline
+    (spike-anchors.md 4.2), and the whole state is checkpointed (4.3).
+    """
+
+    def __init__(self, cfg: SpikeConfig) -> None:
+        self.cfg = cfg
+        self._loss: deque[float] = deque(maxlen=cfg.window)  # log(loss) of accepted steps
+        self._grad: deque[float] = deque(maxlen=cfg.window)  # log(grad_norm) of accepted steps
+        self._pending: list[int] = []  # steps of the current run of anomalous steps
+        self._pending_severity = 0.0
+        self._ds_run = 0  # consecutive steps DeepSpeed skipped
+
+    def observe(self, step: int, loss: float, grad_norm: float, nonfinite: bool = False,
+                ds_skipped: bool = False) -> Verdict:
+        """Classify one step from globally reduced values; updates the baseline if accepted.
+
+        ``nonfinite``: the all-reduced "grads or loss not finite" flag. ``ds_skipped``: DeepSpeed
+        did not apply the update (``not engine.was_step_applied()``). A non-positive or non-finite
+        ``grad_norm`` with ``nonfinite=False`` means "unknown" and disables the grad rule.
+        """
+        cfg = self.cfg
+        if not math.isfinite(loss):
+            # A NaN/Inf loss comes from the forward pass, which no loss scale can excuse.
+            return self._fire(INCIDENT, f"non-finite loss {loss}", step, math.inf, {})
+        if ds_skipped:
+            # fp16 overflow / bf16 non-finite grads: DeepSpeed already dropped the update on all
+            # ranks (runtime/engine.py check_overflow). Not baseline data; only a run counts.
+            self._ds_run += 1
+            if self._ds_run >= cfg.max_ds_skipped_run:
+                run = self._ds_run
+                return self._fire(INCIDENT, f"DeepSpeed skipped {run} consecutive steps",
+                                  step - run + 1, float(run), {})
+            return Verdict(OK, f"DeepSpeed skipped the step ({self._ds_run} in a row)")
+        self._ds_run = 0
+        if nonfinite:
+            # Non-finite grads that DeepSpeed did not skip have reached the weights.
+            return self._fire(INCIDENT, "non-finite gradients applied", step, math.inf, {})
+        if loss <= 0:
+            return Verdict(OK, "non-positive loss carries no signal for a log-scale detector")
+
+        log_loss = math.log(loss)
+        has_grad = math.isfinite(grad_norm) and grad_norm > 0
+        log_grad = math.log(grad_norm) if has_grad else 0.0
+        if len(self._loss) < cfg.warmup:
+            self._accept(log_loss, log_grad, has_grad)
+            return Verdict(OK, "warmup", stats={"accepted": float(len(self._loss))})
+
+        med_l, mad_l = _median_mad(self._loss, cfg.mad_floor)
+        z_l, ratio_l = (log_loss - med_l) / mad_l, math.exp(log_loss - med_l)
+        stats = {"log_loss_median": med_l, "log_loss_mad": mad_l, "loss_z": z_l,
+                 "loss_ratio": ratio_l}
+        loss_anom = z_l > cfg.z_threshold and ratio_l > cfg.min_loss_ratio
+        grad_anom, ratio_g = False, 0.0
+        if has_grad and len(self._grad) >= cfg.warmup:
+            med_g, mad_g = _median_mad(self._grad, cfg.mad_floor)
+            z_g, ratio_g = (log_grad - med_g) / mad_g, math.exp(log_grad - med_g)
+            stats |= {"log_grad_median": med_g, "log_grad_mad": mad_g, "grad_z": z_g,
+                      "grad_ratio": ratio_g}
+            grad_anom = z_g > cfg.z_threshold and ratio_g > cfg.min_grad_ratio
+
+        if not (loss_anom or grad_anom):
+            self._pending, self._pending_severity = [], 0.0  # a normal step ends the run
+            self._accept(log_loss, log_grad, has_grad)
+            return Verdict(OK, "normal", stats=stats)
+
+        # Anomalous: never accepted, so the spike cannot inflate its own baseline.
+        severity = max(ratio_l if loss_anom else 0.0, ratio_g if grad_anom else 0.0)
+        self._pending.append(step)
+        self._pending_severity = max(self._pending_severity, severity)
+        onset = self._pending[0]
+        if loss_anom and ratio_l >= cfg.loss_blowup_ratio:
+            return self._fire(SPIKE, f"loss blow-up {ratio_l:.2f}x median", onset, ratio_l, stats)
+        if grad_anom and ratio_g >= cfg.grad_blowup_ratio:
+            return self._fire(SPIKE, f"grad-norm blow-up {ratio_g:.2f}x median", onset, ratio_g,
+                              stats)
+        if len(self._pending) >= cfg.patience:
+            return self._fire(SPIKE, f"{len(self._pending)} consecutive anomalous steps",
+                              onset, self._pending_severity, stats)
+        what = "loss" if loss_anom else "grad norm"
+        return Verdict(ANOMALOUS, f"anomalous {what} ({len(self._pending)}/{cfg.patience})",
+                       onset, severity, stats)
+
+    def _accept(self, log_loss: float, log_grad: float, has_grad: bool) -> None:
+        self._loss.append(log_loss)
+        if has_grad:
+            self._grad.append(log_grad)
+
+    def _fire(self, kind: str, reason: str, onset: int, severity: float,
+              stats: dict[str, float]) -> Verdict:
+        # Re-arm: the trainer recovers now, so the next spike must build its own evidence.
+        self.reset_pending()
+        # JSON cannot hold inf; report non-finite severity as a large finite number.
+        return Verdict(kind, reason, onset, severity if math.isfinite(severity) else 1e30, stats)
+
+    def reset_pending(self) -> None:
+        """Forget the in-progress anomalous run and DeepSpeed-skip run (call after a rollback)."""
+        self._pending, self._pending_severity, self._ds_run = [], 0.0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"log_loss": list(self._loss), "log_grad": list(self._grad),
+                "pending": list(self._pending), "pending_severity": self._pending_severity,
+                "ds_run": self._ds_run}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        # maxlen keeps only the newest values if the window was shrunk between runs.
+        self._loss = deque((float(x) for x in d["log_loss"]), maxlen=self.cfg.window)
+        self._grad = deque((float(x) for x in d["log_grad"]), maxlen=self.cfg.window)
+        self._pending = [int(s) for s in d["pending"]]
+        self._pending_severity = float(d["pending_severity"])
+        self._ds_run = int(d["ds_run"])
+
+
+def _competitor_nonfinite(loss: float, nonfinite: bool, ds_skipped: bool) -> Verdict | None:
+    """Shared non-finite handling for the competitors: both upstream trainers raise on a
+    non-finite loss (OLMo-core train/trainer.py L1430-1436, Composer NaNMonitor); non-finite grads
+    that DeepSpeed skipped are DeepSpeed's business, not theirs."""
+    if not math.isfinite(loss):
+        return Verdict(INCIDENT, f"non-finite loss {loss}")
+    if nonfinite and not ds_skipped:
+        return Verdict(INCIDENT, "non-finite gradients applied")
+    if nonfinite:
+        return Verdict(OK, "DeepSpeed skipped a non-finite step")
+    return None
+
+
+class OlmoSkipStepMonitor:
+    """OLMo-core ``SkipStepOptimizer.get_step_factor`` (src/olmo_core/optim/skip_step_optimizer.py).
+
+    Keeps the last 129 values (128 previous + current); no decision until 64 values including the
+    current one (``len(self._losses) < max(20, 128 // 2)``); mean and unbiased std
+    (``torch.std_mean``) of the previous values; skip iff ``loss - mu > 6 sigma`` or
+    ``gnorm - mu > 6 sigma`` (one-sided). Every value enters the lists, flagged or not.
+    Upstream does not checkpoint the lists (spike-anchors.md 1.7 caveat b); the state_dict here
+    exists for the common interface, and a faithful benchmark does not restore it.
+    """
+
+    rolling_interval_length = 128
+    sigma_factor = 6.0
+
+    def __init__(self) -> None:
+        self._losses: list[float] = []
+        self._grad_norms: list[float] = []
+
+    def observe(self, step: int, loss: float, grad_norm: float, nonfinite: bool = False,
+                ds_skipped: bool = False) -> Verdict:
+        bad = _competitor_nonfinite(loss, nonfinite, ds_skipped)
+        if bad is not None:
+            return bad
+        keep = self.rolling_interval_length + 1
+        self._losses = (self._losses + [loss])[-keep:]  # latest_loss setter
+        if math.isfinite(grad_norm) and grad_norm > 0:  # latest_grad_norm setter (GradClipper)
+            self._grad_norms = (self._grad_norms + [grad_norm])[-keep:]
+        if len(self._losses) < max(20, self.rolling_interval_length // 2):
+            return Verdict(OK, "warmup")
+        prev = self._losses[:-1]
+        mu, sd = statistics.fmean(prev), statistics.stdev(prev)
+        stats = {"loss_mean": mu, "loss_std": sd}
+        flagged = loss - mu > self.sigma_factor * sd
+        severity = (loss - mu) / sd if sd > 0 else 0.0  # z-score of the loss
+        # Upstream uses the grad rule whenever grad norms were set; std needs two previous values.
+        if len(self._grad_norms) >= 3:
+            prev_g = self._grad_norms[:-1]
+            mu_g, sd_g = statistics.fmean(prev_g), statistics.stdev(prev_g)
+            stats |= {"grad_mean": mu_g, "grad_std": sd_g}
+            flagged = flagged or self._grad_norms[-1] - mu_g > self.sigma_factor * sd_g
+        if flagged:
+            return Verdict(SKIP_UPDATE, "loss or grad norm > mean + 6 sigma of last 128", step,
+                           severity, stats)
+        return Verdict(OK, "normal", stats=stats)
+
+    def reset_pending(self) -> None:
+        """Nothing is pending in a one-step rule."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": list(self._losses), "grad_norms": list(self._grad_norms)}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self._losses = [float(x) for x in d["losses"]]
+        self._grad_norms = [float(x) for x in d["grad_norms"]]
+
+
+class KillLossSpikeMonitor:
+    """llm-foundry ``KillLossSpike`` (llmfoundry/callbacks/kill_loss_spike_callback.py).
+
+    ``window_size = max(100, round(0.05 * total_steps))``; nothing is checked until the window is
+    full; outlier iff ``loss >= 2 * mean(window)``, stop when the outlier counter exceeds
+    ``patience = 4`` (the 5th consecutive outlier); otherwise, after ``2 * window_size`` steps, stop
+    when ``count(loss > loss_cap) >= window_size / 2`` with ``loss_cap = min(max(first full
+    window), 10)``. Every loss is appended after the check, spikes included. Upstream reads the
+    rank-local last-microbatch loss; here it gets the all-reduced one like every monitor.
+    """
+
+    patience = 4
+    outlier_multiplier = 2.0
+
+    def __init__(self, total_steps: int) -> None:
+        self.window_size = max(100, round(0.05 * total_steps))  # _MIN_WINDOW_SIZE, _WINDOW_FRACTION
+        self._window: deque[float] = deque(maxlen=self.window_size)
+        self._outliers = 0
+        self._seen = 0  # losses observed, standing in for Composer's state.timestamp.batch
+        self._loss_cap = 10.0  # _MAX_LOSS_CAP
+        self._cap_set = False
+
+    def observe(self, step: int, loss: float, grad_norm: float, nonfinite: bool = False,
+                ds_skipped: bool = False) -> Verdict:
+        bad = _competitor_nonfinite(loss, nonfinite, ds_skipped)
+        if bad is not None:
+            return bad
+        self._seen += 1
+        verdict = Verdict(OK, "warmup" if len(self._window) < self.window_size else "normal")
+        if len(self._window) == self.window_size:
+            if not self._cap_set:
+                # Upstream sets the cap when state.timestamp.batch == window_size, documented as
+                # "the maximum loss from the first loss window"; we take that first full window.
+                self._loss_cap, self._cap_set = min(max(self._window), self._loss_cap), True
+            mean = statistics.fmean(self._window)
+            stats = {"window_mean": mean, "loss_cap": self._loss_cap}
+            high = sum(1 for x in self._window if x > self._loss_cap)
+            if loss >= mean * self.outlier_multiplier:
+                self._outliers += 1
+            else:
+                self._outliers = 0
+            if self._outliers > self.patience:  # _detect_loss_spike
+                verdict = Verdict(STOP, f"loss >= 2x window mean for {self._outliers} steps",
+                                  step - self._outliers + 1, loss / mean, stats)
+            # `elif` upstream: the high-loss rule runs whenever the spike rule did not fire.
+            elif self._seen >= 2 * self.window_size and high >= self.window_size / 2:
+                verdict = Verdict(STOP, f"{high}/{self.window_size} losses above "
+                                  f"{self._loss_cap:.4g}", None, float(high), stats)
+        self._window.append(loss)
+        return verdict
+
+    def reset_pending(self) -> None:
+        self._outliers = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"window": list(self._window), "outliers": self._outliers, "seen": self._seen,
+                "loss_cap": self._loss_cap, "cap_set": self._cap_set}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self._window = deque((float(x) for x in d["window"]), maxlen=self.window_size)
+        self._outliers, self._seen = int(d["outliers"]), int(d["seen"])
+        self._loss_cap, self._cap_set = float(d["loss_cap"]), bool(d["cap_set"])
+
+
+class NullMonitor:
+    """Plain DeepSpeed: no detector. Non-finite steps are left to DeepSpeed's own overflow skip."""
+
+    def observe(self, step: int, loss: float, grad_norm: float, nonfinite: bool = False,
+                ds_skipped: bool = False) -> Verdict:
+        return Verdict(OK, "no monitor")
+
+    def reset_pending(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        pass
+
+
+def build_monitor(cfg: SpikeConfig, total_steps: int) -> Monitor:
+    """The monitor for ``cfg.policy``; ``total_steps`` sizes llm-foundry's window."""
+    if not cfg.enabled or cfg.policy == "none":
+        return NullMonitor()
+    if cfg.policy == "olmo_skip_step":
+        return OlmoSkipStepMonitor()
+    if cfg.policy == "llmfoundry_kill":
+        return KillLossSpikeMonitor(total_steps)
+    return SpikeMonitor(cfg)
+
+
+@dataclass(frozen=True)
+class RecoveryPlan:
+    """What to do after a spike: stop, or roll back with these optimizer settings."""
+
+    stop: bool
+    reason: str
+    level: int
+    skip_multiplier: int
+    eps: float
+    lr_scale: float
+    beta2: float
+    wasted_steps: int
+
+
+class Escalation:
+    """The ladder: rollback + skip; a repeat in the same region widens the skip and lowers the LR,
+    then beta2; budgets on rollbacks and wasted compute end the run instead of looping.
+
+    Motivation: rewind-and-skip alone only moved optimizer-driven spikes and discarded most of the
+    compute (spike-anchors.md 6.2); no published system has such a ladder (section 5, items 4, 11).
+    """
+
+    def __init__(self, cfg: SpikeConfig) -> None:
+        self.cfg = cfg
+        self.rollbacks = 0
+        self.wasted = 0
+        self.onsets: list[int] = []  # onset step of every rollback taken
+        self.levels: list[int] = []  # escalation level of every rollback taken
+
+    def decide(self, step: int, onset_step: int, rollback_to_step: int, steps_executed: int,
+               eps: float, lr_scale: float, beta2: float) -> RecoveryPlan:
+        """Plan the recovery from a spike at ``step`` (onset ``onset_step``) by restoring the state
+        of ``rollback_to_step``. ``steps_executed``: steps kept as progress so far, excluding those
+        discarded by rollbacks (Escalation counts those itself), so kept + wasted is all compute.
+        Records the rollback unless the plan is to stop."""
+        cfg = self.cfg
+        if not rollback_to_step <= onset_step <= step:
+            raise ValueError(f"need rollback_to_step <= onset_step <= step, got "
+                             f"{rollback_to_step}, {onset_step}, {step}")
+        # Chain on the previous rollback (not the first of the region): spikes that drift a
+        # little later after each rollback still escalate, as in spike-anchors.md 6.2.
+        same_region = bool(self.onsets) and abs(onset_step - self.onsets[-1]) <= cfg.region_steps
+        level = self.levels[-1] + 1 if same_region else 0
+        multiplier = min(2 ** level, cfg.max_skip_multiplier)
+        wasted = step - rollback_to_step
+        total_wasted = self.wasted + wasted
+        fraction = total_wasted / max(1, steps_executed + total_wasted)
+
+        new_eps = max(eps * cfg.eps_factor, cfg.eps_floor) if cfg.lower_eps else eps
+        new_lr = lr_scale * cfg.lr_factor * (cfg.escalate_lr_factor if level >= 1 else 1.0)
+        new_lr = max(new_lr, cfg.lr_floor_scale)
+        new_beta2 = beta2
+        if level >= 2 and cfg.escalate_beta2 is not None:
+            new_beta2 = min(beta2, cfg.escalate_beta2)
+
+        if self.rollbacks + 1 > cfg.max_rollbacks:
+            reason = (f"rollback budget exhausted: {self.rollbacks + 1} rollbacks would exceed "
+                      f"spike.max_rollbacks={cfg.max_rollbacks}")
+            return RecoveryPlan(True, reason, level, multiplier, eps, lr_scale, beta2, wasted)
+        if fraction > cfg.max_wasted_fraction:
+            reason = (f"wasted-compute budget exhausted: {total_wasted} of "
+                      f"{steps_executed + total_wasted} steps discarded ({fraction:.2f} > "
+                      f"spike.max_wasted_fraction={cfg.max_wasted_fraction})")
+            return RecoveryPlan(True, reason, level, multiplier, eps, lr_scale, beta2, wasted)
+
+        self.rollbacks += 1
+        self.wasted = total_wasted
+        self.onsets.append(onset_step)
+        self.levels.append(level)
+        where = "same region as the previous rollback" if same_region else "new region"
+        reason = f"rollback {self.rollbacks} at level {level} ({where})"
+        return RecoveryPlan(False, reason, level, multiplier, new_eps, new_lr, new_beta2, wasted)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rollbacks": self.rollbacks, "wasted": self.wasted, "onsets": list(self.onsets),
+                "levels": list(self.levels)}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.rollbacks, self.wasted = int(d["rollbacks"]), int(d["wasted"])
+        self.onsets = [int(s) for s in d["onsets"]]
+        self.levels = [int(s) for s in d["levels"]]

@@ -1,0 +1,365 @@
+"""Unit tests for bigtrain.spike: detectors on synthetic curves, competitor rules, escalation."""
+
+import json
+import math
+import random
+import statistics
+
+import pytest
+
+from bigtrain.spike import (
+    Escalation,
+    KillLossSpikeMonitor,
+    NullMonitor,
+    OlmoSkipStepMonitor,
+    SpikeConfig,
+    SpikeMonitor,
+    build_monitor,
+)
+
+
+def smooth_curve(n: int, seed: int = 0) -> list[tuple[float, float]]:
+    """A decaying loss with 2% multiplicative noise and a noisy (15%) grad norm."""
+    rng = random.Random(seed)
+    out = []
+    for t in range(n):
+        loss = (2.0 + 8.0 * math.exp(-t / 300)) * (1 + 0.02 * rng.gauss(0, 1))
+        grad = (0.5 + 2.0 * math.exp(-t / 200)) * (1 + 0.15 * rng.gauss(0, 1))
+        out.append((loss, max(grad, 1e-3)))
+    return out
+
+
+def late_curve(n: int, seed: int = 0) -> list[tuple[float, float]]:
+    """The flat tail of smooth_curve (from step 1500), re-indexed from 0.
+
+    The MAD of a window over the steep start includes the trend, not only noise, which hides a
+    1.6x jump there; the targeted tests use the regime where spikes occur in practice."""
+    return smooth_curve(1500 + n, seed)[1500:]
+
+
+def warmed_monitor(n: int = 100, cfg: SpikeConfig | None = None) -> SpikeMonitor:
+    mon = SpikeMonitor(cfg or SpikeConfig())
+    for t, (loss, grad) in enumerate(late_curve(n)):
+        assert mon.observe(t, loss, grad).kind == "ok"
+    return mon
+
+
+def test_smooth_curve_has_no_false_positives():
+    mon = SpikeMonitor(SpikeConfig())
+    kinds = [mon.observe(t, l, g).kind for t, (l, g) in enumerate(smooth_curve(2000, seed=1))]
+    assert kinds.count("ok") == 2000
+
+
+def test_single_bump_is_anomalous_not_spike():
+    mon = warmed_monitor()
+    loss, grad = late_curve(102)[100]
+    v = mon.observe(100, 3 * loss, grad)
+    assert v.kind == "anomalous" and v.onset_step == 100
+    assert v.stats["loss_ratio"] > 2.5
+    loss, grad = late_curve(102)[101]
+    assert mon.observe(101, loss, grad).kind == "ok"
+
+
+def test_sustained_jump_is_spike_with_onset_at_first_step():
+    mon = warmed_monitor()
+    curve = late_curve(105)
+    kinds = []
+    for t in range(100, 105):
+        v = mon.observe(t, 1.6 * curve[t][0], curve[t][1])
+        kinds.append(v.kind)
+        if v.kind == "spike":
+            break
+    assert kinds == ["anomalous", "anomalous", "spike"]
+    assert v.onset_step == 100 and v.recover
+    assert 1.4 < v.severity < 1.9
+
+
+def test_grad_blowup_is_spike_at_once():
+    mon = warmed_monitor()
+    loss, grad = late_curve(101)[100]
+    v = mon.observe(100, loss, 50 * grad)
+    assert v.kind == "spike" and v.onset_step == 100 and v.severity > 20
+    assert "grad" in v.reason
+
+
+def test_loss_blowup_is_spike_at_once():
+    mon = warmed_monitor()
+    loss, grad = late_curve(101)[100]
+    v = mon.observe(100, 20 * loss, grad)
+    assert v.kind == "spike" and v.onset_step == 100
+
+
+def test_unknown_grad_norm_disables_grad_rule():
+    mon = warmed_monitor()
+    loss, _ = late_curve(101)[100]
+    for g in (0.0, float("nan"), -1.0):
+        assert mon.observe(100, loss, g).kind == "ok"
+
+
+def test_nan_loss_is_incident_even_in_warmup():
+    mon = SpikeMonitor(SpikeConfig())
+    mon.observe(0, 5.0, 1.0)
+    v = mon.observe(1, float("nan"), 1.0)
+    assert v.kind == "incident" and v.recover
+    json.dumps(v.severity)  # finite, JSON-safe
+    assert mon.observe(2, 5.0, 1.0, nonfinite=True).kind == "incident"
+
+
+def test_ds_skipped_run_becomes_incident():
+    mon = warmed_monitor()
+    before = mon.state_dict()["log_loss"]
+    kinds = [mon.observe(100 + i, 1.0, float("inf"), nonfinite=True, ds_skipped=True).kind
+             for i in range(5)]
+    assert kinds == ["ok"] * 4 + ["incident"]
+    assert mon.state_dict()["log_loss"] == before  # skipped steps never enter the baseline
+    # A normal step in between resets the run.
+    loss, grad = late_curve(101)[100]
+    for _ in range(4):
+        mon.observe(200, loss, grad, ds_skipped=True)
+    mon.observe(201, loss, grad)
+    assert mon.observe(202, loss, grad, ds_skipped=True).kind == "ok"
+
+
+def test_anomalous_values_do_not_enter_baseline():
+    mon = warmed_monitor()
+    curve = late_curve(110)
+    assert mon.observe(100, *curve[100]).kind == "ok"
+    state = mon.state_dict()
+    kinds = [mon.observe(t, 1.6 * curve[t][0], curve[t][1]).kind for t in range(101, 104)]
+    kinds.append(mon.observe(104, curve[104][0], 40 * curve[104][1]).kind)
+    assert kinds == ["anomalous", "anomalous", "spike", "spike"]
+    assert mon.state_dict()["log_loss"] == state["log_loss"]
+    assert mon.state_dict()["log_grad"] == state["log_grad"]
+    ok_after = mon.observe(105, *curve[105])
+    assert ok_after.stats["log_loss_median"] == statistics.median(state["log_loss"])
+    assert ok_after.stats["log_grad_median"] == statistics.median(state["log_grad"])
+
+
+def test_state_dict_round_trip_gives_identical_verdicts():
+    cfg = SpikeConfig()
+    curve = late_curve(300, seed=3)
+    bumps = {150: 1.8, 151: 1.8, 152: 1.8, 200: 2.0}
+    script = [(t, l * bumps.get(t, 1.0), g) for t, (l, g) in enumerate(curve)]
+    a = SpikeMonitor(cfg)
+    for t, l, g in script[:151]:  # stop in the middle of an anomalous run
+        a.observe(t, l, g)
+    b = SpikeMonitor(cfg)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    kinds = []
+    for t, l, g in script[151:]:
+        va, vb = a.observe(t, l, g), b.observe(t, l, g)
+        assert va == vb
+        kinds.append(va.kind)
+    assert kinds.count("spike") == 1 and kinds.count("anomalous") == 2
+
+
+def test_reset_pending_forgets_the_run():
+    mon = warmed_monitor()
+    curve = late_curve(110)
+    mon.observe(100, 1.6 * curve[100][0], curve[100][1])
+    mon.observe(101, 1.6 * curve[101][0], curve[101][1])
+    mon.reset_pending()
+    assert mon.observe(102, 1.6 * curve[102][0], curve[102][1]).kind == "anomalous"
+
+
+def test_verdict_stats_are_json_floats():
+    mon = warmed_monitor()
+    v = mon.observe(100, 3.0, 1.0)
+    assert all(isinstance(x, float) for x in v.stats.values())
+    json.dumps(v.stats, allow_nan=False)
+
+
+# --- OLMo-core SkipStepOptimizer -----------------------------------------------------------------
+
+
+def test_olmo_waits_for_64_values_then_flags_beyond_6_sigma():
+    mon = OlmoSkipStepMonitor()
+    base = [1.0, 3.0] * 40  # mean 2, unbiased std ~1.0
+    for t in range(63):
+        assert mon.observe(t, base[t], 1.0 + 0.1 * (t % 2)).kind == "ok"
+    # The 64th value is the first checked: 63 previous values.
+    prev = base[:63]
+    mu = sum(prev) / 63
+    sd = math.sqrt(sum((x - mu) ** 2 for x in prev) / 62)
+    assert mon.observe(63, mu + 6 * sd - 1e-9, 1.0).kind == "ok"
+    v = mon.observe(64, 100.0, 1.0)
+    assert v.kind == "skip_update" and v.onset_step == 64
+
+
+def test_olmo_flagged_values_enter_the_window_and_window_is_128():
+    mon = OlmoSkipStepMonitor()
+    for t in range(200):
+        mon.observe(t, 2.0 + 0.01 * (t % 3), 1.0 + 0.01 * (t % 2))
+    assert mon.observe(200, 50.0, 1.0).kind == "skip_update"
+    state = mon.state_dict()
+    assert state["losses"][-1] == 50.0 and len(state["losses"]) == 129
+    # The spike now inflates sigma: a 3x loss right after is no longer flagged (upstream caveat).
+    assert mon.observe(201, 6.0, 1.0).kind == "ok"
+
+
+def test_olmo_grad_rule_and_nonfinite():
+    mon = OlmoSkipStepMonitor()
+    for t in range(100):
+        mon.observe(t, 2.0 + 0.01 * (t % 3), 1.0 + 0.01 * (t % 2))
+    assert mon.observe(100, 2.0, 5.0).kind == "skip_update"
+    assert mon.observe(101, float("inf"), 1.0).kind == "incident"
+
+
+# --- llm-foundry KillLossSpike -------------------------------------------------------------------
+
+
+def test_kill_window_size():
+    assert KillLossSpikeMonitor(1000).window_size == 100
+    assert KillLossSpikeMonitor(10_000).window_size == 500
+
+
+def test_kill_stops_on_fifth_consecutive_2x_step_not_fourth():
+    mon = KillLossSpikeMonitor(total_steps=1000)
+    for t in range(100):
+        assert mon.observe(t, 1.0, 1.0).kind == "ok"  # filling the window: nothing checked
+    kinds = [mon.observe(100 + i, 10.0, 1.0).kind for i in range(5)]
+    assert kinds == ["ok", "ok", "ok", "ok", "stop"]
+
+
+def test_kill_counter_resets_and_mean_includes_spikes():
+    mon = KillLossSpikeMonitor(total_steps=1000)
+    for t in range(100):
+        mon.observe(t, 1.0, 1.0)
+    for i in range(4):
+        mon.observe(100 + i, 2.0, 1.0)  # exactly 2x counts (>=)
+    assert mon.observe(104, 1.0, 1.0).kind == "ok"  # resets the counter
+    # Window mean is now (95 + 4*2 + 1) / 100 = 1.04, so 2.0 is no longer an outlier.
+    assert [mon.observe(105 + i, 2.0, 1.0).kind for i in range(5)] == ["ok"] * 5
+
+
+def test_kill_high_loss_rule():
+    mon = KillLossSpikeMonitor(total_steps=1000)  # window 100
+    for t in range(100):
+        mon.observe(t, 3.0 if t == 0 else 2.0, 1.0)  # first full window max 3 -> loss_cap 3
+    kinds = [mon.observe(100 + i, 3.5, 1.0).kind for i in range(100)]
+    # 3.5 < 2 * mean, so never an outlier. The rule is first checked at the 200th loss
+    # (current_step >= 2 * window), when the window holds 99 values of 3.5 > cap 3 (>= 50).
+    assert kinds == ["ok"] * 99 + ["stop"]
+
+
+def test_kill_high_loss_needs_half_the_window():
+    mon = KillLossSpikeMonitor(total_steps=1000)
+    for t in range(100):
+        mon.observe(t, 3.0 if t == 0 else 2.0, 1.0)
+    kinds = [mon.observe(100 + i, 3.5 if i % 3 == 0 else 2.0, 1.0).kind for i in range(200)]
+    assert "stop" not in kinds  # about a third of the window is above the cap
+
+
+def test_competitors_round_trip_and_null():
+    for mon in (OlmoSkipStepMonitor(), KillLossSpikeMonitor(100)):
+        for t in range(150):
+            mon.observe(t, 2.0 + 0.01 * (t % 5), 1.0)
+        twin = type(mon)() if isinstance(mon, OlmoSkipStepMonitor) else KillLossSpikeMonitor(100)
+        twin.load_state_dict(json.loads(json.dumps(mon.state_dict())))
+        for t, l in enumerate([2.0, 9.0, 9.0, 9.0, 9.0, 9.0, 2.0], start=150):
+            assert mon.observe(t, l, 1.0) == twin.observe(t, l, 1.0)
+    null = NullMonitor()
+    assert null.observe(0, float("nan"), float("nan"), nonfinite=True).kind == "ok"
+
+
+def test_build_monitor():
+    assert isinstance(build_monitor(SpikeConfig(), 1000), SpikeMonitor)
+    assert isinstance(build_monitor(SpikeConfig(policy="olmo_skip_step"), 1000),
+                      OlmoSkipStepMonitor)
+    kill = build_monitor(SpikeConfig(policy="llmfoundry_kill"), 10_000)
+    assert isinstance(kill, KillLossSpikeMonitor) and kill.window_size == 500
+    assert isinstance(build_monitor(SpikeConfig(policy="none"), 1000), NullMonitor)
+    assert isinstance(build_monitor(SpikeConfig(enabled=False), 1000), NullMonitor)
+
+
+# --- Escalation ----------------------------------------------------------------------------------
+
+
+def test_escalation_ladder():
+    esc = Escalation(SpikeConfig(lr_factor=1.0))
+    p0 = esc.decide(step=1000, onset_step=998, rollback_to_step=900, steps_executed=1000,
+                    eps=1e-8, lr_scale=1.0, beta2=0.99)
+    assert not p0.stop and p0.level == 0 and p0.skip_multiplier == 1
+    assert p0.eps == pytest.approx(1e-9) and p0.lr_scale == 1.0 and p0.beta2 == 0.99
+    assert p0.wasted_steps == 100
+    p1 = esc.decide(1100, 1090, 900, 1000, p0.eps, p0.lr_scale, p0.beta2)
+    assert not p1.stop and p1.level == 1 and p1.skip_multiplier == 2
+    assert p1.lr_scale == 0.5 and p1.beta2 == 0.99
+    p2 = esc.decide(1150, 1140, 1000, 1100, p1.eps, p1.lr_scale, p1.beta2)
+    assert p2.level == 2 and p2.skip_multiplier == 4 and p2.beta2 == 0.95 and p2.lr_scale == 0.25
+    far = esc.decide(5000, 4990, 4900, 5000, p2.eps, p2.lr_scale, p2.beta2)
+    assert far.level == 0 and far.skip_multiplier == 1 and far.lr_scale == 0.25
+    assert esc.state_dict()["onsets"] == [998, 1090, 1140, 4990]
+
+
+def test_escalation_floors():
+    esc = Escalation(SpikeConfig(lr_factor=0.1, lr_floor_scale=0.05, region_steps=10_000,
+                                 max_rollbacks=100, max_wasted_fraction=1.0))
+    eps, lr = 1e-14, 1.0
+    for i in range(5):
+        p = esc.decide(100 * i + 50, 100 * i + 50, 100 * i, 10**6, eps, lr, 0.999)
+        eps, lr = p.eps, p.lr_scale
+    assert eps == 1e-15 and lr == 0.05
+    no_eps = Escalation(SpikeConfig(lower_eps=False)).decide(10, 5, 0, 1000, 1e-8, 1.0, 0.9)
+    assert no_eps.eps == 1e-8
+
+
+def test_escalation_rollback_budget_stops():
+    esc = Escalation(SpikeConfig(max_rollbacks=3, max_wasted_fraction=1.0))
+    plans = [esc.decide(1000 * i + 100, 1000 * i + 90, 1000 * i, 10**6, 1e-8, 1.0, 0.9)
+             for i in range(6)]
+    assert [p.stop for p in plans] == [False, False, False, True, True, True]
+    assert "max_rollbacks=3" in plans[3].reason
+    assert esc.state_dict()["rollbacks"] == 3
+
+
+def test_escalation_waste_budget_stops_and_same_region_never_loops():
+    esc = Escalation(SpikeConfig(max_rollbacks=1000))
+    plans = []
+    step = 300
+    while len(plans) < 50:
+        p = esc.decide(step, step - 5, step - 100, 300, 1e-8, 1.0, 0.99)
+        plans.append(p)
+        if p.stop:
+            break
+    assert plans[-1].stop and "max_wasted_fraction=0.5" in plans[-1].reason
+    assert len(plans) <= 4
+    assert [p.level for p in plans[:-1]] == list(range(len(plans) - 1))
+
+
+def test_escalation_state_round_trip():
+    esc = Escalation(SpikeConfig())
+    esc.decide(500, 490, 400, 500, 1e-8, 1.0, 0.99)
+    twin = Escalation(SpikeConfig())
+    twin.load_state_dict(json.loads(json.dumps(esc.state_dict())))
+    args = (600, 580, 400, 600, 1e-9, 1.0, 0.99)
+    assert esc.decide(*args) == twin.decide(*args)
+
+
+def test_escalation_rejects_inconsistent_steps():
+    with pytest.raises(ValueError, match="rollback_to_step"):
+        Escalation(SpikeConfig()).decide(100, 50, 80, 100, 1e-8, 1.0, 0.99)
+
+
+# --- Config --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"window": 3}, "spike.window"),
+    ({"warmup": 100}, "spike.warmup"),
+    ({"policy": "magic"}, "spike.policy"),
+    ({"patience": 0}, "spike.patience"),
+    ({"z_threshold": 0.0}, "spike.z_threshold"),
+    ({"eps_factor": 2.0}, "spike.eps_factor"),
+    ({"max_wasted_fraction": 0.0}, "spike.max_wasted_fraction"),
+    ({"escalate_beta2": 1.5}, "spike.escalate_beta2"),
+    ({"grad_blowup_ratio": 2.0}, "spike.grad_blowup_ratio"),
+])
+def test_config_validation_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        SpikeConfig(**kwargs)
+
+
+def test_config_message_format():
+    with pytest.raises(ValueError, match=r"spike\.window must be >= 8, got 3"):
+        SpikeConfig(window=3)
