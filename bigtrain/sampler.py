@@ -1,0 +1,133 @@
+"""Data position as a number: which packed block a stream index names.
+
+The *stream* is the infinite sequence of stream indices 0, 1, 2, ...  Stream index ``i`` lies in
+epoch ``i // N`` at offset ``i % N`` and names sample id ``perm(seed, epoch)[i % N]``.  A trainer
+keeps one integer cursor (plus the skipped ranges) in its TrainState; resume and rollback set that
+number and call :meth:`Sampler.take`.  Nothing is replayed, so a position 10**9 samples deep costs
+the same as position 0.
+
+Splitting a global batch across ranks is the caller's job (for example ``ids[rank::world_size]``);
+the sampler only defines the global order, so every rank computes the same stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from bisect import bisect_right
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+import torch
+
+__all__ = ["Sampler"]
+
+# Permutations kept in memory: the current epoch and the one before it, which is enough for a batch
+# that straddles an epoch boundary and for a short rollback across one.
+_CACHED_EPOCHS = 2
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """Seed for epoch ``epoch``'s permutation: first 8 bytes (little-endian) of
+    blake2b(f"bigtrain-sampler:{seed}:{epoch}").  Hashing (rather than e.g. ``seed + epoch``) keeps
+    (seed=1, epoch=0) and (seed=0, epoch=1) apart, for any Python int seed."""
+    digest = hashlib.blake2b(f"bigtrain-sampler:{seed}:{epoch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+class Sampler:
+    """Maps stream indices to sample ids: one permutation of ``range(num_samples)`` per epoch.
+
+    Pure apart from a small cache of recent permutations; two instances built with the same
+    arguments answer every query identically, on every rank and after any restart.
+    """
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True) -> None:
+        if num_samples < 1:
+            raise ValueError(f"Sampler num_samples must be >= 1, got {num_samples}")
+        self.num_samples = num_samples
+        self.seed = seed
+        self.shuffle = shuffle
+        self._perms: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        """Permutation of epoch ``epoch``: O(N) once per epoch, then served from the cache."""
+        perm = self._perms.get(epoch)
+        if perm is None:
+            if self.shuffle:
+                gen = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+                perm = torch.randperm(self.num_samples, generator=gen)
+            else:
+                perm = torch.arange(self.num_samples)
+            self._perms[epoch] = perm
+            while len(self._perms) > _CACHED_EPOCHS:
+                self._perms.popitem(last=False)
+        else:
+            self._perms.move_to_end(epoch)
+        return perm
+
+    def sample_id(self, stream_index: int) -> int:
+        """Sample id (row of the packed train tensor) named by ``stream_index``."""
+        if stream_index < 0:
+            raise ValueError(f"stream_index must be >= 0, got {stream_index}")
+        epoch, offset = divmod(stream_index, self.num_samples)
+        return int(self._perm(epoch)[offset])
+
+    def sample_ids(self, stream_indices: Sequence[int]) -> list[int]:
+        """``[sample_id(i) for i in stream_indices]``, with one tensor gather per epoch touched."""
+        out: list[int] = [0] * len(stream_indices)
+        by_epoch: dict[int, tuple[list[int], list[int]]] = {}
+        for pos, index in enumerate(stream_indices):
+            if index < 0:
+                raise ValueError(f"stream_index must be >= 0, got {index}")
+            epoch, offset = divmod(index, self.num_samples)
+            positions, offsets = by_epoch.setdefault(epoch, ([], []))
+            positions.append(pos)
+            offsets.append(offset)
+        for epoch, (positions, offsets) in by_epoch.items():
+            ids = self._perm(epoch)[torch.tensor(offsets, dtype=torch.long)].tolist()
+            for pos, sid in zip(positions, ids):
+                out[pos] = sid
+        return out
+
+    def take(
+        self, cursor: int, count: int, skipped: Sequence[tuple[int, int]]
+    ) -> tuple[list[int], int]:
+        """The next ``count`` stream indices >= ``cursor`` outside every half-open skipped range
+        ``[start, end)``, and the cursor just after the last one taken (``cursor`` if count == 0).
+
+        Cost O(count + len(skipped) log len(skipped)), independent of ``cursor``: skipped ranges
+        are jumped over, never walked.
+        """
+        if cursor < 0:
+            raise ValueError(f"cursor must be >= 0, got {cursor}")
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        ranges = self.merge_ranges(skipped)
+        # First range that ends after the cursor; earlier ones are behind us.
+        j = bisect_right([end for _, end in ranges], cursor)
+        taken: list[int] = []
+        pos = cursor
+        while len(taken) < count:
+            if j < len(ranges) and ranges[j][0] <= pos:
+                pos = ranges[j][1]  # inside a skipped range: jump to its end
+                j += 1
+                continue
+            stop = ranges[j][0] if j < len(ranges) else pos + count
+            n = min(count - len(taken), stop - pos)
+            taken.extend(range(pos, pos + n))
+            pos += n
+        return taken, (taken[-1] + 1 if taken else cursor)
+
+    @staticmethod
+    def merge_ranges(ranges: Iterable[Sequence[int]]) -> list[tuple[int, int]]:
+        """Sorted, merged half-open ranges; overlapping and adjacent ranges become one and empty
+        ones (start >= end) are dropped.  ``[(5, 8), (0, 2), (2, 3), (7, 9)] -> [(0, 3), (5, 9)]``."""
+        merged: list[tuple[int, int]] = []
+        for start, end in sorted((int(s), int(e)) for s, e in ranges):
+            if start >= end:
+                continue
+            if merged and start <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            else:
+                merged.append((start, end))
+        return merged
