@@ -1,0 +1,52 @@
+"""Shared test helpers: run bigtrain in 1 or 2 real processes (gloo on CPU) with tiny settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+# Tiny but real: the built-in tokenizer, a 2-layer Llama, the stdlib corpus (first 200 kB).
+TINY = ["data.max_bytes=200000", "data.seq_len=32", "train.micro_batch=2", "train.eval_interval=0",
+        "train.eval_batches=2", "optim.warmup_steps=2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_bigtrain(args: list[str], nproc: int = 2, timeout: int = 300, check: bool = True,
+                 extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "PATH": f"{BIN}:{os.environ['PATH']}",
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "bigtrain", "train", *args]
+    else:
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+               "-m", "bigtrain", "train", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                             f"\n--- stderr\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> str:
+    """One tokenized corpus for the whole session."""
+    return str(tmp_path_factory.mktemp("data_cache"))
