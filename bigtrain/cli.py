@@ -15,6 +15,9 @@ from bigtrain.config import ConfigError, load_config
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bigtrain", description=__doc__)
+    # The deepspeed launcher inserts --local_rank=N before the subcommand; LOCAL_RANK in the
+    # environment is what bigtrain uses.
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train (any launcher: plain, torchrun, deepspeed, srun)")
     t.add_argument("--config", help="YAML config file (sections: model, data, optim, train, checkpoint, spike, faults)")

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Multi-node torchrun around `bigtrain train`: run this once on every node (by hand, pdsh, or
+# srun as launch/slurm.sbatch does). Nodes find each other through a c10d rendezvous; no ssh needed.
+#
+# Usage (identical on every node; arguments are passed straight to `bigtrain train`):
+#   NNODES=2 NPROC_PER_NODE=8 RDZV_ENDPOINT=node1:29500 RDZV_ID=exp1 \
+#     launch/torchrun_multinode.sh --config my.yaml --resume auto run_dir=/shared/runs/exp1
+#
+# Environment:
+#   NNODES          number of nodes (or MIN:MAX for elastic)           required
+#   RDZV_ENDPOINT   host:port of the rendezvous; one reachable node    required
+#   NPROC_PER_NODE  ranks per node (one per GPU)                       default: 1
+#   RDZV_ID         job id shared by all nodes of one run; a new id    default: bigtrain
+#                   per run stops a stale rendezvous from being joined
+#   MAX_RESTARTS    times torchrun restarts the whole worker group     default: 0
+#                   after a failure (pair with --resume auto)
+#
+# run_dir must be on a filesystem every node sees (checkpoints are written by all ranks).
+# On CPU-only nodes also set GLOO_SOCKET_IFNAME to the interface the nodes share (lo on one host).
+set -euo pipefail
+
+: "${NNODES:?set NNODES (number of nodes)}"
+: "${RDZV_ENDPOINT:?set RDZV_ENDPOINT (host:port of the rendezvous node)}"
+
+exec torchrun \
+  --nnodes "${NNODES}" \
+  --nproc_per_node "${NPROC_PER_NODE:-1}" \
+  --rdzv_backend c10d \
+  --rdzv_endpoint "${RDZV_ENDPOINT}" \
+  --rdzv_id "${RDZV_ID:-bigtrain}" \
+  --max-restarts "${MAX_RESTARTS:-0}" \
+  -m bigtrain train "$@"
