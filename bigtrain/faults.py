@@ -1,9 +1,11 @@
 """Deterministic fault injection (config section ``faults``), for tests and the spike benchmark.
 
-Each fault fires once, the first time its step is reached, and is remembered in TrainState so a
-rollback does not replay a transient fault. Poisoned data is remembered as stream ranges: bad data
-stays bad if it is ever drawn again (it is not: recovery skips it). Faults act on the ranks in
-``faults.ranks`` only, yet every rank records them identically, so decisions stay collective.
+Transient faults (NaN loss, scaled gradients, corrupted weights) fire once, the first time their
+step is reached, and are remembered in TrainState so a rollback does not replay them. Bad data is
+data: a run of consecutive ``poison_steps`` poisons the samples those steps draw, recorded as stream
+ranges, and those samples stay garbage whenever they are drawn again - unless recovery skips them,
+as it should. Faults act on the ranks in ``faults.ranks`` only, yet every rank records them
+identically, so decisions stay collective.
 """
 
 from __future__ import annotations
@@ -28,16 +30,15 @@ class FaultInjector:
         state.faults_fired.append(key)
         return True
 
-    def begin_step(self, state: TrainState, step: int, stream: list[int], per_rank: int, engine) -> None:
-        """Arm this step's faults. ``stream`` is the global batch, rank-major, ``per_rank`` samples each."""
+    def begin_step(self, state: TrainState, sampler: Sampler, global_batch: int, per_rank: int, engine) -> None:
+        """Arm the faults of step ``state.step + 1`` (called before its batch is built)."""
         cfg = self.cfg
         self._loss_factor = None
         if not cfg.any:
             return
+        step = state.step + 1
         if self._fire(state, "poison", step, cfg.poison_steps):
-            ranks = cfg.ranks or range(len(stream) // per_rank)
-            bad = [(i, i + 1) for r in ranks for i in stream[r * per_rank:(r + 1) * per_rank]]
-            state.poisoned = [list(r) for r in Sampler.merge_ranges([*map(tuple, state.poisoned), *bad])]
+            self._poison_block(state, sampler, step, global_batch, per_rank)
         if self._fire(state, "corrupt", step, [cfg.corrupt_weights_step]) and self.here:
             corrupt_weights(engine)
         if self._fire(state, "nan", step, cfg.nan_steps) and self.here:
@@ -45,14 +46,42 @@ class FaultInjector:
         if self._fire(state, "scale_grad", step, cfg.scale_grad_steps) and self.here:
             self._loss_factor = cfg.grad_scale
 
+    def _poison_block(self, state: TrainState, sampler: Sampler, step: int, global_batch: int,
+                      per_rank: int) -> None:
+        """Poison the samples of ``step`` and of the poison steps right after it (one bad block)."""
+        last = step
+        while last + 1 in self.cfg.poison_steps:
+            last += 1
+            state.faults_fired.append(f"poison@{last}")
+        ahead, _ = sampler.take(state.cursor, global_batch * (last - step + 1), state.skipped)
+        ranks = self.cfg.ranks or range(global_batch // per_rank)
+        bad = [(i, i + 1) for b in range(0, len(ahead), global_batch) for r in ranks
+               for i in ahead[b + r * per_rank:b + (r + 1) * per_rank]]
+        state.poisoned = [list(r) for r in Sampler.merge_ranges([*map(tuple, state.poisoned), *bad])]
+
+    def expire(self, state: TrainState, up_to_step: int) -> None:
+        """After a rollback from ``up_to_step``: transient faults scheduled up to it belong to the
+        discarded timeline and never fire (poison is data, not time: it is not expired)."""
+        cfg = self.cfg
+        schedule = {"nan": cfg.nan_steps, "scale_grad": cfg.scale_grad_steps,
+                    "corrupt": [cfg.corrupt_weights_step] if cfg.corrupt_weights_step else []}
+        for kind, steps in schedule.items():
+            for step in steps:
+                key = f"{kind}@{step}"
+                if step <= up_to_step and key not in state.faults_fired:
+                    state.faults_fired.append(key)
+
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss if self._loss_factor is None else loss * self._loss_factor
 
 
 @torch.no_grad()
 def corrupt_weights(engine) -> None:
-    """Silent data corruption on this rank: the output projection x1000. Under ZeRO-3 the rank holds
-    only its partition (``ds_tensor``); under ZeRO-1/2 its full bf16/fp32 working copy."""
+    """Silent data corruption on this rank: the output projection x1000. Under ZeRO-1/2 the rank's
+    working copy; under ZeRO-3 its partition (``ds_tensor``) and, for a small parameter that ZeRO-3
+    keeps whole on every rank (below stage3_param_persistence_threshold), the full copy too."""
     weight = engine.module.get_output_embeddings().weight
-    target = weight.ds_tensor if hasattr(weight, "ds_tensor") else weight.data
-    target.mul_(1000.0)
+    if weight.data.numel() > 0:
+        weight.data.mul_(1000.0)
+    if getattr(weight, "ds_tensor", None) is not None and weight.ds_tensor.data_ptr() != weight.data.data_ptr():
+        weight.ds_tensor.data.mul_(1000.0)

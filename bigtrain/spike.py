@@ -56,8 +56,14 @@ class SpikeConfig:
     """Robust z-score of log(value) against median/MAD above which a step is anomalous. 6 matches
     OLMo-core's 6 sigma; the log makes the rule scale-free (a 1% wiggle at loss 8 or 0.01)."""
 
-    min_loss_ratio: float = 1.3
-    """An anomalous loss must also exceed the median by this factor: on a very flat curve the MAD
+    z_persist: float = 3.0
+    """Lower z-score that marks a step anomalous for the persistence rule: ``patience`` steps in a
+    row above 3 sigma happen by chance about (0.00135)^3 ~ 2.5e-9 of the time under Gaussian noise,
+    so a sustained moderate jump (bad data on one rank of many) is caught without false alarms.
+    Single-step (blow-up) verdicts still need ``z_threshold``."""
+
+    min_loss_ratio: float = 1.1
+    """An anomalous loss must also exceed the level by this factor: on a very flat curve the MAD
     is tiny and a z-score alone would flag harmless wiggles."""
 
     min_grad_ratio: float = 3.0
@@ -85,9 +91,11 @@ class SpikeConfig:
     as an incident. Isolated skips are normal dynamic loss scaling; a run of them means the model
     produces non-finite gradients whatever the scale."""
 
-    skip_margin: int = 0
-    """Extra samples skipped beyond the spike's data window (PaLM skipped 200-500 batches around a
-    spike; 0 skips exactly the samples between the restored position and the spike)."""
+    skip_margin_batches: int = 2
+    """Extra global batches skipped beyond the spike, converted to samples at the current batch size.
+    Bad data comes in blocks (PaLM skipped 200-500 batches after rewinding ~100 steps; OLMo 2 traced
+    spikes to runs of repeated n-gram documents), and a spike is detected ``patience`` steps after its
+    onset, possibly before the block ends. 0 skips exactly the restored-position-to-spike window."""
 
     eps_factor: float = 0.1
     """Adam eps multiplier on each rollback when `lower_eps` (Wortsman et al. 2023, OLMo 2: smaller
@@ -142,6 +150,7 @@ class SpikeConfig:
         need(self.window >= 8, "window", ">= 8")
         need(4 <= self.warmup <= self.window, "warmup", "between 4 and spike.window")
         need(self.z_threshold > 0, "z_threshold", "> 0")
+        need(0 < self.z_persist <= self.z_threshold, "z_persist", "in (0, spike.z_threshold]")
         need(self.min_loss_ratio >= 1.0, "min_loss_ratio", ">= 1.0")
         need(self.min_grad_ratio >= 1.0, "min_grad_ratio", ">= 1.0")
         need(self.mad_floor > 0, "mad_floor", "> 0")
@@ -151,7 +160,7 @@ class SpikeConfig:
         need(self.loss_blowup_ratio >= self.min_loss_ratio, "loss_blowup_ratio",
              ">= spike.min_loss_ratio")
         need(self.max_ds_skipped_run >= 1, "max_ds_skipped_run", ">= 1")
-        need(self.skip_margin >= 0, "skip_margin", ">= 0")
+        need(self.skip_margin_batches >= 0, "skip_margin_batches", ">= 0")
         need(0 < self.eps_factor <= 1, "eps_factor", "in (0, 1]")
         need(self.eps_floor > 0, "eps_floor", "> 0 (eps = 0 divides by zero where v = 0)")
         need(0 < self.lr_factor <= 1, "lr_factor", "in (0, 1]")
@@ -271,14 +280,14 @@ class SpikeMonitor:
         z_l, ratio_l = (log_loss - med_l) / mad_l, math.exp(log_loss - med_l)
         stats = {"log_loss_median": med_l, "log_loss_mad": mad_l, "loss_z": z_l,
                  "loss_ratio": ratio_l}
-        loss_anom = z_l > cfg.z_threshold and ratio_l > cfg.min_loss_ratio
-        grad_anom, ratio_g = False, 0.0
+        loss_anom = z_l > cfg.z_persist and ratio_l > cfg.min_loss_ratio
+        grad_anom, ratio_g, z_g = False, 0.0, 0.0
         if has_grad and len(self._grad) >= cfg.warmup:
             med_g, mad_g = _median_mad(self._grad, cfg.mad_floor)
             z_g, ratio_g = (log_grad - med_g) / mad_g, math.exp(log_grad - med_g)
             stats |= {"log_grad_median": med_g, "log_grad_mad": mad_g, "grad_z": z_g,
                       "grad_ratio": ratio_g}
-            grad_anom = z_g > cfg.z_threshold and ratio_g > cfg.min_grad_ratio
+            grad_anom = z_g > cfg.z_persist and ratio_g > cfg.min_grad_ratio
 
         if not (loss_anom or grad_anom):
             self._pending, self._pending_severity = [], 0.0  # a normal step ends the run
@@ -290,9 +299,9 @@ class SpikeMonitor:
         self._pending.append(step)
         self._pending_severity = max(self._pending_severity, severity)
         onset = self._pending[0]
-        if loss_anom and ratio_l >= cfg.loss_blowup_ratio:
+        if loss_anom and z_l > cfg.z_threshold and ratio_l >= cfg.loss_blowup_ratio:
             return self._fire(SPIKE, f"loss blow-up {ratio_l:.2f}x median", onset, ratio_l, stats)
-        if grad_anom and ratio_g >= cfg.grad_blowup_ratio:
+        if grad_anom and z_g > cfg.z_threshold and ratio_g >= cfg.grad_blowup_ratio:
             return self._fire(SPIKE, f"grad-norm blow-up {ratio_g:.2f}x median", onset, ratio_g,
                               stats)
         if len(self._pending) >= cfg.patience:

@@ -6,6 +6,7 @@ ranks take the same branch and every DeepSpeed save/load stays collective.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -105,7 +106,9 @@ def snapshot_root(cfg: Config, run_dir: Path, world: int, local_world: int) -> P
         return Path(cfg.checkpoint.snapshot_dir)
     # /dev/shm is node-local: only usable when every rank is on this node.
     if Path("/dev/shm").is_dir() and world == local_world:
-        return Path("/dev/shm") / f"bigtrain-{cfg.fingerprint()}-{abs(hash(str(run_dir.resolve()))) % 10**8}"
+        # hashlib, not hash(): str hashes differ between processes, and every rank must agree.
+        run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]
+        return Path("/dev/shm") / f"bigtrain-{run_id}"
     return run_dir / "snapshots"
 
 
@@ -212,7 +215,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
     while state.step < t.steps:
         t0 = time.perf_counter()
         stream, cursor = sampler.take(state.cursor, layout.global_batch, state.skipped)
-        faults.begin_step(state, state.step + 1, stream, t.micro_batch * t.grad_accum, engine)
+        faults.begin_step(state, sampler, layout.global_batch, t.micro_batch * t.grad_accum, engine)
         batches = [micro_batch(data, sampler, s, state.poisoned, vocab) for s in layout.local(stream)]
         set_hparams(engine, lr_at(state.step, cfg.optim, t.steps) * state.lr_scale, state.eps, state.beta2)
         local = train_step(engine, batches, norm, faults)
@@ -235,6 +238,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
 
         if verdict.recover:
             rec.step(last)
+            faults.expire(state, state.step)
             reason = recover(cfg, engine, stores, state, verdict, last, monitor, escalation, sampler, data, rec)
             if reason is not None:
                 path = save(durable, engine, state, monitor, escalation)
@@ -322,7 +326,9 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
         state.escalation = escalation.state_dict()
         set_hparams(engine, lr_at(state.step, cfg.optim, cfg.train.steps) * state.lr_scale, state.eps, state.beta2)
         return plan.reason
-    skip_end = old.cursor + plan.skip_multiplier * (spike_cursor - old.cursor) + cfg.spike.skip_margin
+    global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dist.get_world_size()
+    skip_end = (old.cursor + plan.skip_multiplier * (spike_cursor - old.cursor)
+                + cfg.spike.skip_margin_batches * global_batch)
     state.skipped = [list(r) for r in Sampler.merge_ranges([*map(tuple, state.skipped), (old.cursor, skip_end)])]
     before = {"eps": state.eps, "lr_scale": state.lr_scale, "beta2": state.beta2}
     state.eps, state.lr_scale, state.beta2 = plan.eps, plan.lr_scale, plan.beta2

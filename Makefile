@@ -1,0 +1,38 @@
+# bigtrain: two commands for a fresh machine.
+#   make demo   - install, then train the default model on the embedded default data (2 ranks, ZeRO-2, CPU ok)
+#   make test   - install, then run the whole test suite (make test-quick: the fast tier only)
+# Everything installs into .venv. TORCH pins the torch build installed first: the default is the CPU
+# build this project is tested with; on a GPU machine use e.g. `make demo TORCH='torch==2.13.0' NPROC=1`.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+NPROC ?= 2
+BIN := $(VENV)/bin
+
+.PHONY: install demo test test-quick bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first: a bare `torch` requirement would pull a multi-GB CUDA build on a CPU machine.
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e '.[test]'
+	# DeepSpeed JIT-builds a small comm op on first use (~1 min): build it once, here.
+	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as g; b = g().create_op_builder('ShareMemCommBuilder'); b and b.load()"
+	touch $@
+
+demo: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" GLOO_SOCKET_IFNAME=$${GLOO_SOCKET_IFNAME:-lo} NPROC=$(NPROC) \
+		launch/local.sh run_dir=runs/demo-$$(date +%Y%m%d-%H%M%S) $(ARGS)
+
+test: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" GLOO_SOCKET_IFNAME=lo $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-quick: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,117 @@
+"""Config parsing, validation messages, DeepSpeed JSON resolution, LR schedule."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bigtrain.cli import main
+from bigtrain.config import ConfigError, load_config
+from bigtrain.engine import DS_CONFIG_DIR, lr_at, resolve_ds_config
+
+
+def test_defaults_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  steps: 50\noptim:\n  lr: 3e-4\n")
+    cfg = load_config(f, ["train.micro_batch=4", "optim.min_lr=1e-5", "faults.nan_steps=[3, 4]"])
+    assert (cfg.train.steps, cfg.train.micro_batch, cfg.optim.lr, cfg.optim.min_lr) == (50, 4, 3e-4, 1e-5)
+    assert cfg.faults.nan_steps == [3, 4]
+    assert cfg.train.precision == "bf16" and cfg.train.deepspeed == "zero2"
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("trian.steps=3", "unknown config key 'trian'; did you mean train?"),
+    ("train.stpes=3", "did you mean train.steps?"),
+    ("optim.lr=-1", "optim.lr must be > 0"),
+    ("optim.lr=abc", "optim.lr must be float"),
+    ("train.steps=2.5", "train.steps must be int"),
+    ("train.precision=fp8", "train.precision must be bf16, fp16 or fp32"),
+    ("optim.warmup_steps=500", "optim.warmup_steps=500 exceeds train.steps=200"),
+    ("data.seq_len=2", "data.seq_len must be >= 8"),
+    ("spike.window=3", "spike.window"),
+    ("model.preset=gpt9", "model.preset must be one of"),
+    ("train.steps", "must look like key.path=value"),
+])
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, [override])
+    assert needle in str(exc.value)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")))
+def test_every_shipped_ds_config_resolves(name):
+    cfg = load_config(None, [f"train.deepspeed={name}", "train.micro_batch=3", "train.grad_accum=2",
+                             "optim.grad_clip=0.5", "optim.eps=1e-10", "train.precision=fp32"])
+    ds = resolve_ds_config(cfg, world_size=4)
+    text = json.dumps(ds)
+    assert '"auto"' not in text, f"{name}: an auto value was left unfilled"
+    assert ds["train_batch_size"] == 3 * 2 * 4
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["params"]["eps"] == 1e-10
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
+    assert ds["zero_optimization"]["stage"] in (1, 2, 3)
+
+
+def test_contradicting_ds_config_is_an_error(tmp_path):
+    bad = json.loads((DS_CONFIG_DIR / "zero2.json").read_text())
+    bad["gradient_clipping"] = 5.0
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    cfg = load_config(None, [f"train.deepspeed={path}"])
+    with pytest.raises(ConfigError, match="gradient_clipping=5.0 contradicts optim.grad_clip=1.0"):
+        resolve_ds_config(cfg, 1)
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="invalid JSON"):
+        resolve_ds_config(cfg, 1)
+    bad["scheduler"] = {"type": "WarmupLR"}
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match="bigtrain owns the LR schedule"):
+        resolve_ds_config(cfg, 1)
+    with pytest.raises(ConfigError, match="neither a shipped config"):
+        resolve_ds_config(load_config(None, ["train.deepspeed=zero9"]), 1)
+
+
+def test_fp16_on_cpu_is_refused_with_the_fix():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is allowed on a GPU")
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        resolve_ds_config(load_config(None, ["train.precision=fp16"]), 1)
+
+
+def test_fp16_config_enables_dynamic_loss_scaling():
+    """The fp16 path's logic, checked without a GPU: dynamic scaling (loss_scale 0) is configured."""
+    ds = json.loads((DS_CONFIG_DIR / "zero2.json").read_text())
+    assert ds["fp16"]["loss_scale"] == 0 and ds["fp16"]["enabled"] == "auto"
+
+
+def test_lr_schedule_is_warmup_then_cosine():
+    cfg = load_config(None, ["train.steps=100", "optim.warmup_steps=10", "optim.lr=1e-3", "optim.min_lr=1e-4"])
+    lrs = [lr_at(s, cfg.optim, 100) for s in range(100)]
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])), "warmup increases"
+    assert lrs[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])), "cosine decreases"
+    assert lr_at(100, cfg.optim, 100) == pytest.approx(1e-4)
+    assert lr_at(55, cfg.optim, 100) == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_dry_run_prints_config_and_resolved_deepspeed_json(capsys):
+    assert main(["train", "--dry-run", "train.micro_batch=3", "train.deepspeed=zero3"]) == 0
+    out = capsys.readouterr().out
+    ds = json.loads(out[out.index("# DeepSpeed config"):].split("\n", 1)[1])
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["zero_optimization"]["stage"] == 3
+    assert "micro_batch: 3" in out
+
+
+def test_cli_reports_config_errors_in_one_line(capsys):
+    assert main(["train", "--dry-run", "optim.lr=-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bigtrain: error: optim.lr must be > 0") and "\n" not in err
