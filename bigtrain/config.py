@@ -160,6 +160,9 @@ class FaultConfig:
     """Multiply the loss (hence the gradients) by ``grad_scale`` at these steps."""
     grad_scale: float = 1000.0
     """Factor for ``scale_grad_steps``."""
+    crash_in_recovery: bool = False
+    """Kill the process in the middle of the first rollback (after the load, before the new state is
+    recorded), to prove a crash during recovery leaves a resumable run."""
     ranks: list[int] = field(default_factory=list)
     """Ranks the faults happen on; empty = all ranks. Decisions must stay collective either way."""
 

@@ -131,6 +131,11 @@ class PackedData:
     that file), "parquet:/abs/f.parquet#3", "hub:name#12"."""
     from_cache: bool
     fingerprint: str
+    train_labels: torch.Tensor | None = None
+    """Optional int64 [N, seq_len] labels with -100 where no loss is taken (e.g. only the answer token
+    of a synthetic task). None: every token is a label (language modelling on packed text)."""
+    eval_labels: torch.Tensor | None = None
+    """Optional int64 [M, seq_len], like train_labels."""
 
     def sources(self, sample_id: int) -> list[str]:
         """Names of the documents whose tokens make up train block ``sample_id``, in order."""

@@ -10,6 +10,8 @@ identically, so decisions stay collective.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from bigtrain.checkpoint import TrainState
@@ -70,6 +72,10 @@ class FaultInjector:
                 key = f"{kind}@{step}"
                 if step <= up_to_step and key not in state.faults_fired:
                     state.faults_fired.append(key)
+
+    def maybe_crash(self) -> None:
+        if self.cfg.crash_in_recovery and self.here:
+            os._exit(17)  # like kill -9: no cleanup, no flush
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss if self._loss_factor is None else loss * self._loss_factor

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -30,11 +31,13 @@ from bigtrain.faults import FaultInjector
 from bigtrain.metrics import Recorder
 from bigtrain.model import build_model
 from bigtrain.sampler import Sampler
-from bigtrain.spike import Escalation, Verdict, build_monitor
+from bigtrain.spike import SKIP_UPDATE, Escalation, RecoveryPlan, Verdict, build_monitor
 
 log = logging.getLogger("bigtrain")
 
-EXIT_GAVE_UP = 3  # the spike budget was spent: a person should look (spikes.jsonl, `bigtrain report`)
+EXIT_GAVE_UP = 3
+# Rows with these keys are always logged, whatever train.log_interval says.
+extra_keys = {"eval_loss", "snapshot_seconds", "checkpoint_seconds"}  # the spike budget was spent: a person should look (spikes.jsonl, `bigtrain report`)
 
 
 @dataclass
@@ -113,16 +116,28 @@ def snapshot_root(cfg: Config, run_dir: Path, world: int, local_world: int) -> P
 
 
 def micro_batch(data: PackedData, sampler: Sampler, stream: list[int], poisoned: list[list[int]],
-                vocab: int) -> torch.Tensor:
-    ids = torch.tensor([sampler.sample_id(i) for i in stream], dtype=torch.long)
+                vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels) of the samples at these stream positions."""
+    ids = torch.tensor(sampler.sample_ids(stream), dtype=torch.long)
     x = data.train[ids].clone()
     for row, i in enumerate(stream):
         if any(a <= i < b for a, b in poisoned):  # injected bad data: garbage tokens, fixed per sample
             x[row] = torch.randint(0, vocab, (x.shape[1],), generator=torch.Generator().manual_seed(i))
-    return x
+    labels = x if data.train_labels is None else data.train_labels[ids]
+    return x, labels
 
 
-def train_step(engine, batches: list[torch.Tensor], norm: float, faults: FaultInjector) -> torch.Tensor:
+def label_count(data: PackedData, sampler: Sampler, stream: list[int]) -> int:
+    """Tokens that carry a loss in the whole global batch. Every rank computes it from the sample ids
+    it already knows, so normalising by it costs no communication."""
+    if data.train_labels is None:
+        return len(stream) * (data.train.shape[1] - 1)
+    labels = data.train_labels[torch.tensor(sampler.sample_ids(stream), dtype=torch.long)]
+    return int((labels[:, 1:] != -100).sum())
+
+
+def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], norm: float,
+               faults: FaultInjector) -> torch.Tensor:
     """Forward/backward over the micro-batches and one optimizer step. Returns the *local* tensor
     [loss_sum, nonfinite, grad_norm / world] for one all-reduce. No host sync in here.
 
@@ -131,9 +146,8 @@ def train_step(engine, batches: list[torch.Tensor], norm: float, faults: FaultIn
     (sum of token losses over the whole global batch) / (global tokens) - not a mean of micro-batch means.
     """
     loss_sum = torch.zeros((), dtype=torch.float32)
-    for x in batches:
-        x = x.to(engine.device)
-        out = engine(input_ids=x, labels=x, num_items_in_batch=norm)
+    for x, labels in batches:
+        out = engine(input_ids=x.to(engine.device), labels=labels.to(engine.device), num_items_in_batch=norm)
         loss = faults.scale_loss(out.loss)
         engine.backward(loss)
         engine.step()  # DeepSpeed updates only at the accumulation boundary
@@ -154,9 +168,11 @@ def evaluate(engine, data: PackedData, layout: Layout, batches: int) -> float:
     m = data.eval.shape[0]
     for b in range(batches):
         start = (b * layout.world + layout.rank) * layout.micro
-        x = data.eval[[(start + j) % m for j in range(layout.micro)]].to(engine.device)
-        out = engine(input_ids=x, labels=x)
-        n = x.shape[0] * (x.shape[1] - 1)
+        rows = [(start + j) % m for j in range(layout.micro)]
+        x = data.eval[rows].to(engine.device)
+        labels = x if data.eval_labels is None else data.eval_labels[rows].to(engine.device)
+        out = engine(input_ids=x, labels=labels)
+        n = int((labels[:, 1:] != -100).sum())
         total += torch.tensor([out.loss.float().item() * n, n], dtype=torch.float64)
     dist.all_reduce(total)
     engine.train()
@@ -206,8 +222,6 @@ def train(cfg: Config, resume: str | None = None) -> int:
     log.info("run_dir %s | %d rank(s) | ZeRO-%d %s | global batch %d x %d tokens | %d train / %d eval blocks",
              run_dir, world, zero_stage(ds_config), t.precision, layout.global_batch, cfg.data.seq_len,
              data.train.shape[0], data.eval.shape[0])
-    global_tokens = layout.global_batch * (cfg.data.seq_len - 1)  # packed blocks: every shifted label counts
-    norm = global_tokens / (t.grad_accum * world)
     if cfg.checkpoint.snapshot_interval:
         save(snaps, engine, state, monitor, escalation)
     t_start, eval_loss, last = time.time(), None, {}
@@ -217,6 +231,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
         stream, cursor = sampler.take(state.cursor, layout.global_batch, state.skipped)
         faults.begin_step(state, sampler, layout.global_batch, t.micro_batch * t.grad_accum, engine)
         batches = [micro_batch(data, sampler, s, state.poisoned, vocab) for s in layout.local(stream)]
+        global_tokens = label_count(data, sampler, stream)
+        norm = global_tokens / (t.grad_accum * world)
         set_hparams(engine, lr_at(state.step, cfg.optim, t.steps) * state.lr_scale, state.eps, state.beta2)
         local = train_step(engine, batches, norm, faults)
         dist.all_reduce(local)  # the one collective of the step: every rank sees the same numbers
@@ -225,21 +241,22 @@ def train(cfg: Config, resume: str | None = None) -> int:
         applied = engine.was_step_applied()
         state.step += 1
         state.executed_steps += 1
-        state.cursor, state.tokens = cursor, state.tokens + global_tokens
+        state.cursor, state.tokens = cursor, state.tokens + layout.global_batch * cfg.data.seq_len
         state.ds_skipped_steps += not applied
         verdict = monitor.observe(state.step, loss, grad_norm, nonfinite=nonfinite > 0, ds_skipped=not applied)
         dt = time.perf_counter() - t0
         last = {"step": state.step, "loss": loss, "lr": lr_at(state.step - 1, cfg.optim, t.steps) * state.lr_scale,
-                "grad_norm": grad_norm, "tokens_per_sec": global_tokens / dt, "samples": state.cursor,
+                "grad_norm": grad_norm, "tokens_per_sec": layout.global_batch * cfg.data.seq_len / dt, "samples": state.cursor,
                 "tokens": state.tokens, "eps": state.eps, "step_applied": applied, "verdict": verdict.kind}
         if not applied:
             log.warning("step %d: DeepSpeed skipped the update (overflow / non-finite gradients); %d so far",
                         state.step, state.ds_skipped_steps)
 
-        if verdict.recover:
+        if verdict.recover or verdict.kind == SKIP_UPDATE:
             rec.step(last)
             faults.expire(state, state.step)
-            reason = recover(cfg, engine, stores, state, verdict, last, monitor, escalation, sampler, data, rec)
+            reason = recover(cfg, engine, stores, state, verdict, last, monitor, escalation, sampler, data, rec,
+                             faults)
             if reason is not None:
                 path = save(durable, engine, state, monitor, escalation)
                 rec.close()
@@ -255,22 +272,31 @@ def train(cfg: Config, resume: str | None = None) -> int:
         if t.eval_interval and state.step % t.eval_interval == 0 or state.step == t.steps:
             eval_loss = evaluate(engine, data, layout, t.eval_batches)
             last["eval_loss"] = eval_loss
-        if state.step % t.log_interval == 0 or state.step == t.steps or "eval_loss" in last:
-            rec.step(last)
         if cfg.checkpoint.snapshot_interval and state.step % cfg.checkpoint.snapshot_interval == 0 \
                 and verdict.kind == "ok":
+            t_save = time.perf_counter()
             save(snaps, engine, state, monitor, escalation)
+            last["snapshot_seconds"] = round(time.perf_counter() - t_save, 4)
         if cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0 and state.step != t.steps:
+            t_save = time.perf_counter()
             save(durable, engine, state, monitor, escalation)
+            last["checkpoint_seconds"] = round(time.perf_counter() - t_save, 4)
+        if state.step % t.log_interval == 0 or state.step == t.steps or extra_keys & last.keys():
+            rec.step(last)
 
+    t_save = time.perf_counter()
     final = save(durable, engine, state, monitor, escalation)
+    save_seconds = time.perf_counter() - t_save
+    peak_rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])  # KiB on Linux
+    dist.all_reduce(peak_rss, op=dist.ReduceOp.MAX)
     if rank == 0:
         shutil.rmtree(snaps.root, ignore_errors=True)
     rec.close()
     summary = {"steps": state.step, "seconds": round(time.time() - t_start, 1), "final_loss": last.get("loss"),
                "eval_loss": eval_loss, "rollbacks": state.rollbacks, "wasted_steps": state.wasted_steps,
                "ds_skipped_steps": state.ds_skipped_steps, "skipped_ranges": state.skipped,
-               "checkpoint": str(final)}
+               "checkpoint": str(final), "final_save_seconds": round(save_seconds, 3),
+               "peak_rss_mb_max_rank": round(peak_rss.item(), 1)}
     log.info("done: %s", json.dumps(summary))
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -293,7 +319,7 @@ def save(store: CheckpointStore, engine, state: TrainState, monitor, escalation)
 
 def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainState, verdict: Verdict,
             signals: dict, monitor, escalation: Escalation, sampler: Sampler, data: PackedData,
-            rec: Recorder) -> str | None:
+            rec: Recorder, faults: FaultInjector) -> str | None:
     """Roll back to the newest checkpoint before the spike's onset, skip the data from there to the
     spike, lower eps (and LR when escalating). Mutates ``state`` in place. Returns the reason when the
     budget is spent (state is then the last healthy one; the caller saves and exits): never loops."""
@@ -309,11 +335,19 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
         rec.event({**event, "event": "give_up", "action": "stop", "reason": reason})
         return reason
     target_step, which = max(targets, key=lambda x: (x[0], -x[1]))
-    plan = escalation.decide(state.step, onset, target_step, target_step, state.eps, state.lr_scale, state.beta2)
+    if verdict.kind == SKIP_UPDATE:
+        # OLMo-core's rule skips one update and changes nothing else; with snapshots every step this
+        # restores the state before it (with sparser snapshots it rewinds further). No budget applies.
+        plan = RecoveryPlan(stop=False, reason=verdict.reason, level=0, skip_multiplier=1, eps=state.eps,
+                            lr_scale=state.lr_scale, beta2=state.beta2, wasted_steps=state.step - target_step)
+    else:
+        plan = escalation.decide(state.step, onset, target_step, target_step, state.eps, state.lr_scale,
+                                 state.beta2)
     store = stores[which]
     spike_cursor, spike_step = state.cursor, state.step
     persistent = {k: getattr(state, k) for k in TrainState.PERSISTENT}
     old = checkpoint.load(engine, store.root / checkpoint.tag_for(target_step))  # collective
+    faults.maybe_crash()
     for k, v in persistent.items():
         setattr(state, k, v)
     for k in ("step", "cursor", "tokens", "monitor"):
@@ -328,7 +362,7 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
         return plan.reason
     global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dist.get_world_size()
     skip_end = (old.cursor + plan.skip_multiplier * (spike_cursor - old.cursor)
-                + cfg.spike.skip_margin_batches * global_batch)
+                + (cfg.spike.skip_margin_batches * global_batch if verdict.kind != SKIP_UPDATE else 0))
     state.skipped = [list(r) for r in Sampler.merge_ranges([*map(tuple, state.skipped), (old.cursor, skip_end)])]
     before = {"eps": state.eps, "lr_scale": state.lr_scale, "beta2": state.beta2}
     state.eps, state.lr_scale, state.beta2 = plan.eps, plan.lr_scale, plan.beta2
@@ -340,7 +374,7 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
         s.drop_after(target_step)
     rec.quarantine([{"stream_index": i, "sample_id": sampler.sample_id(i), "sources": data.sources(sampler.sample_id(i)),
                      "rollback": state.rollbacks} for i in range(old.cursor, skip_end)])
-    rec.event({**event, "event": "rollback", "action": "rollback+skip" + ("+eps" if plan.eps != before["eps"] else "")
+    rec.event({**event, "event": "rollback" if verdict.kind != SKIP_UPDATE else "skip_update", "action": "rollback+skip" + ("+eps" if plan.eps != before["eps"] else "")
                + ("+lr" if plan.lr_scale != before["lr_scale"] else "") + ("+beta2" if plan.beta2 != before["beta2"] else ""),
                "level": plan.level, "restored_step": target_step, "restored_from": str(store.root),
                "skipped_range": [old.cursor, skip_end], "skipped_samples": skip_end - old.cursor,
