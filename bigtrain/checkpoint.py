@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import random
 import shutil
@@ -28,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("bigtrain")
 
 MARKER = "COMPLETE"
 STATE_FILE = "bigtrain_state.json"
@@ -139,11 +142,38 @@ def complete_checkpoints(root: Path) -> list[Path]:
                   key=lambda p: p.name)
 
 
+def verify(path: Path) -> str | None:
+    """None if every file the manifest lists is there with its recorded size; else what is wrong.
+    Catches truncated files and files lost after the save (a torn copy, a half-synced disk)."""
+    try:
+        manifest = json.loads((path / MARKER).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"unreadable {MARKER} manifest ({exc})"
+    for name, size in manifest.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {size} (truncated or corrupted)"
+    return None
+
+
+def _manifest(path: Path, step: int) -> str:
+    files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*"))
+             if p.is_file() and p.name != MARKER and ".tmp" not in p.name}
+    return json.dumps({"step": step, "time": time.time(), "files": files}, indent=1)
+
+
 def resolve_resume(arg: str, root: Path) -> Path | None:
-    """``auto`` -> newest complete checkpoint under root (None if there is none); else the given path."""
+    """``auto`` -> the newest complete checkpoint under root that verifies (None if there is none;
+    corrupted ones are reported and passed over); else the given path, which must verify."""
     if arg == "auto":
-        found = complete_checkpoints(root)
-        return found[-1] if found else None
+        for path in reversed(complete_checkpoints(root)):
+            problem = verify(path)
+            if problem is None:
+                return path
+            log.warning("skipping checkpoint %s: %s; trying the previous one", path, problem)
+        return None
     path = Path(arg)
     if not path.is_dir() or not (path / STATE_FILE).is_file():
         raise ValueError(f"--resume {arg}: not a bigtrain checkpoint directory (no {STATE_FILE}); "
@@ -151,7 +181,26 @@ def resolve_resume(arg: str, root: Path) -> Path | None:
     if not is_complete(path):
         raise ValueError(f"--resume {arg}: checkpoint is incomplete (no {MARKER} marker; the save was "
                          "interrupted): pick an older one or use --resume auto")
+    problem = verify(path)
+    if problem is not None:
+        raise ValueError(f"--resume {arg}: checkpoint is corrupted: {problem}. Use an older one or --resume auto")
     return path
+
+
+class CheckpointError(RuntimeError):
+    """A save failed on some rank (disk full, permissions). The previous checkpoints are intact."""
+
+
+def all_ok(ok: bool) -> bool:
+    """Collective AND of a per-rank flag, so a failure on one rank stops every rank the same way."""
+    if not dist.is_initialized():
+        return ok
+    from deepspeed.accelerator import get_accelerator
+
+    # On the accelerator: NCCL reduces only device tensors.
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=get_accelerator().current_device_name())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 class CheckpointStore:
@@ -177,6 +226,7 @@ class CheckpointStore:
             # eps, ...). Never delete a complete checkpoint to rewrite it.
             if rank == 0:
                 _atomic_write(path / STATE_FILE, json.dumps(state.to_json()))
+                _atomic_write(path / MARKER, _manifest(path, state.step))
             _barrier()
             return path
         if rank == 0:
@@ -184,20 +234,35 @@ class CheckpointStore:
             if path.exists():  # an incomplete leftover of an interrupted save of the same step
                 shutil.rmtree(path)
         _barrier()
-        # Collective: every rank writes its partition.
-        engine.save_checkpoint(str(self.root), tag=tag, client_state={"bigtrain_step": state.step},
-                               save_latest=False)
-        _atomic_write(path / f"rng_rank{rank}.json", json.dumps(rng_state()))
+        error = None
+        try:
+            # Collective: every rank writes its partition.
+            engine.save_checkpoint(str(self.root), tag=tag, client_state={"bigtrain_step": state.step},
+                                   save_latest=False)
+        except OSError as exc:
+            # DeepSpeed's save ends with a barrier that the other ranks are waiting in: meet them
+            # there (deepspeed 0.19 runtime/engine.py save_checkpoint), then fail together below.
+            error = exc
+            _barrier()
+        try:
+            if error is None:
+                _atomic_write(path / f"rng_rank{rank}.json", json.dumps(rng_state()))
+                if rank == 0:
+                    _atomic_write(path / STATE_FILE, json.dumps(state.to_json()))
+                    for name, writer in self.hf_files.items():
+                        writer(path / name)
+        except OSError as exc:
+            error = exc
+        # Every rank has written (or failed): now, and only now, the checkpoint may exist.
+        if not all_ok(error is None):
+            previous = self.saved[-1] if self.saved else None
+            where = f"{self.root / tag_for(previous)} is intact" if previous is not None else "none was saved before"
+            raise CheckpointError(
+                f"saving checkpoint {path} failed ({error or 'on another rank'}); it is incomplete and will "
+                f"never be loaded. The previous complete checkpoint {where}: free space (or fix the "
+                f"directory) and continue with --resume auto") from error
         if rank == 0:
-            _atomic_write(path / STATE_FILE, json.dumps(state.to_json()))
-            for name, writer in self.hf_files.items():
-                writer(path / name)
-        _barrier()  # every rank has written: now, and only now, the checkpoint may exist
-        if rank == 0:
-            manifest = {"step": state.step, "time": time.time(),
-                        "files": {str(p.relative_to(path)): p.stat().st_size
-                                  for p in sorted(path.rglob("*")) if p.is_file()}}
-            _atomic_write(path / MARKER, json.dumps(manifest, indent=1))
+            _atomic_write(path / MARKER, _manifest(path, state.step))
         self.saved = sorted(set(self.saved) | {state.step})
         self._prune()
         _barrier()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from bigtrain.checkpoint import CheckpointError
 from bigtrain.config import ConfigError, load_config
 
 
@@ -65,4 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"bigtrain: error: {exc}", file=sys.stderr)
         return 2
+    except CheckpointError as exc:
+        print(f"bigtrain: error: {exc}", file=sys.stderr)
+        return 4
     return 1

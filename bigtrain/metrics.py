@@ -38,9 +38,8 @@ class Recorder:
         for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "eps", "eval_loss"):
             if row.get(key) is not None:
                 self._tb.add_scalar(f"train/{key}" if key != "eval_loss" else "eval/loss", row[key], row["step"])
-        self._bar.n = row["step"]
         self._bar.set_postfix(loss=f"{row['loss']:.4g}", tok_s=f"{row['tokens_per_sec']:.0f}", refresh=False)
-        self._bar.refresh()
+        self._bar.update(row["step"] - self._bar.n)  # throttled by mininterval; negative after a rollback
 
     def event(self, row: dict[str, Any]) -> None:
         """One spike-monitor event: detection, rollback, give-up. Also mirrored to TensorBoard."""

@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import resource
 import shutil
+import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,9 +35,10 @@ from bigtrain.spike import SKIP_UPDATE, Escalation, RecoveryPlan, Verdict, build
 
 log = logging.getLogger("bigtrain")
 
-EXIT_GAVE_UP = 3
+EXIT_GAVE_UP = 3  # the spike budget was spent: a person should look (spikes.jsonl, `bigtrain report`)
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: saved after a stop signal; rerun with --resume auto
 # Rows with these keys are always logged, whatever train.log_interval says.
-extra_keys = {"eval_loss", "snapshot_seconds", "checkpoint_seconds"}  # the spike budget was spent: a person should look (spikes.jsonl, `bigtrain report`)
+extra_keys = {"eval_loss", "snapshot_seconds", "checkpoint_seconds"}
 
 
 @dataclass
@@ -145,18 +146,21 @@ def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], norm: f
     (accum * world); DeepSpeed then divides by accum and averages over ranks, so the gradient is that of
     (sum of token losses over the whole global batch) / (global tokens) - not a mean of micro-batch means.
     """
-    loss_sum = torch.zeros((), dtype=torch.float32)
+    device = engine.device
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     for x, labels in batches:
-        out = engine(input_ids=x.to(engine.device), labels=labels.to(engine.device), num_items_in_batch=norm)
+        out = engine(input_ids=x.to(device), labels=labels.to(device), num_items_in_batch=norm)
         loss = faults.scale_loss(out.loss)
         engine.backward(loss)
         engine.step()  # DeepSpeed updates only at the accumulation boundary
-        loss_sum += loss.detach().float().cpu() * norm
+        loss_sum += loss.detach().float() * norm  # stays on the device: no sync per micro-batch
     grad_norm = engine.get_global_grad_norm()
     grad_norm = float("nan") if grad_norm is None else grad_norm
-    grad_norm = torch.as_tensor(grad_norm, dtype=torch.float32).cpu()
+    grad_norm = torch.as_tensor(grad_norm, dtype=torch.float32, device=device)
     nonfinite = (~torch.isfinite(loss_sum)).float()
-    return torch.stack([loss_sum, nonfinite, grad_norm / dist.get_world_size()])
+    stop = torch.tensor(float(StopRequest.signum > 0), device=device)
+    # On the device: NCCL reduces only device tensors (gloo on CPU takes either).
+    return torch.stack([loss_sum, nonfinite, grad_norm / dist.get_world_size(), stop])
 
 
 @torch.no_grad()
@@ -164,7 +168,7 @@ def evaluate(engine, data: PackedData, layout: Layout, batches: int) -> float:
     """Held-out loss, every rank on its own shard; same number of forwards per rank (ZeRO-3 gathers
     parameters collectively). One all-reduce."""
     engine.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=engine.device)
     m = data.eval.shape[0]
     for b in range(batches):
         start = (b * layout.world + layout.rank) * layout.micro
@@ -173,10 +177,33 @@ def evaluate(engine, data: PackedData, layout: Layout, batches: int) -> float:
         labels = x if data.eval_labels is None else data.eval_labels[rows].to(engine.device)
         out = engine(input_ids=x, labels=labels)
         n = int((labels[:, 1:] != -100).sum())
-        total += torch.tensor([out.loss.float().item() * n, n], dtype=torch.float64)
+        total += torch.stack([out.loss.double() * n, torch.tensor(n, dtype=torch.float64, device=engine.device)])
     dist.all_reduce(total)
     engine.train()
     return (total[0] / total[1]).item()
+
+
+class StopRequest:
+    """SIGTERM (preemption, torchrun/SLURM shutdown) and SIGUSR1 (SLURM's warning signal) set a flag;
+    the loop all-reduces it with the step's numbers, so every rank saves and exits at the same step,
+    whichever rank got the signal."""
+
+    signum = 0
+
+    @classmethod
+    def install(cls) -> None:
+        def handler(signum, frame):
+            if cls.signum:  # a second signal: the process may be stuck in a collective; die now
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            cls.signum = signum
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    @classmethod
+    def uninstall(cls) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def train(cfg: Config, resume: str | None = None) -> int:
@@ -225,6 +252,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
     if cfg.checkpoint.snapshot_interval:
         save(snaps, engine, state, monitor, escalation)
     t_start, eval_loss, last = time.time(), None, {}
+    StopRequest.install()  # only around the loop: before it, SIGTERM must simply kill a stuck start-up
 
     while state.step < t.steps:
         t0 = time.perf_counter()
@@ -236,7 +264,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
         set_hparams(engine, lr_at(state.step, cfg.optim, t.steps) * state.lr_scale, state.eps, state.beta2)
         local = train_step(engine, batches, norm, faults)
         dist.all_reduce(local)  # the one collective of the step: every rank sees the same numbers
-        loss_sum, nonfinite, grad_norm = local.tolist()  # the one host sync of the step
+        loss_sum, nonfinite, grad_norm, stop = local.tolist()  # the one host sync of the step
         loss = loss_sum / global_tokens
         applied = engine.was_step_applied()
         state.step += 1
@@ -283,11 +311,18 @@ def train(cfg: Config, resume: str | None = None) -> int:
             last["checkpoint_seconds"] = round(time.perf_counter() - t_save, 4)
         if state.step % t.log_interval == 0 or state.step == t.steps or extra_keys & last.keys():
             rec.step(last)
+        if stop:
+            path = save(durable, engine, state, monitor, escalation)
+            rec.close()
+            log.warning("stop requested by a signal: saved %s at step %d; exiting with %d so a requeue or a "
+                        "restart continues with --resume auto", path, state.step, EXIT_PREEMPTED)
+            return EXIT_PREEMPTED
 
     t_save = time.perf_counter()
     final = save(durable, engine, state, monitor, escalation)
     save_seconds = time.perf_counter() - t_save
-    peak_rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])  # KiB on Linux
+    peak_rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0],  # KiB on Linux
+                            device=engine.device)
     dist.all_reduce(peak_rss, op=dist.ReduceOp.MAX)
     if rank == 0:
         shutil.rmtree(snaps.root, ignore_errors=True)
@@ -317,6 +352,22 @@ def save(store: CheckpointStore, engine, state: TrainState, monitor, escalation)
     return store.save(engine, state)
 
 
+def pick_target(stores: list[CheckpointStore], onset: int) -> tuple[int, CheckpointStore] | None:
+    """The newest snapshot or checkpoint strictly before the onset that verifies on every rank."""
+    while True:
+        targets = [(s.latest_before(onset), -i, s) for i, s in enumerate(stores)]
+        targets = [t for t in targets if t[0] is not None]
+        if not targets:
+            return None
+        step, _, store = max(targets, key=lambda t: t[:2])
+        problem = checkpoint.verify(store.root / checkpoint.tag_for(step))
+        if checkpoint.all_ok(problem is None):
+            return step, store
+        log.warning("rollback target %s is not usable (%s); trying an older one",
+                    store.root / checkpoint.tag_for(step), problem or "on another rank")
+        store.saved.remove(step)
+
+
 def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainState, verdict: Verdict,
             signals: dict, monitor, escalation: Escalation, sampler: Sampler, data: PackedData,
             rec: Recorder, faults: FaultInjector) -> str | None:
@@ -325,16 +376,15 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
     budget is spent (state is then the last healthy one; the caller saves and exits): never loops."""
     t0 = time.time()
     onset = verdict.onset_step if verdict.onset_step is not None else state.step
-    targets = [(s.latest_before(onset), i) for i, s in enumerate(stores)]
-    targets = [(step, i) for step, i in targets if step is not None]
+    target = pick_target(stores, onset)
     event = {"step": state.step, "onset_step": onset, "verdict": verdict.kind, "reason": verdict.reason,
              "severity": verdict.severity, "stats": verdict.stats, "loss": signals["loss"],
              "grad_norm": signals["grad_norm"]}
-    if not targets:
-        reason = f"no checkpoint before the onset step {onset} to roll back to"
+    if target is None:
+        reason = f"no intact checkpoint before the onset step {onset} to roll back to"
         rec.event({**event, "event": "give_up", "action": "stop", "reason": reason})
         return reason
-    target_step, which = max(targets, key=lambda x: (x[0], -x[1]))
+    target_step, store = target
     if verdict.kind == SKIP_UPDATE:
         # OLMo-core's rule skips one update and changes nothing else; with snapshots every step this
         # restores the state before it (with sparser snapshots it rewinds further). No budget applies.
@@ -343,7 +393,6 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
     else:
         plan = escalation.decide(state.step, onset, target_step, target_step, state.eps, state.lr_scale,
                                  state.beta2)
-    store = stores[which]
     spike_cursor, spike_step = state.cursor, state.step
     persistent = {k: getattr(state, k) for k in TrainState.PERSISTENT}
     old = checkpoint.load(engine, store.root / checkpoint.tag_for(target_step))  # collective
