@@ -1,0 +1,50 @@
+"""The benchmark harness: its statistics (fast) and one tiny 2-rank run of each contender (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, TINY, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import perf  # noqa: E402
+
+
+def test_step_seconds_drops_warmup_and_last_step():
+    row = {"ends": [0.0, 1.0, 2.0, 4.0, 7.0, 100.0]}  # the last interval holds bigtrain's final eval
+    assert perf.step_seconds(row, 1) == [1.0, 2.0, 3.0]
+
+
+def test_quantile_interpolates():
+    assert perf.quantile([1, 2, 3, 4], 0.5) == 2.5
+    assert perf.quantile([5], 0.25) == 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["bare_deepspeed.py", "perf_worker.py", "hf_trainer.py"])
+def test_contender_writes_a_result_row(tmp_path, data_cache, script):
+    result = tmp_path / "r.jsonl"
+    args = [*TINY, "train.steps=5", "optim.warmup_steps=0", f"data.cache_dir={data_cache}"]
+    if script == "perf_worker.py":
+        args += [f"run_dir={tmp_path / 'run'}", f"checkpoint.snapshot_dir={tmp_path / 'snap'}"]
+    if script == "hf_trainer.py":
+        args += [f"--out-dir={tmp_path / 'hf'}"]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "bench" / script), "--result", str(result), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    row = json.loads(result.read_text().splitlines()[-1])
+    assert len(row["ends"]) == 5 and row["world"] == 2
+    assert row["tokens_per_step"] == 2 * 2 * 32  # micro 2 x 2 ranks x seq 32
+    assert row["peak_rss_mb_max_rank"] > 0
+    if script == "hf_trainer.py":
+        assert row["is_deepspeed_enabled"]
