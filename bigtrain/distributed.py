@@ -37,11 +37,34 @@ def init_distributed() -> tuple[int, int, int]:
     if "RANK" not in env:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if not dist.is_initialized() and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        _init_elastic_round(env)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, verbose=False)
     world = dist.get_world_size()
     local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world)))
     return dist.get_rank(), world, local_world
+
+
+def _init_elastic_round(env) -> None:
+    """Join the process group through torchrun's agent store under a per-round key prefix.
+
+    After torchrun restarts its workers (--max-restarts), the agent's store still holds the dead
+    round's keys, and with torch 2.13 + gloo the new workers read a dead peer's address and fail
+    ("Gloo connectFullMesh failed ... Connection refused"; cf. pytorch#167288). A store counter that
+    every joining worker increments gives all ranks, on all nodes, the same fresh round number.
+    """
+    from datetime import timedelta
+
+    from deepspeed.accelerator import get_accelerator
+
+    world = int(env["WORLD_SIZE"])
+    base = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(minutes=10))
+    joined = base.add("bigtrain/joined", 1)  # atomic: 1..world in round 0, world+1..2*world in round 1, ...
+    store = dist.PrefixStore(f"bigtrain/round{(joined - 1) // world}", base)
+    dist.init_process_group(get_accelerator().communication_backend_name(), store=store,
+                            rank=int(env["RANK"]), world_size=world)
 
 
 def setup_logging(rank: int) -> None:
