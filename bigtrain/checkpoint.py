@@ -72,6 +72,16 @@ class TrainState:
     PERSISTENT = ("skipped", "eps", "lr_scale", "beta2", "escalation", "ds_skipped_steps", "rollbacks",
                   "wasted_steps", "executed_steps", "poisoned", "faults_fired")
 
+    def advance(self, cursor: int, tokens: int, applied: bool) -> None:
+        """One optimizer step done (or skipped by DeepSpeed, which is counted and logged)."""
+        self.step += 1
+        self.executed_steps += 1
+        self.cursor, self.tokens = cursor, self.tokens + tokens
+        if not applied:
+            self.ds_skipped_steps += 1
+            log.warning("step %d: DeepSpeed skipped the update (overflow / non-finite gradients); %d so far",
+                        self.step, self.ds_skipped_steps)
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -260,25 +260,18 @@ def train(cfg: Config, resume: str | None = None) -> int:
         faults.begin_step(state, sampler, layout.global_batch, t.micro_batch * t.grad_accum, engine)
         batches = [micro_batch(data, sampler, s, state.poisoned, vocab) for s in layout.local(stream)]
         global_tokens = label_count(data, sampler, stream)
-        norm = global_tokens / (t.grad_accum * world)
-        set_hparams(engine, lr_at(state.step, cfg.optim, t.steps) * state.lr_scale, state.eps, state.beta2)
-        local = train_step(engine, batches, norm, faults)
+        lr = lr_at(state.step, cfg.optim, t.steps) * state.lr_scale
+        set_hparams(engine, lr, state.eps, state.beta2)
+        local = train_step(engine, batches, global_tokens / (t.grad_accum * world), faults)
         dist.all_reduce(local)  # the one collective of the step: every rank sees the same numbers
         loss_sum, nonfinite, grad_norm, stop = local.tolist()  # the one host sync of the step
-        loss = loss_sum / global_tokens
         applied = engine.was_step_applied()
-        state.step += 1
-        state.executed_steps += 1
-        state.cursor, state.tokens = cursor, state.tokens + layout.global_batch * cfg.data.seq_len
-        state.ds_skipped_steps += not applied
-        verdict = monitor.observe(state.step, loss, grad_norm, nonfinite=nonfinite > 0, ds_skipped=not applied)
-        dt = time.perf_counter() - t0
-        last = {"step": state.step, "loss": loss, "lr": lr_at(state.step - 1, cfg.optim, t.steps) * state.lr_scale,
-                "grad_norm": grad_norm, "tokens_per_sec": layout.global_batch * cfg.data.seq_len / dt, "samples": state.cursor,
-                "tokens": state.tokens, "eps": state.eps, "step_applied": applied, "verdict": verdict.kind}
-        if not applied:
-            log.warning("step %d: DeepSpeed skipped the update (overflow / non-finite gradients); %d so far",
-                        state.step, state.ds_skipped_steps)
+        state.advance(cursor, layout.global_batch * cfg.data.seq_len, applied)
+        verdict = monitor.observe(state.step, loss_sum / global_tokens, grad_norm, nonfinite > 0, not applied)
+        last = {"step": state.step, "loss": loss_sum / global_tokens, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_sec": layout.global_batch * cfg.data.seq_len / (time.perf_counter() - t0),
+                "samples": state.cursor, "tokens": state.tokens, "eps": state.eps, "step_applied": applied,
+                "verdict": verdict.kind}
 
         if verdict.recover or verdict.kind == SKIP_UPDATE:
             rec.step(last)
