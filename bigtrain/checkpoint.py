@@ -222,14 +222,17 @@ class CheckpointStore:
         self.root = root
         self.keep = keep
         self.hf_files = hf_files or {}
-        self.saved: list[int] = [int(p.name[5:]) for p in complete_checkpoints(root)]
+        saved = [[int(p.name[5:]) for p in complete_checkpoints(root)]]
+        if dist.is_initialized():  # rank 0's listing for all: the catalogue must be identical everywhere
+            dist.broadcast_object_list(saved, src=0)
+        self.saved: list[int] = saved[0]
 
     def save(self, engine, state: TrainState) -> Path:
         tag = tag_for(state.step)
         path = self.root / tag
         rank = _rank()
-        complete = is_complete(path)
-        _barrier()  # every rank has looked before rank 0 may touch the directory
+        # Collective: one rank seeing a stale complete directory must not send it down another path.
+        complete = all_ok(is_complete(path))  # also: every rank has looked before rank 0 touches it
         if complete:
             # Steps are deterministic and newer checkpoints are dropped on rollback, so a complete
             # checkpoint of this step holds this engine state: refresh only bigtrain's state (skip list,
@@ -249,7 +252,7 @@ class CheckpointStore:
             # Collective: every rank writes its partition.
             engine.save_checkpoint(str(self.root), tag=tag, client_state={"bigtrain_step": state.step},
                                    save_latest=False)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
             # DeepSpeed's save ends with a barrier that the other ranks are waiting in: meet them
             # there (deepspeed 0.19 runtime/engine.py save_checkpoint), then fail together below.
             error = exc
@@ -267,10 +270,11 @@ class CheckpointStore:
         if not all_ok(error is None):
             previous = self.saved[-1] if self.saved else None
             where = f"{self.root / tag_for(previous)} is intact" if previous is not None else "none was saved before"
+            free = shutil.disk_usage(self.root).free / 2**20
             raise CheckpointError(
-                f"saving checkpoint {path} failed ({error or 'on another rank'}); it is incomplete and will "
-                f"never be loaded. The previous complete checkpoint {where}: free space (or fix the "
-                f"directory) and continue with --resume auto") from error
+                f"saving checkpoint {path} failed ({error or 'on another rank'}; {free:.1f} MiB free on that "
+                f"disk); it is incomplete and will never be loaded. The previous complete checkpoint {where}: "
+                "free space (or fix the directory) and continue with --resume auto") from error
         if rank == 0:
             _atomic_write(path / MARKER, _manifest(path, state.step))
         self.saved = sorted(set(self.saved) | {state.step})

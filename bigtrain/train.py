@@ -74,6 +74,10 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: str | None, rank: int) -
     """Resolve --resume, refuse to mix two runs in one directory, write the resolved config."""
     ckpt_root = run_dir / "checkpoints"
     resume_path = checkpoint.resolve_resume(resume, ckpt_root) if resume else None
+    # Rank 0's choice for all: ranks must never resume from different checkpoints.
+    choice = [str(resume_path) if resume_path else None]
+    dist.broadcast_object_list(choice, src=0)
+    resume_path = Path(choice[0]) if choice[0] else None
     if resume is None and (checkpoint.complete_checkpoints(ckpt_root) or (run_dir / "metrics.jsonl").exists()):
         raise ConfigError(f"run_dir {run_dir} already holds a run: continue it with --resume auto, "
                           "or choose another run_dir=...")
@@ -228,6 +232,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
     snaps = CheckpointStore(snapshot_root(cfg, run_dir, world, local_world), cfg.checkpoint.snapshot_keep)
     if rank == 0:
         shutil.rmtree(snaps.root, ignore_errors=True)  # snapshots of an earlier process are not ours
+    dist.barrier()  # no rank may look at the snapshot directory before it is clean
     snaps.saved = []
     stores = [snaps, durable] if cfg.checkpoint.snapshot_interval else [durable]
 

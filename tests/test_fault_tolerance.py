@@ -52,7 +52,7 @@ def workers(proc):
     return [c for c in psutil.Process(proc.pid).children(recursive=True) if "bigtrain" in " ".join(c.cmdline())]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_cache):
     """An uninterrupted run to compare with."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
@@ -61,14 +61,16 @@ def reference(tmp_path_factory, data_cache):
     return run_dir
 
 
-def test_sigterm_on_one_rank_saves_on_all_and_resume_matches(tmp_path, data_cache, reference):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_on_one_rank_saves_on_all_and_resume_matches(tmp_path, data_cache, reference, sig):
     run_dir = tmp_path / "run"
     args = [*TINY, f"data.cache_dir={data_cache}", f"run_dir={run_dir}", "train.steps=40", "checkpoint.interval=5"]
     proc = start(args)
     wait_for_step(run_dir, 12, proc)
-    workers(proc)[-1].send_signal(signal.SIGTERM)  # one rank only, like SLURM's warning to one task
+    workers(proc)[-1].send_signal(sig)  # one rank only, like SLURM's warning to one task
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0, out
+    assert "exitcode  : 143" in out, "every rank exits with the requeue status"
     assert "stop requested by a signal" in out
     stopped = resolve_resume("auto", run_dir / "checkpoints")
     last = read_jsonl(run_dir / "metrics.jsonl")[-1]["step"]
@@ -126,8 +128,19 @@ def test_disk_full_while_saving_is_a_clear_error_and_keeps_the_previous_checkpoi
             "train.steps=40", "checkpoint.snapshot_interval=0"]
     proc = run_bigtrain(args, check=False, timeout=240)
     assert proc.returncode != 0
-    assert "No space left on device" in proc.stderr and "is intact" in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "bigtrain: error: saving checkpoint" in line]
+    assert len(errors) == 2, f"both ranks stop with the same clear error:\n{proc.stderr[-3000:]}"
+    assert "MiB free on that disk" in errors[0] and "is intact" in errors[0] and "--resume auto" in errors[0]
     good = resolve_resume("auto", run_dir / "checkpoints")
     assert good is not None and verify(good) is None
     partial = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
     assert partial != good and not (partial / "COMPLETE").exists()
+
+
+def test_resume_on_another_rank_count_fails_up_front_with_the_command(tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    args = [*TINY, f"data.cache_dir={data_cache}", f"run_dir={run_dir}", "train.steps=4"]
+    run_bigtrain(args)  # 2 ranks
+    one = run_bigtrain([*args, "train.steps=6", "--resume", "auto"], nproc=1, check=False)
+    assert one.returncode == 2
+    assert "saved with 2 rank(s), now 1" in one.stderr and "ds_to_universal" in one.stderr
