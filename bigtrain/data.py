@@ -6,7 +6,9 @@ appended, documents are concatenated in order and cut into blocks of exactly ``s
 document key (path relative to the glob's fixed prefix, plus the row), so adding files or moving
 the data directory never moves an existing document across the split.  The result is cached under
 ``cache_dir`` as ``<fingerprint>.safetensors`` + ``<fingerprint>.json``; a second build with the same
-inputs loads it instead of re-tokenizing.  Which block a step trains on is the Sampler's business.
+inputs loads it instead of re-tokenizing.  The synthetic ``modadd`` source (a + b mod 97, one
+4-token sample per pair, label masks) is built in memory instead.  Which block a step trains on is
+the Sampler's business.
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ EOS_TOKEN = "<|endoftext|>"
 # Bump when the packing or the cache layout changes: old cache entries are then ignored.
 _FORMAT_VERSION = 1
 _LOADERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-_SOURCES = ("stdlib", "files", "hub")
+_SOURCES = ("stdlib", "files", "hub", "modadd")
+# The modadd task (research/spike-anchors.md 6.2): [a, b, "=", c] with c = (a + b) mod 97.
+MODADD_P = 97
+MODADD_EQ = MODADD_P  # token id of "="; ids 0..96 are the numbers themselves
+MODADD_SEQ_LEN = 4
 # Parts of the standard library left out of the embedded default: third-party code, caches and
 # test data (which holds deliberately malformed and oddly encoded files).
 _STDLIB_EXCLUDE = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
@@ -50,7 +56,11 @@ class DataConfig:
     """Document source. "stdlib" (default): the Python standard library's own .py files, found via
     ``sysconfig.get_paths()["stdlib"]``, in sorted path order, a deterministic subset of at most
     ``max_bytes`` bytes; needs no network and no files. "files": the local files in ``files``.
-    "hub": ``datasets.load_dataset(hub_name, split="train")`` (needs the network or a warm HF cache)."""
+    "hub": ``datasets.load_dataset(hub_name, split="train")`` (needs the network or a warm HF cache).
+    "modadd": the built-in synthetic task a + b mod 97 (research/spike-anchors.md 6.2, the low-loss
+    Adam spike recipe; use it with ``model.preset=modadd`` and ``data.seq_len=4``): every sample is
+    the 4 tokens [a, b, 97 ("="), c], loss on c only; ``modadd_train_fraction`` of the 9,409 pairs
+    train, the rest eval. Built in memory from nothing, never cached."""
 
     files: list[str] = field(default_factory=list)
     """Paths or glob patterns (source="files"). .txt/.text: one document per file; .json/.jsonl:
@@ -85,6 +95,12 @@ class DataConfig:
     num_proc: int = 1
     """Worker processes for loading and tokenizing (datasets ``num_proc``). Default: 1."""
 
+    modadd_train_fraction: float = 0.5
+    """Share of the 9,409 (a, b) pairs used for training (source="modadd"); the rest is the eval
+    set. Which pairs is a fixed permutation seeded by ``train.seed``. 0.5 is the recipe's value: half
+    the table is enough to generalise, and the loss then falls low enough for Adam to spike.
+    Default: 0.5."""
+
     def __post_init__(self) -> None:
         if self.source not in _SOURCES:
             raise ValueError(f"data.source must be one of {list(_SOURCES)}, got {self.source!r}")
@@ -98,8 +114,23 @@ class DataConfig:
             )
         if not self.text_column:
             raise ValueError("data.text_column must be a non-empty column name, got ''")
-        if self.seq_len < 8:
-            raise ValueError(f"data.seq_len must be >= 8, got {self.seq_len}")
+        if self.source == "modadd":
+            if self.seq_len != MODADD_SEQ_LEN:
+                raise ValueError(
+                    f"data.seq_len must be {MODADD_SEQ_LEN} for data.source='modadd' (each sample is "
+                    f"[a, b, =, c]), got {self.seq_len}: set data.seq_len={MODADD_SEQ_LEN}"
+                )
+            n_train = round(self.modadd_train_fraction * MODADD_P**2)
+            if not 1 <= n_train < MODADD_P**2:
+                raise ValueError(
+                    f"data.modadd_train_fraction must leave at least one pair in train and in eval, "
+                    f"got {self.modadd_train_fraction}"
+                )
+        elif self.seq_len < 8:
+            raise ValueError(
+                f"data.seq_len must be >= 8, got {self.seq_len} (only data.source=modadd takes "
+                f"seq_len={MODADD_SEQ_LEN})"
+            )
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.max_bytes < 1:
@@ -448,10 +479,12 @@ def build_dataset(
 ) -> PackedData:
     """Load, split, tokenize and pack ``cfg``'s documents, or load the identical cached result.
 
-    ``seed`` does not change the packed data: the split is by document hash and shuffling is the
-    Sampler's, so runs that differ only in seed share one cache entry and one eval set.
+    ``seed`` does not change the packed data of text sources: the split is by document hash and
+    shuffling is the Sampler's, so runs that differ only in seed share one cache entry and one eval
+    set. Only source="modadd" uses it, to draw its train/eval split of the pairs.
     """
-    del seed  # see docstring
+    if cfg.source == "modadd":
+        return _modadd(cfg, tokenizer, seed)
     paths, keys, loader, source_key = _plan(cfg)
     fingerprint = hashlib.sha256(
         json.dumps(
@@ -476,6 +509,47 @@ def build_dataset(
     packed = PackedData(train, eval_, train_docs, eval_docs, doc_names, False, fingerprint)
     _write_cache(cache_dir, packed)
     return packed
+
+
+def _modadd(cfg: DataConfig, tokenizer: transformers.PreTrainedTokenizerBase, seed: int) -> PackedData:
+    """The a + b mod 97 table as 4-token samples [a, b, =, c], labels only on c.
+
+    Token ids are the numbers themselves (0..96) and 97 for "=", so any tokenizer with at least 98
+    ids gives the model a large enough vocabulary (the byte-level default has 257); the text the
+    ids would decode to is irrelevant. The split is a permutation of the 9,409 pairs seeded by
+    ``seed`` (the research script fixed it at 0). Sample id k of train is the k-th pair of that
+    permutation; doc_names name every pair ("modadd:12+40"), train pairs first.
+    """
+    if len(tokenizer) < MODADD_EQ + 1:
+        raise ValueError(
+            f"data.source='modadd' needs token ids 0..{MODADD_EQ}, but the tokenizer has only "
+            f"{len(tokenizer)}: use the built-in tokenizer (model.path=null)"
+        )
+    p = MODADD_P
+    a = torch.arange(p).repeat_interleave(p)  # pair i is (i // p, i % p)
+    b = torch.arange(p).repeat(p)
+    tokens = torch.stack([a, b, torch.full_like(a, MODADD_EQ), (a + b) % p], dim=1)
+    labels = torch.full_like(tokens, -100)
+    labels[:, 3] = tokens[:, 3]  # HF shifts labels: the logits at "=" predict c
+    order = torch.randperm(p * p, generator=torch.Generator().manual_seed(seed))
+    n_train = round(cfg.modadd_train_fraction * p * p)
+    train_ids, eval_ids = order[:n_train], order[n_train:]
+    names = [f"modadd:{int(x)}+{int(y)}" for x, y in zip(a[order], b[order])]
+    index = torch.arange(p * p, dtype=torch.int64)
+    fingerprint = hashlib.sha256(
+        json.dumps(["modadd", _FORMAT_VERSION, p, cfg.modadd_train_fraction, seed]).encode()
+    ).hexdigest()[:32]
+    return PackedData(
+        train=tokens[train_ids].contiguous(),
+        eval=tokens[eval_ids].contiguous(),
+        train_docs=index[:n_train, None].repeat(1, 2),
+        eval_docs=index[n_train:, None].repeat(1, 2),
+        doc_names=names,
+        from_cache=False,
+        fingerprint=fingerprint,
+        train_labels=labels[train_ids].contiguous(),
+        eval_labels=labels[eval_ids].contiguous(),
+    )
 
 
 # ----------------------------------------------------------------------------------------------

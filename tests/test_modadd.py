@@ -1,0 +1,83 @@
+"""The built-in modadd source: a + b mod 97 as 4-token samples with a label only on the answer."""
+
+import pytest
+import torch
+
+from bigtrain.config import ConfigError, load_config
+from bigtrain.data import DataConfig, build_dataset, build_tokenizer
+
+P = 97
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer(None)
+
+
+def test_shapes_tokens_and_labels(tok):
+    d = build_dataset(DataConfig(source="modadd", seq_len=4), tok, seed=0)
+    assert d.train.shape == (4704, 4) and d.eval.shape == (4705, 4)  # round(0.5 * 9409) train
+    for x, y in ((d.train, d.train_labels), (d.eval, d.eval_labels)):
+        assert x.dtype == y.dtype == torch.int64 and y.shape == x.shape
+        assert torch.equal(x[:, 3], (x[:, 0] + x[:, 1]) % P)
+        assert (x[:, 2] == P).all() and int(x.max()) < len(tok)
+        assert (y[:, :3] == -100).all() and torch.equal(y[:, 3], x[:, 3])
+        assert int((y[:, 1:] != -100).sum()) == x.shape[0]  # what the trainer normalises by
+    assert not d.from_cache
+    assert d.train_docs.shape == (4704, 2) and d.eval_docs.shape == (4705, 2)
+    for k in (0, 17, 4703):
+        a, b = d.train[k, :2].tolist()
+        assert d.sources(k) == [f"modadd:{a}+{b}"]
+    a, b = d.eval[5, :2].tolist()
+    assert d.eval_sources(5) == [f"modadd:{a}+{b}"]
+
+
+def test_split_is_disjoint_and_covers_the_table(tok):
+    d = build_dataset(DataConfig(source="modadd", seq_len=4), tok, seed=3)
+    train = {tuple(r) for r in d.train[:, :2].tolist()}
+    eval_ = {tuple(r) for r in d.eval[:, :2].tolist()}
+    assert len(train) == d.train.shape[0] and len(eval_) == d.eval.shape[0]  # no duplicates
+    assert not train & eval_
+    assert train | eval_ == {(a, b) for a in range(P) for b in range(P)}
+    assert len(set(d.doc_names)) == P * P
+
+
+def test_deterministic_per_seed_and_fraction(tok):
+    cfg = DataConfig(source="modadd", seq_len=4)
+    one, again, other = (build_dataset(cfg, tok, seed=s) for s in (1, 1, 2))
+    for name in ("train", "eval", "train_labels", "eval_labels", "train_docs"):
+        assert torch.equal(getattr(one, name), getattr(again, name))
+    assert one.fingerprint == again.fingerprint != other.fingerprint
+    assert not torch.equal(one.train, other.train)
+    small = build_dataset(DataConfig(source="modadd", seq_len=4, modadd_train_fraction=0.3), tok, seed=1)
+    assert small.train.shape[0] == round(0.3 * P * P) and small.fingerprint != one.fingerprint
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(source="modadd", seq_len=8), r"data\.seq_len must be 4 for data\.source='modadd'"),
+        (dict(source="modadd", seq_len=4, modadd_train_fraction=1.0), r"modadd_train_fraction"),
+        (dict(source="modadd", seq_len=4, modadd_train_fraction=0.0), r"modadd_train_fraction"),
+        (dict(source="stdlib", seq_len=4), r"data\.seq_len must be >= 8, got 4 \(only data\.source=modadd"),
+    ],
+)
+def test_bad_config_is_one_line_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DataConfig(**kwargs)
+
+
+def test_config_tree_accepts_modadd_and_rejects_default_seq_len():
+    cfg = load_config(None, ["data.source=modadd", "data.seq_len=4", "model.preset=modadd"])
+    assert cfg.data.source == "modadd" and cfg.data.modadd_train_fraction == 0.5
+    with pytest.raises(ConfigError, match=r"set data\.seq_len=4"):
+        load_config(None, ["data.source=modadd"])
+
+
+def test_small_tokenizer_is_refused():
+    class Tiny:
+        def __len__(self):
+            return 50
+
+    with pytest.raises(ValueError, match=r"needs token ids 0\.\.97"):
+        build_dataset(DataConfig(source="modadd", seq_len=4), Tiny(), seed=0)
