@@ -399,7 +399,12 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
         setattr(state, k, v)
     for k in ("step", "cursor", "tokens", "monitor"):
         setattr(state, k, getattr(old, k))
-    monitor.load_state_dict(old.monitor)
+    if verdict.kind != SKIP_UPDATE:
+        monitor.load_state_dict(old.monitor)  # statistics from before the onset
+    else:
+        # OLMo-core keeps the flagged value in its window (skip_step_optimizer.py): restoring the
+        # window would flag the same step again and again.
+        state.monitor = monitor.state_dict()
     monitor.reset_pending()
     if plan.stop:
         rec.event({**event, "event": "give_up", "action": "stop", "restored_step": target_step,
