@@ -50,6 +50,9 @@ class TrainState:
     """Half-open stream ranges never to be trained on (spike recovery)."""
     eps: float = 1e-8
     lr_scale: float = 1.0
+    """LR multiplier set by the last rollback; see ``spike.lr_cooldown_steps``."""
+    lr_scale_step: int = 0
+    """Step at which ``lr_scale`` was set (the restored step): the cool-down starts there."""
     beta2: float = 0.95
     monitor: dict = field(default_factory=dict)
     escalation: dict = field(default_factory=dict)
@@ -69,7 +72,7 @@ class TrainState:
     config: dict = field(default_factory=dict)
 
     # Fields that survive a rollback: what was learned about the run, not the model's state.
-    PERSISTENT = ("skipped", "eps", "lr_scale", "beta2", "escalation", "ds_skipped_steps", "rollbacks",
+    PERSISTENT = ("skipped", "eps", "lr_scale", "lr_scale_step", "beta2", "escalation", "ds_skipped_steps", "rollbacks",
                   "wasted_steps", "executed_steps", "poisoned", "faults_fired")
 
     def advance(self, cursor: int, tokens: int, applied: bool) -> None:

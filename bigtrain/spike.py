@@ -116,6 +116,11 @@ class SpikeConfig:
     """Never scale the LR below this fraction of the schedule: halving on every rollback drove the
     LR to 2^-20 and stalled training in spike-anchors.md 6.2."""
 
+    lr_cooldown_steps: int = 200
+    """A lowered LR returns linearly to the schedule over this many steps after the rollback (a
+    cool-down, not a permanent cut); 0 keeps it lowered for the rest of the run. A permanent halving
+    cost +5.6% held-out loss on the bad-data scenario of docs/spike_benchmark.md."""
+
     region_steps: int = 200
     """A spike whose onset lies within this many steps of the previous rollback's onset is "the
     same region" and escalates: optimizer-driven spikes came back 100-250 steps after each
@@ -165,6 +170,7 @@ class SpikeConfig:
         need(self.eps_floor > 0, "eps_floor", "> 0 (eps = 0 divides by zero where v = 0)")
         need(0 < self.lr_factor <= 1, "lr_factor", "in (0, 1]")
         need(0 < self.lr_floor_scale <= 1, "lr_floor_scale", "in (0, 1]")
+        need(self.lr_cooldown_steps >= 0, "lr_cooldown_steps", ">= 0")
         need(self.region_steps >= 0, "region_steps", ">= 0")
         need(self.max_rollbacks >= 0, "max_rollbacks", ">= 0")
         need(0 < self.max_wasted_fraction <= 1, "max_wasted_fraction", "in (0, 1]")

@@ -60,6 +60,21 @@ class Layout:
         return [mine[i * self.micro:(i + 1) * self.micro] for i in range(self.accum)]
 
 
+def lr_multiplier(cfg: Config, state: TrainState) -> float:
+    """The rollback LR multiplier now: ``lr_scale`` right after the rollback, back to 1 linearly over
+    ``spike.lr_cooldown_steps`` (0: it stays)."""
+    cooldown = cfg.spike.lr_cooldown_steps
+    if state.lr_scale >= 1.0 or cooldown == 0:
+        return state.lr_scale
+    progress = min(1.0, max(0, state.step - state.lr_scale_step) / cooldown)
+    return state.lr_scale + (1.0 - state.lr_scale) * progress
+
+
+def lr_for(cfg: Config, state: TrainState) -> float:
+    """The LR of the next update: the schedule (a pure function of the step) x the rollback multiplier."""
+    return lr_at(state.step, cfg.optim, cfg.train.steps) * lr_multiplier(cfg, state)
+
+
 def build_data(cfg: Config, tokenizer, local_rank: int) -> PackedData:
     """Local rank 0 tokenizes and fills the cache first; the others then read it (no 2x tokenizing)."""
     if local_rank != 0:
@@ -247,7 +262,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
         log.info("resumed from %s at step %d (samples %d)", resume_path, state.step, state.cursor)
         if rank == 0:
             truncate_metrics(run_dir, state.step)
-    set_hparams(engine, lr_at(state.step, cfg.optim, t.steps) * state.lr_scale, state.eps, state.beta2)
+    set_hparams(engine, lr_for(cfg, state), state.eps, state.beta2)
     check_hparams(engine, state.eps, state.beta2)
 
     rec = Recorder(run_dir, rank == 0, t.steps, state.step)
@@ -265,7 +280,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
         faults.begin_step(state, sampler, layout.global_batch, t.micro_batch * t.grad_accum, engine)
         batches = [micro_batch(data, sampler, s, state.poisoned, vocab) for s in layout.local(stream)]
         global_tokens = label_count(data, sampler, stream)
-        lr = lr_at(state.step, cfg.optim, t.steps) * state.lr_scale
+        lr = lr_for(cfg, state)
         set_hparams(engine, lr, state.eps, state.beta2)
         local = train_step(engine, batches, global_tokens / (t.grad_accum * world), faults)
         dist.all_reduce(local)  # the one collective of the step: every rank sees the same numbers
@@ -387,9 +402,10 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
         # OLMo-core's rule skips one update and changes nothing else; with snapshots every step this
         # restores the state before it (with sparser snapshots it rewinds further). No budget applies.
         plan = RecoveryPlan(stop=False, reason=verdict.reason, level=0, skip_multiplier=1, eps=state.eps,
-                            lr_scale=state.lr_scale, beta2=state.beta2, wasted_steps=state.step - target_step)
+                            lr_scale=lr_multiplier(cfg, state), beta2=state.beta2,
+                            wasted_steps=state.step - target_step)
     else:
-        plan = escalation.decide(state.step, onset, target_step, target_step, state.eps, state.lr_scale,
+        plan = escalation.decide(state.step, onset, target_step, target_step, state.eps, lr_multiplier(cfg, state),
                                  state.beta2)
     spike_cursor, spike_step = state.cursor, state.step
     persistent = {k: getattr(state, k) for k in TrainState.PERSISTENT}
@@ -410,17 +426,18 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
         rec.event({**event, "event": "give_up", "action": "stop", "restored_step": target_step,
                    "reason": plan.reason, "level": plan.level})
         state.escalation = escalation.state_dict()
-        set_hparams(engine, lr_at(state.step, cfg.optim, cfg.train.steps) * state.lr_scale, state.eps, state.beta2)
+        set_hparams(engine, lr_for(cfg, state), state.eps, state.beta2)
         return plan.reason
     global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dist.get_world_size()
     skip_end = (old.cursor + plan.skip_multiplier * (spike_cursor - old.cursor)
                 + (cfg.spike.skip_margin_batches * global_batch if verdict.kind != SKIP_UPDATE else 0))
     state.skipped = [list(r) for r in Sampler.merge_ranges([*map(tuple, state.skipped), (old.cursor, skip_end)])]
-    before = {"eps": state.eps, "lr_scale": state.lr_scale, "beta2": state.beta2}
+    before = {"eps": state.eps, "lr_scale": lr_multiplier(cfg, state), "beta2": state.beta2}
     state.eps, state.lr_scale, state.beta2 = plan.eps, plan.lr_scale, plan.beta2
+    state.lr_scale_step = target_step
     state.rollbacks += 1
     state.wasted_steps += spike_step - target_step
-    set_hparams(engine, lr_at(state.step, cfg.optim, cfg.train.steps) * state.lr_scale, state.eps, state.beta2)
+    set_hparams(engine, lr_for(cfg, state), state.eps, state.beta2)
     check_hparams(engine, state.eps, state.beta2)  # DeepSpeed's load restored the old eps: prove it is set
     for s in stores:
         s.drop_after(target_step)

@@ -115,3 +115,18 @@ def test_cli_reports_config_errors_in_one_line(capsys):
     assert main(["train", "--dry-run", "optim.lr=-1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("bigtrain: error: optim.lr must be > 0") and "\n" not in err
+
+
+def test_rollback_lr_cut_cools_down_back_to_the_schedule():
+    from bigtrain.checkpoint import TrainState
+    from bigtrain.train import lr_multiplier
+
+    cfg = load_config(None, ["spike.lr_cooldown_steps=100"])
+    state = TrainState(step=50, lr_scale=0.5, lr_scale_step=50)
+    assert lr_multiplier(cfg, state) == 0.5
+    state.step = 100
+    assert lr_multiplier(cfg, state) == pytest.approx(0.75)
+    state.step = 400
+    assert lr_multiplier(cfg, state) == 1.0
+    permanent = load_config(None, ["spike.lr_cooldown_steps=0"])
+    assert lr_multiplier(permanent, state) == 0.5
