@@ -618,12 +618,17 @@ def environment() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             versions[pkg] = "not installed"
     try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True,
+        commit = subprocess.run(["git", "log", "-1", "--format=%h"], cwd=REPO, capture_output=True,
                                 text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "bigtrain", "ds_configs"], cwd=REPO).returncode
+        commit += " + uncommitted changes in bigtrain/" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
+    # What the runs execute, so a change in the middle of a benchmark is noticed.
+    code = hashlib.sha256(b"".join(p.read_bytes() for p in sorted([*REPO.glob("bigtrain/*.py"),
+                                                                   *REPO.glob("ds_configs/*.json")])))
     return {"python": platform.python_version(), **versions, "cpu": cpu, "cores": str(os.cpu_count()),
-            "os": platform.platform(), "bigtrain": commit}
+            "os": platform.platform(), "bigtrain": commit, "code_sha256": code.hexdigest()[:12]}
 
 
 def write_report(results: list[dict], meta: dict, scs: dict[str, Scenario], out: Path) -> Path:
@@ -644,6 +649,7 @@ def write_report(results: list[dict], meta: dict, scs: dict[str, Scenario], out:
         f"transformers {env['transformers']}; bigtrain {env.get('bigtrain', 'unknown')}; {env['cpu']}, "
         f"{env['cores']} cores; {env['os']}. "
         "Every run is `torchrun --nproc_per_node 2 -m bigtrain train ...` (gloo, CPU), one at a time.",
+        *([f"\n**Warning:** {meta['warning']}."] if meta.get("warning") else []),
         *[f"\nRuns replaced later by `{m['command']}` on {m['date']} (bigtrain "
           f"{m['environment'].get('bigtrain', 'unknown')}, {m['total_minutes']:.1f} min)." for m in meta.get("merged", [])],
         "",
@@ -753,6 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     work = Path(args.work or f"runs/spike-bench-{stamp}").resolve()
     env = run_env()
+    at_start = environment()  # the code every run used, unless someone commits meanwhile (checked below)
     print("warming up (comm op build, data cache) ...", flush=True)
     warm_up(env)
     steps = {sc.key: sc.quick_steps if args.quick else sc.steps for sc in chosen}
@@ -768,8 +775,12 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": shlex.join(["python", "bench/spike_bench.py", *(argv if argv is not None else sys.argv[1:])]),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "quick": args.quick, "seeds": seeds, "steps": steps, "work": str(work),
-            "total_minutes": (time.monotonic() - t0) / 60, "environment": environment(),
+            "total_minutes": (time.monotonic() - t0) / 60, "environment": at_start,
             "jsonl_name": jsonl.name}
+    at_end = environment()
+    if at_end["code_sha256"] != at_start["code_sha256"]:
+        meta["warning"] = (f"bigtrain's code changed during the benchmark ({at_start['bigtrain']} at the start, "
+                           f"{at_end['bigtrain']} at the end): runs may mix code versions")
     shown = {sc.key: sc for sc in chosen}
     if args.merge and jsonl.exists():
         old_meta, *old_results = read_jsonl(jsonl)
