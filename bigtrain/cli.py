@@ -64,9 +64,19 @@ def main(argv: list[str] | None = None) -> int:
             report(args.run_dir, args.out)
             return 0
     except (ConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"bigtrain: error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
     except CheckpointError as exc:
-        print(f"bigtrain: error: {exc}", file=sys.stderr)
+        _error(exc)
         return 4
     return 1
+
+
+def _error(exc: Exception) -> None:
+    """Print the error as one write, so the lines of ranks sharing a terminal or log never interleave."""
+    line = f"bigtrain: error: {exc}\n"
+    sys.stderr.flush()
+    try:
+        os.write(sys.stderr.fileno(), line.encode())
+    except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a descriptor
+        sys.stderr.write(line)
