@@ -215,10 +215,14 @@ def run_one(sc: Scenario, policy: str, seed: int, steps: int, work: Path, env: d
 # stopped and reported as such. Legitimate policies redo a step a handful of times (OLMo's skip-step
 # redoes one step per bad batch; bigtrain's budget allows 10 rollbacks).
 LOOP_LIMIT = 50
+# A run whose processes together hold more than this is stopped before the kernel's OOM killer picks
+# a victim on a shared machine (normal runs here hold ~0.6 GiB per rank).
+MEMORY_LIMIT = 4 << 30
 
 
 def watch(proc: subprocess.Popen, metrics: Path, t0: float, timeout: int) -> str | None:
-    """Wait for the run; stop it on a recovery loop or a timeout. Returns why it was stopped, or None."""
+    """Wait for the run; stop it on a recovery loop, too much memory or a timeout. Returns why it was
+    stopped, or None."""
     counts: dict[int, int] = {}
     offset, why = 0, None
     while proc.poll() is None:
@@ -234,12 +238,32 @@ def watch(proc: subprocess.Popen, metrics: Path, t0: float, timeout: int) -> str
                 counts[step] = counts.get(step, 0) + 1
                 if counts[step] >= LOOP_LIMIT and why is None:
                     why = f"killed by the benchmark: step {step} executed {LOOP_LIMIT} times (recovery loop)"
+        rss = run_rss(proc.pid)
+        if why is None and rss > MEMORY_LIMIT:
+            why = f"killed by the benchmark: memory {rss / 2**30:.1f} GiB > {MEMORY_LIMIT / 2**30:.0f} GiB"
         if why is None and time.monotonic() - t0 > timeout:
             why = f"killed by the benchmark: timeout ({timeout} s)"
         if why is not None:
             stop(proc)
             break
     return why
+
+
+def run_rss(pid: int) -> int:
+    """Resident bytes of torchrun and its workers."""
+    import psutil  # a DeepSpeed dependency
+
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
 
 
 def stop(proc: subprocess.Popen) -> None:
