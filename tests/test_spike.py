@@ -82,6 +82,20 @@ def test_grad_blowup_is_spike_at_once():
     assert "grad" in v.reason
 
 
+def test_grad_norm_climbing_during_fast_learning_is_not_a_blow_up():
+    """modadd's phase transition (docs/spike_benchmark.md): the grad norm climbed 0.7 -> 1.6 over 20
+    steps while the loss fell, then read 13.5 (11.5x the median, 8.6x the max) on a falling loss."""
+    mon = SpikeMonitor(SpikeConfig())
+    for t in range(60):
+        assert mon.observe(t, 4.0 * (1 + 0.01 * (t % 3)), 0.8 * (1 + 0.05 * (t % 4))).kind == "ok"
+    for i, t in enumerate(range(60, 80)):
+        mon.observe(t, 4.0 * 0.99 ** i, 0.8 + 0.8 * i / 19)  # grad norm climbs to 1.6 as loss falls
+    v = mon.observe(80, 3.2, 13.5)
+    assert v.kind != "spike", v
+    v = mon.observe(81, 3.1, 1.2 * 160)  # 100x the max is a blow-up whatever the loss does
+    assert v.kind == "spike" and "max" in v.reason
+
+
 def test_loss_blowup_is_spike_at_once():
     mon = warmed_monitor()
     loss, grad = late_curve(101)[100]
