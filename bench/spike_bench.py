@@ -108,14 +108,14 @@ def scenarios(quick: bool) -> list[Scenario]:
                  steps=1000, quick_steps=700, seeds=MODADD_SEEDS, n_seeds=2, kind="natural"),
         Scenario("poison", "2. Bad data: 6 consecutive batches of garbage tokens on both ranks", STDLIB,
                  n_text, n_text, faults=[f"faults.poison_steps=[{','.join(map(str, poison))}]"], data_fault=True,
-                 injected=[(poison[0], poison[-1])], reference="clean_text"),
+                 injected=[(poison[0], poison[-1])], reference="clean_text", n_seeds=2),
         Scenario("sdc", "3. Silent data corruption: output projection x1000 on rank 1", STDLIB, n_text, n_text,
                  faults=[f"faults.corrupt_weights_step={at}", "faults.ranks=[1]"],
-                 injected=[(at, at)], reference="clean_text"),
+                 injected=[(at, at)], reference="clean_text", n_seeds=2),
         Scenario("nan", "4. Non-finite loss at one step (both ranks)", STDLIB, n_text, n_text,
-                 faults=[f"faults.nan_steps=[{at}]"], injected=[(at, at)], reference="clean_text"),
+                 faults=[f"faults.nan_steps=[{at}]"], injected=[(at, at)], reference="clean_text", n_seeds=2),
         Scenario("clean_text", "5a. Clean control: stdlib text, nothing injected", STDLIB, n_text, n_text,
-                 kind="clean"),
+                 kind="clean", n_seeds=2),
         Scenario("clean_modadd", "5b. Clean control: modadd up to the end of its fast fall", MODADD,
                  steps=400, quick_steps=250, seeds=MODADD_SEEDS, n_seeds=2, kind="clean"),
     ]
@@ -746,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help=f"1 seed, shorter runs, policies {', '.join(QUICK_POLICIES)} (about 8 minutes on 2 cores)")
     ap.add_argument("--seeds", type=int, default=None,
-                    help="seeds per (scenario, policy); default: 2 for modadd, 1 elsewhere; --quick: 1")
+                    help="seeds per (scenario, policy); default: 2; --quick: 1")
     ap.add_argument("--seed-ids", type=int, nargs="*", default=None,
                     help="explicit train.seed values for every chosen scenario (e.g. to --merge one more seed)")
     ap.add_argument("--out", default=None, help="report dir; default docs (--quick: runs/spike-bench-quick)")
