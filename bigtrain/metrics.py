@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ class Recorder:
             self._tb.add_scalar("spike/lr_scale", row["lr_scale_after"], row["step"])
         self._bar.write(f"[spike] step {row['step']}: {row['event']} - {row.get('reason', '')}")
 
-    def quarantine(self, rows: list[dict[str, Any]]) -> None:
+    def quarantine(self, rows: Iterable[dict[str, Any]]) -> None:
         if not self.enabled:
             return
         for row in rows:
