@@ -318,13 +318,22 @@ def test_escalation_floors():
     assert no_eps.eps == 1e-8
 
 
-def test_escalation_rollback_budget_stops():
+def test_escalation_rollback_budget_stops_a_run_stuck_in_one_stretch():
     esc = Escalation(SpikeConfig(max_rollbacks=3, max_wasted_fraction=1.0))
-    plans = [esc.decide(1000 * i + 100, 1000 * i + 90, 1000 * i, 10**6, 1e-8, 1.0, 0.9)
+    plans = [esc.decide(5000 + 30 * i, 4990 + 30 * i, 4980 + 30 * i, 10**6, 1e-8, 1.0, 0.9)
              for i in range(6)]
     assert [p.stop for p in plans] == [False, False, False, True, True, True]
     assert "max_rollbacks=3" in plans[3].reason
     assert esc.state_dict()["rollbacks"] == 3
+
+
+def test_escalation_rollback_budget_lets_spikes_spread_over_a_long_run_through():
+    """Spikes every 150 steps (modadd's low-loss regime): never more than 2 within 200 steps."""
+    esc = Escalation(SpikeConfig(max_rollbacks=3, max_wasted_fraction=1.0))
+    plans = [esc.decide(1000 + 150 * i, 995 + 150 * i, 990 + 150 * i, 10**6, 1e-8, 1.0, 0.9)
+             for i in range(20)]
+    assert not any(p.stop for p in plans)
+    assert esc.state_dict()["rollbacks"] == 20
 
 
 def test_escalation_waste_budget_stops_and_same_region_never_loops():
