@@ -66,6 +66,12 @@ class SpikeConfig:
     """An anomalous loss must also exceed the level by this factor: on a very flat curve the MAD
     is tiny and a z-score alone would flag harmless wiggles."""
 
+    min_spike_loss: float = 1e-3
+    """A loss below this is never anomalous, whatever its ratio to the level: the research rule
+    (spike-anchors.md 6.2) is loss > max(1e-3, 10 x the recent minimum). Without it, a memorised
+    task at loss ~1e-6 (modadd, bf16) showed "spikes" to 1e-4 every few steps, and the rollbacks
+    they triggered spent the budget. Language-model losses are far above it."""
+
     min_grad_ratio: float = 3.0
     """Same guard for the grad norm, which is far noisier than the loss (OPT/GLM logs show 2-3x
     grad-norm swings without any loss spike)."""
@@ -174,6 +180,7 @@ class SpikeConfig:
         need(self.loss_blowup_ratio >= self.min_loss_ratio, "loss_blowup_ratio",
              ">= spike.min_loss_ratio")
         need(self.max_ds_skipped_run >= 1, "max_ds_skipped_run", ">= 1")
+        need(self.min_spike_loss >= 0, "min_spike_loss", ">= 0")
         need(self.skip_margin_batches >= 0, "skip_margin_batches", ">= 0")
         need(0 < self.eps_factor <= 1, "eps_factor", "in (0, 1]")
         need(self.eps_floor > 0, "eps_floor", "> 0 (eps = 0 divides by zero where v = 0)")
@@ -295,7 +302,7 @@ class SpikeMonitor:
         z_l, ratio_l = (log_loss - med_l) / mad_l, math.exp(log_loss - med_l)
         stats = {"log_loss_median": med_l, "log_loss_mad": mad_l, "loss_z": z_l,
                  "loss_ratio": ratio_l}
-        loss_anom = z_l > cfg.z_persist and ratio_l > cfg.min_loss_ratio
+        loss_anom = z_l > cfg.z_persist and ratio_l > cfg.min_loss_ratio and loss >= cfg.min_spike_loss
         grad_anom, ratio_g, z_g = False, 0.0, 0.0
         if has_grad and len(self._grad) >= cfg.warmup:
             med_g, mad_g = _median_mad(self._grad, cfg.mad_floor)

@@ -96,6 +96,16 @@ def test_grad_norm_climbing_during_fast_learning_is_not_a_blow_up():
     assert v.kind == "spike" and "max" in v.reason
 
 
+def test_loss_jumps_below_the_absolute_floor_are_not_spikes():
+    """A memorised task at loss ~1e-6 (modadd in bf16): a 100x jump to 1e-4 is noise, a jump to
+    0.05 is a spike (spike-anchors.md 6.2: loss > max(1e-3, 10 x the recent minimum))."""
+    mon = SpikeMonitor(SpikeConfig())
+    for t in range(60):
+        mon.observe(t, 1e-6 * (1 + 0.05 * (t % 3)), 1e-3)
+    assert mon.observe(60, 1e-4, 1e-3).kind == "ok"
+    assert mon.observe(61, 5e-2, 1e-3).kind == "spike"
+
+
 def test_loss_blowup_is_spike_at_once():
     mon = warmed_monitor()
     loss, grad = late_curve(101)[100]
