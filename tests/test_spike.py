@@ -96,6 +96,19 @@ def test_grad_norm_climbing_during_fast_learning_is_not_a_blow_up():
     assert v.kind == "spike" and "max" in v.reason
 
 
+def test_grad_norm_burst_after_it_decayed_is_measured_against_the_runs_max():
+    """modadd memorised: grad norm 1.0 early, 1e-4 late; a burst to 0.02 is not a blow-up."""
+    mon = SpikeMonitor(SpikeConfig())
+    for t in range(40):
+        mon.observe(t, 3.0, 1.0 * (1 + 0.05 * (t % 3)))
+    for t in range(40, 140):
+        mon.observe(t, 0.01 * (1 + 0.02 * (t % 3)), 1e-4 * (1 + 0.05 * (t % 3)))
+    assert mon.observe(140, 0.01, 0.02).kind != "spike"
+    restored = SpikeMonitor(SpikeConfig())
+    restored.load_state_dict(json.loads(json.dumps(mon.state_dict())))
+    assert restored.observe(141, 0.01, 20.0).kind == "spike"  # 20x the run's max survives a checkpoint
+
+
 def test_loss_jumps_below_the_absolute_floor_are_not_spikes():
     """A memorised task at loss ~1e-6 (modadd in bf16): a 100x jump to 1e-4 is noise, a jump to
     0.05 is a spike (spike-anchors.md 6.2: loss > max(1e-3, 10 x the recent minimum))."""
