@@ -50,9 +50,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# DeepSpeed config (resolved for {world} rank(s))")
                 print(json.dumps(resolve_ds_config(cfg, world), indent=2))
                 return 0
+            from bigtrain.distributed import shutdown
             from bigtrain.train import train
 
-            return train(cfg, resume=args.resume)
+            finished = False
+            try:
+                rc = train(cfg, resume=args.resume)
+                finished = True  # every return of train() is a decision all ranks took together
+            finally:
+                shutdown(barrier=finished)
+            return rc
         if args.command == "export":
             from bigtrain.export import export
 

@@ -67,6 +67,19 @@ def _init_elastic_round(env) -> None:
                             rank=int(env["RANK"]), world_size=world)
 
 
+def shutdown(barrier: bool) -> None:
+    """Destroy the process group before the interpreter exits. Left to finalization, gloo's worker
+    threads can outlive the interpreter and abort the process ("terminate called without an active
+    exception", SIGABRT; pytorch/pytorch#190489): seen on one rank at the end of a finished run in CI.
+    ``barrier``: every rank got here on the same path, so wait for the others first (a rank that
+    leaves early must not close connections the others still use)."""
+    if not dist.is_initialized():
+        return
+    if barrier:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def setup_logging(rank: int) -> None:
     """INFO from rank 0, warnings from every rank (OLMo-core's filter): handled once, here."""
     handler = logging.StreamHandler(sys.stderr)
