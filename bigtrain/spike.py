@@ -308,17 +308,22 @@ class SpikeMonitor:
         stats = {"log_loss_median": med_l, "log_loss_mad": mad_l, "loss_z": z_l,
                  "loss_ratio": ratio_l}
         loss_anom = z_l > cfg.z_persist and ratio_l > cfg.min_loss_ratio and loss >= cfg.min_spike_loss
-        grad_anom, ratio_g, z_g = False, 0.0, 0.0
+        grad_anom, grad_blowup, ratio_g, z_g = False, False, 0.0, 0.0
         if has_grad and len(self._grad) >= cfg.warmup:
             med_g, mad_g = _median_mad(self._grad, cfg.mad_floor)
             z_g, ratio_g = (log_grad - med_g) / mad_g, math.exp(log_grad - med_g)
+            ratio_max = math.exp(log_grad - self._grad_max)
             stats |= {"log_grad_median": med_g, "log_grad_mad": mad_g, "grad_z": z_g,
                       "grad_ratio": ratio_g}
             grad_anom = z_g > cfg.z_persist and ratio_g > cfg.min_grad_ratio
-            if loss < cfg.min_spike_loss and grad_anom:
+            # Megatron-LM's rule: against the largest grad norm of the run, not the median or a
+            # recent window (a grad norm that climbs during fast learning is not a blow-up, nor
+            # is a burst to 0.02 once a memorised task's grad norm has decayed to 1e-4).
+            grad_blowup = grad_anom and z_g > cfg.z_threshold and ratio_max >= cfg.grad_blowup_ratio
+            if loss < cfg.min_spike_loss:
                 # Memorised (loss under the floor): tiny grad norms swing wildly relative to their
-                # median; only a blow-up against the run's max counts.
-                grad_anom = z_g > cfg.z_threshold and log_grad - self._grad_max >= math.log(cfg.grad_blowup_ratio)
+                # median; only a blow-up counts.
+                grad_anom = grad_blowup
 
         if not (loss_anom or grad_anom):
             self._pending, self._pending_severity = [], 0.0  # a normal step ends the run
@@ -332,14 +337,9 @@ class SpikeMonitor:
         onset = self._pending[0]
         if loss_anom and z_l > cfg.z_threshold and ratio_l >= cfg.loss_blowup_ratio:
             return self._fire(SPIKE, f"loss blow-up {ratio_l:.2f}x median", onset, ratio_l, stats)
-        if grad_anom and z_g > cfg.z_threshold:
-            # Megatron-LM's rule: against the largest grad norm of the run, not the median or a
-            # recent window (a grad norm that climbs during fast learning is not a blow-up, nor
-            # is a burst to 0.02 once a memorised task's grad norm has decayed to 1e-4).
-            ratio_max = math.exp(log_grad - self._grad_max)
-            if ratio_max >= cfg.grad_blowup_ratio:
-                return self._fire(SPIKE, f"grad-norm blow-up {ratio_max:.2f}x the run's max",
-                                  onset, ratio_g, stats)
+        if grad_blowup:
+            return self._fire(SPIKE, f"grad-norm blow-up {ratio_max:.2f}x the run's max", onset, ratio_g,
+                              stats)
         if len(self._pending) >= cfg.patience:
             return self._fire(SPIKE, f"{len(self._pending)} consecutive anomalous steps",
                               onset, self._pending_severity, stats)

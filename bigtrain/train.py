@@ -67,7 +67,7 @@ def skip_window(sampler: Sampler, cursor: int, skipped: list, rolled_back_steps:
     counted among samples not skipped already. Counting in stream span instead multiplied earlier
     skips at each escalation level: one range grew to 1.65M samples in the benchmark."""
     count = (multiplier * rolled_back_steps + margin_batches) * global_batch
-    return sampler.take(cursor, count, [tuple(r) for r in skipped])
+    return sampler.take(cursor, count, skipped)
 
 
 def lr_multiplier(cfg: Config, state: TrainState) -> float:
