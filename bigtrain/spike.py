@@ -589,10 +589,14 @@ class Attribution:
     outliers: list[int]
     """Positions (into the per-sample lists given) of the offending samples."""
     stats: dict[str, float]
+    rank_aligned: bool = False
+    """The outliers are exactly every sample of some ranks: what a fault of those ranks (silent data
+    corruption) looks like, as well as bad data on them. Their samples are skipped, but their
+    documents are not convicted on this evidence alone."""
 
 
 def attribute(sums: list[float], counts: list[float], reference: tuple[float, float] | None, cfg: SpikeConfig,
-              incident: bool = False) -> Attribution:
+              incident: bool = False, per_rank: int = 0) -> Attribution:
     """Find the samples that caused a spike. Pure and cheap (milliseconds for thousands of samples).
 
     ``sums``/``counts``: each sample's summed token loss and label count over the steps from the
@@ -603,6 +607,8 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
     The spike is explained by data when there are outliers and the median of the remaining samples has
     risen by less than ``cfg.min_loss_ratio``: bad documents raise their own losses, an optimizer
     blow-up raises everyone's. With no remaining sample (all stand out) the cause is OPTIMIZER.
+    ``per_rank``: samples per rank per step (the lists are steps of whole global batches, rank-major),
+    to recognise rank-aligned outliers.
     """
     logs: list[float | None] = []
     for s, c in zip(sums, counts):
@@ -629,7 +635,11 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
     if finite:
         stats |= {"suspect_median_loss": math.exp(statistics.median(finite)), "suspect_max_loss": math.exp(max(finite))}
     cause = CAUSE_INCIDENT if incident else DATA if explained else OPTIMIZER
-    return Attribution(cause, outliers, stats)
+    aligned = False
+    if per_rank > 0 and outliers:
+        slices = {i // per_rank for i in outliers}
+        aligned = flagged == {i for r in slices for i in range(r * per_rank, (r + 1) * per_rank) if i < len(sums)}
+    return Attribution(cause, outliers, stats, aligned)
 
 
 class SampleLosses:

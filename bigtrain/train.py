@@ -71,7 +71,7 @@ def skip_window(sampler: Sampler, cursor: int, skipped: list, rolled_back_steps:
     return sampler.take(cursor, count, skipped, skips)
 
 
-def attribute_spike(monitor, verdict: Verdict, cfg) -> Attribution | None:
+def attribute_spike(monitor, verdict: Verdict, cfg, per_rank: int) -> Attribution | None:
     """Which samples of the spiked steps stand out (bigtrain's monitor only; None for the competitors,
     which skip a window as they always did). Every rank holds the same per-sample losses (they came
     through the step's all-reduce), so every rank reaches the same attribution."""
@@ -79,7 +79,8 @@ def attribute_spike(monitor, verdict: Verdict, cfg) -> Attribution | None:
     if samples is None or verdict.kind == SKIP_UPDATE:
         return None
     _, sums, counts = samples.suspects(verdict.onset_step if verdict.onset_step is not None else 0)
-    return attribute(sums, counts, samples.reference(cfg.mad_floor), cfg, incident=verdict.kind == "incident")
+    return attribute(sums, counts, samples.reference(cfg.mad_floor), cfg, incident=verdict.kind == "incident",
+                     per_rank=per_rank)
 
 
 @dataclass
@@ -105,7 +106,7 @@ def quarantine(state: TrainState, sampler: Sampler, data: PackedData, attributio
     outliers = attribution.outliers if attribution is not None else []
     offending = sorted({ids[i] for i in outliers})
     docs = (implicated_documents(data.train_docs, offending, max_document_blocks)
-            if cause != CAUSE_INCIDENT and offending else [])
+            if cause != CAUSE_INCIDENT and offending and not attribution.rank_aligned else [])
     new: dict[int, dict] = {}
     for i in outliers:
         loss = sums[i] / counts[i] if counts[i] else None
@@ -115,6 +116,7 @@ def quarantine(state: TrainState, sampler: Sampler, data: PackedData, attributio
     event = {"cause": cause, "offending_samples": offending, "offending_documents": docs,
              "offending_document_names": [data.doc_names[d] for d in docs],
              "offending_share": round(len(offending) / max(1, len(ids)), 4), "suspect_samples": len(ids),
+             "rank_aligned": bool(attribution and attribution.rank_aligned),
              "attribution": attribution.stats if attribution is not None else {}}
     existing = set(state.skipped_samples)
     if cause == OPTIMIZER:
@@ -517,7 +519,7 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
         plan = RecoveryPlan(stop=False, reason=verdict.reason, level=0, skip_multiplier=1, eps=state.eps,
                             lr_scale=lr_multiplier(cfg, state), beta2=state.beta2,
                             wasted_steps=state.step - target_step)
-    attribution = attribute_spike(monitor, verdict, cfg.spike)
+    attribution = attribute_spike(monitor, verdict, cfg.spike, cfg.train.micro_batch * cfg.train.grad_accum)
     suspects = monitor.samples.suspects(onset) if attribution is not None else ([], [], [])
     if verdict.kind != SKIP_UPDATE:
         plan = escalation.decide(state.step, onset, target_step, target_step, state.eps, lr_multiplier(cfg, state),

@@ -520,3 +520,15 @@ def test_escalation_by_cause_keeps_hparams_for_data_and_incident():
     plan = esc.decide(105, 105, 96, 96, plan.eps, plan.lr_scale, 0.99, OPTIMIZER)
     assert plan.level == 1 and plan.lr_scale < 1.0
     assert esc.rollbacks == 5  # data rollbacks count against the budget all the same
+
+
+def test_attribution_recognises_rank_aligned_outliers():
+    cfg = SpikeConfig()
+    ref = _reference().reference(cfg.mad_floor)
+    sums = [300.0] * 8 + [300.0] * 8  # two steps, 2 ranks x 4 samples each
+    for i in (4, 5, 6, 7, 12, 13, 14, 15):  # rank 1's samples in both steps
+        sums[i] = 3000.0
+    a = attribute(sums, [100.0] * 16, ref, cfg, per_rank=4)
+    assert a.cause == DATA and a.rank_aligned
+    sums[15] = 300.0  # one of rank 1's samples normal: bad data, not a rank fault
+    assert not attribute(sums, [100.0] * 16, ref, cfg, per_rank=4).rank_aligned
