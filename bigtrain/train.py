@@ -548,7 +548,8 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
     global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dist.get_world_size()
     margin = cfg.spike.skip_margin_batches if verdict.kind != SKIP_UPDATE else 0
     window = (old.cursor, spike_step - target_step, global_batch, plan.skip_multiplier, margin)
-    skip = quarantine(state, sampler, data, attribution, suspects, window, cfg.spike.max_document_blocks)
+    max_blocks = max(1, int(cfg.spike.max_document_share * data.train.shape[0]))
+    skip = quarantine(state, sampler, data, attribution, suspects, window, max_blocks)
     before = {"eps": state.eps, "lr_scale": lr_multiplier(cfg, state), "beta2": state.beta2}
     state.eps, state.lr_scale, state.beta2 = plan.eps, plan.lr_scale, plan.beta2
     state.lr_scale_step = target_step
