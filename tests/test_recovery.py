@@ -175,3 +175,34 @@ def test_crash_during_recovery_leaves_a_resumable_run(tmp_path, data_cache):
     events = read_jsonl(run_dir / "spikes.jsonl")
     assert events and all(e["event"] == "rollback" and e["onset_step"] == 10 for e in events)
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 16
+
+
+@pytest.mark.slow
+def test_quarantined_samples_stay_out_in_every_epoch(tmp_path, data_cache):
+    """Issue 11 item 4: a skip is a sample id, not a stream range, so the next epoch's permutation
+    cannot bring a quarantined sample back. A ~240-block corpus runs 2.5 epochs; every step after the
+    last rollback must draw exactly the samples the sampler gives with the final skip set, none of
+    them skipped, across the epoch boundaries."""
+    import re
+
+    from bigtrain.sampler import Sampler, SkipSet
+
+    run_dir = tmp_path / "run"
+    proc = run_bigtrain([*TINY, "data.max_bytes=8000", f"data.cache_dir={data_cache}", f"run_dir={run_dir}",
+                         "train.steps=100", "train.micro_batch=3", "checkpoint.interval=0",
+                         "checkpoint.snapshot_interval=4", "spike.warmup=8", "faults.poison_steps=[40,41,42,43]",
+                         "faults.poison_fraction=0.3"])
+    n_train = int(re.search(r"(\d+) train / \d+ eval blocks", proc.stdout + proc.stderr).group(1))
+    state = read_state(run_dir / "checkpoints" / "step_00000100")
+    assert state.skipped_samples and state.rollbacks >= 1
+    events = read_jsonl(run_dir / "spikes.jsonl")
+    rows = surviving(read_jsonl(run_dir / "metrics.jsonl"))
+    last_restore = max(e["restored_step"] for e in events)
+    tail = [r for r in rows if r["step"] > last_restore]
+    assert tail[-1]["samples"] > 2 * n_train, "the run must cross into a third epoch"
+    sampler, skips = Sampler(n_train, seed=1234), SkipSet(state.skipped_samples)  # train.seed default
+    cursor = next(r["samples"] for r in rows if r["step"] == last_restore)
+    for r in tail:
+        taken, cursor = sampler.take(cursor, 6, (), skips)
+        assert cursor == r["samples"], r  # the run skipped exactly the quarantined ids
+        assert not set(sampler.sample_ids(taken)) & set(state.skipped_samples)
