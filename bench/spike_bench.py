@@ -833,9 +833,8 @@ def diluted_report(results: list[dict], meta: dict) -> list[str]:
     clean = {r["seed"]: r["final_eval_loss"] for r in results if r["scenario"] == "diluted_clean"
              and r["policy"] == "none" and r["final_eval_loss"] is not None}
     off = {(r["scenario"], r["seed"]): r["final_eval_loss"] for r in results if r["policy"] == "none"}
-    lines = [f"### Diluted bad data ({meta['date']})", "", f"Command: `{meta['command']}`", "",
-             f"bigtrain {meta['environment'].get('bigtrain', '?')}; seeds {list(meta['seeds'])}; "
-             f"{meta['total_minutes']:.1f} min in all. Held-out loss: final eval loss; vs clean / vs off: "
+    lines = [f"### Diluted bad data ({meta['date']})", "", f"Commands: `{meta['command']}`", "",
+             f"Seeds {list(meta['seeds'])}; the last invocation took {meta['total_minutes']:.1f} min. Held-out loss: final eval loss; vs clean / vs off: "
              "ratio to the clean run (policy none) and to the monitor-off run of the same scenario and seed. "
              "Precision/recall over the injected bad documents (doc) and blocks (sample precision: share of "
              "skipped samples that were garbage).", "",
@@ -901,7 +900,18 @@ def run_diluted(args, argv: list[str] | None) -> int:
                                                        for r in results]}) + "\n")
     md = out / "spike_benchmark.md"
     text = md.read_text() if md.exists() else ""
-    section = "\n".join(diluted_report(results, meta))
+    # The table covers the newest result of every (scenario, policy, seed) in the JSONL, so a run
+    # redone later (--only/--policies) joins the runs it is compared with; each row's JSONL line keeps
+    # the commit it ran.
+    latest: dict[tuple, dict] = {}
+    commands = []
+    for line in read_jsonl(out / "spike_benchmark_diluted.jsonl"):
+        commands.append(f"{line['meta']['command']} (bigtrain {line['meta']['environment'].get('bigtrain')})")
+        for r in line["results"]:
+            latest[(r["scenario"], r["policy"], r["seed"])] = r
+    meta = {**meta, "command": " ; ".join(dict.fromkeys(commands)),
+            "seeds": sorted({k[2] for k in latest})}
+    section = "\n".join(diluted_report(list(latest.values()), meta))
     if DILUTED_MARK not in text:
         text = text.rstrip() + f"\n\n{DILUTED_MARK}\n## Diluted bad data: quarantine precision and recall (issue 14)\n"
     md.write_text(text.rstrip() + "\n\n" + section + "\n")

@@ -621,7 +621,8 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
     if reference is not None:
         level, sigma = reference
         bar = max(level + cfg.sample_z * sigma, level + math.log(cfg.sample_min_ratio))
-        stats |= {"ref_level_loss": math.exp(level), "ref_sigma_log": sigma, "outlier_above_loss": math.exp(bar)}
+        stats |= {"ref_level_loss": math.exp(level), "ref_sigma_log": sigma,
+                  "outlier_above_loss": math.exp(min(bar, 700.0))}  # exp overflows past ~709
     outliers = [i for i, x in enumerate(logs)
                 if x is not None and (x == math.inf or (reference is not None and x > bar))]
     flagged = set(outliers)
