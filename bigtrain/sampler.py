@@ -23,6 +23,7 @@ from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 
 __all__ = ["Sampler", "SkipSet", "blocks_of_documents", "implicated_documents"]
@@ -45,17 +46,20 @@ class SkipSet:
     ids cost 0.8 MB), with a vectorised membership test."""
 
     def __init__(self, ids: Iterable[int] = ()) -> None:
-        self.ids = torch.unique(torch.as_tensor(list(ids), dtype=torch.long))  # sorted
+        self.ids = np.unique(np.asarray(list(ids), dtype=np.int64))  # sorted
 
     def __len__(self) -> int:
-        return int(self.ids.numel())
+        return int(self.ids.size)
 
     def contains(self, ids: torch.Tensor) -> torch.Tensor:
-        """Bool mask: which of ``ids`` are in the set (binary search, O(len(ids) log len(self)))."""
-        if self.ids.numel() == 0:
+        """Bool mask: which of ``ids`` are in the set (binary search, O(len(ids) log len(self))).
+        NumPy's searchsorted: torch's took 15 ms for 1,100 queries into 10^5 ids on a busy 2-core
+        box, NumPy's 35 us."""
+        if self.ids.size == 0:
             return torch.zeros(ids.shape, dtype=torch.bool)
-        pos = torch.searchsorted(self.ids, ids).clamp_(max=self.ids.numel() - 1)
-        return self.ids[pos] == ids
+        q = ids.numpy()
+        pos = np.minimum(np.searchsorted(self.ids, q), self.ids.size - 1)
+        return torch.from_numpy(self.ids[pos] == q)
 
 
 class Sampler:
@@ -137,11 +141,21 @@ class Sampler:
             need = count - len(taken)
             candidates, after = self._take_ranges(pos, need, ranges)
             if skip_ids is not None and len(skip_ids):
-                keep = ~skip_ids.contains(torch.tensor(self.sample_ids(candidates), dtype=torch.long))
-                candidates = [i for i, k in zip(candidates, keep.tolist()) if k]
+                index = torch.tensor(candidates, dtype=torch.long)
+                keep = ~skip_ids.contains(self._ids_of(index))
+                candidates = index[keep].tolist()
             taken.extend(candidates)
             pos = after
         return taken, (taken[-1] + 1 if taken else cursor)
+
+    def _ids_of(self, index: torch.Tensor) -> torch.Tensor:
+        """Sample ids of a tensor of stream indices, vectorised (one gather per epoch touched)."""
+        epoch, offset = index // self.num_samples, index % self.num_samples
+        out = torch.empty_like(index)
+        for e in torch.unique(epoch).tolist():
+            mask = epoch == e
+            out[mask] = self._perm(int(e))[offset[mask]]
+        return out
 
     @staticmethod
     def _take_ranges(cursor: int, count: int, ranges: list[tuple[int, int]]) -> tuple[list[int], int]:
