@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -110,6 +111,7 @@ def quarantine(state: TrainState, sampler: Sampler, data: PackedData, attributio
     new: dict[int, dict] = {}
     for i in outliers:
         loss = sums[i] / counts[i] if counts[i] else None
+        loss = loss if loss is None or math.isfinite(loss) else str(loss)  # JSON has no NaN/inf
         new.setdefault(ids[i], {"sample_id": ids[i], "why": "outlier", "loss": loss})
     for sid in blocks_of_documents(data.train_docs, docs):
         new.setdefault(sid, {"sample_id": sid, "why": "document"})
