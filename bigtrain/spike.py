@@ -181,6 +181,18 @@ class SpikeConfig:
     sample_min_ratio: float = 1.25
     """An outlier sample's loss must also be at least this multiple of the recent median sample's."""
 
+    sample_alpha: float = 0.05
+    """Family-wise false-alarm rate of the outlier test: with n samples tested, the z bar is
+    ``max(sample_z, Phi^-1(1 - sample_alpha / n))`` (Bonferroni), so a global batch of 1,024 needs
+    z ~3.9 where one of 16 needs ``sample_z``. A fixed bar flags ~n x 0.13% clean samples of a normal
+    spread (more of a heavy-tailed one) in every spike: at a global batch of 1,024 some always stood out."""
+
+    max_convicted_blocks: int = 65_536
+    """Absolute cap on the blocks one rollback skips as whole documents (each document is also held to
+    ``max_document_share``); documents past it lose only their flagged blocks. Bounds what one
+    rollback adds to the checkpointed id set (~10 bytes per id in bigtrain_state.json): 2% of a
+    10^9-block corpus would be 2e7 ids."""
+
     max_document_share: float = 0.02
     """A document convicted by an outlier sample is skipped whole (every block, in every epoch) only
     if its blocks are at most this share of the training blocks; a larger one loses only its flagged
@@ -227,6 +239,8 @@ class SpikeConfig:
         need(0 < self.max_document_share <= 1, "max_document_share", "in (0, 1]")
         need(self.sample_z > 0, "sample_z", "> 0")
         need(self.sample_min_ratio >= 1.0, "sample_min_ratio", ">= 1.0")
+        need(0 < self.sample_alpha < 1, "sample_alpha", "in (0, 1)")
+        need(self.max_convicted_blocks >= 1, "max_convicted_blocks", ">= 1")
 
 
 @dataclass(frozen=True)
@@ -383,6 +397,15 @@ class SpikeMonitor:
         if has_grad:
             self._grad.append(log_grad)
             self._grad_max = max(self._grad_max, log_grad)
+
+    def loss_band(self) -> float | None:
+        """The highest step loss this monitor calls normal now (the loss rule's bar: z ``z_persist``
+        or ratio ``min_loss_ratio``, whichever is wider); None in warm-up. Anomalous steps never enter
+        the baseline, so after a spike this is still the pre-spike band."""
+        if len(self._loss) < self.cfg.warmup:
+            return None
+        med, mad = _median_mad(self._loss, self.cfg.mad_floor)
+        return math.exp(med + max(self.cfg.z_persist * mad, math.log(self.cfg.min_loss_ratio)))
 
     def _fire(self, kind: str, reason: str, onset: int, severity: float,
               stats: dict[str, float]) -> Verdict:
@@ -599,32 +622,50 @@ class Attribution:
 
 
 def attribute(sums: list[float], counts: list[float], reference: tuple[float, float] | None, cfg: SpikeConfig,
-              incident: bool = False, per_rank: int = 0) -> Attribution:
+              incident: bool = False, per_rank: int = 0, band: float | None = None) -> Attribution:
     """Find the samples that caused a spike. Pure and cheap (milliseconds for thousands of samples).
 
     ``sums``/``counts``: each sample's summed token loss and label count over the steps from the
     spike's onset to the spike; ``reference``: (level, sigma) of the log per-sample loss of recent
-    accepted samples (:meth:`SampleLosses.reference`), None while there are too few to judge.
+    accepted samples (:meth:`SampleLosses.reference`), None while there are too few to judge;
+    ``band``: the highest step loss the monitor calls normal (:meth:`SpikeMonitor.loss_band`).
+
     A sample is an outlier when its loss is non-finite, or when its log loss lies more than
-    ``cfg.sample_z`` sigmas above the level *and* it is at least ``cfg.sample_min_ratio`` x the level.
-    The spike is explained by data when there are outliers and the median of the remaining samples has
-    risen by less than ``cfg.min_loss_ratio``: bad documents raise their own losses, an optimizer
-    blow-up raises everyone's. With no remaining sample (all stand out) the cause is OPTIMIZER.
+    ``z_n = max(cfg.sample_z, Phi^-1(1 - cfg.sample_alpha / n))`` sigmas above the level for n samples
+    tested (Bonferroni: the bar grows with the batch, so the clean tail of 1,024 samples does not stand
+    out by chance) *and* it is at least ``cfg.sample_min_ratio`` x the level. The spike is explained by
+    data only when all of these hold:
+    - there are outliers, and the median of the remaining samples rose by less than ``cfg.min_loss_ratio``
+      (bad documents raise their own losses, an optimizer blow-up raises everyone's);
+    - the loss of all the suspects is above ``band`` (the loss spiked: a spike on grad norm alone, with
+      step losses inside the band, is never data), and the loss of the remaining samples is inside it
+      (the outliers explain the spike: a heavy tail of an optimizer spike, whose bulk also rose, does not).
+    With no remaining sample (all stand out) the cause is OPTIMIZER.
+    When most samples are non-finite the model state is broken (corrupted weights), not the data: no
+    sample is an outlier (stats ``nonfinite_share``) and the recovery only rewinds.
     ``per_rank``: samples per rank per step (the lists are steps of whole global batches, rank-major),
-    to recognise rank-aligned outliers.
+    to recognise rank-aligned outliers; only at ``per_rank >= 4``: with one or two samples per rank
+    every outlier is trivially "all of its rank's samples".
     """
     logs: list[float | None] = []
     for s, c in zip(sums, counts):
         x = s / c if c > 0 else None
         logs.append(None if x is None else math.inf if not math.isfinite(x) else math.log(max(x, 1e-30)))
+    tested = [x for x in logs if x is not None]
     stats: dict[str, float] = {"samples": float(len(sums))}
+    bar = math.inf
     if reference is not None:
         level, sigma = reference
-        bar = max(level + cfg.sample_z * sigma, level + math.log(cfg.sample_min_ratio))
-        stats |= {"ref_level_loss": math.exp(level), "ref_sigma_log": sigma,
+        z_n = max(cfg.sample_z, statistics.NormalDist().inv_cdf(1 - cfg.sample_alpha / max(1, len(tested))))
+        bar = max(level + z_n * sigma, level + math.log(cfg.sample_min_ratio))
+        stats |= {"ref_level_loss": math.exp(level), "ref_sigma_log": sigma, "outlier_z": z_n,
                   "outlier_above_loss": math.exp(min(bar, 700.0))}  # exp overflows past ~709
-    outliers = [i for i, x in enumerate(logs)
-                if x is not None and (x == math.inf or (reference is not None and x > bar))]
+    nonfinite = sum(1 for x in tested if x == math.inf)
+    stats["nonfinite_share"] = nonfinite / max(1, len(tested))
+    if nonfinite * 2 > len(tested):
+        outliers = []  # the model, not the data: see the docstring
+    else:
+        outliers = [i for i, x in enumerate(logs) if x is not None and (x == math.inf or x > bar)]
     flagged = set(outliers)
     rest = [x for i, x in enumerate(logs) if x is not None and i not in flagged]
     explained = False
@@ -632,6 +673,17 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
         rise = statistics.median(rest) - level
         stats["rest_median_ratio"] = math.exp(rise)
         explained = rise < math.log(cfg.min_loss_ratio)
+        if band is None:
+            explained = False
+        else:
+            def mean_loss(idx):
+                c = sum(counts[i] for i in idx)
+                return sum(sums[i] for i in idx) / c if c > 0 else math.inf
+            labelled = [i for i, x in enumerate(logs) if x is not None]
+            total = mean_loss(labelled)
+            kept = mean_loss([i for i in labelled if i not in flagged])
+            stats |= {"band_loss": band, "suspects_loss": total, "rest_loss": kept}
+            explained = explained and total > band and kept <= band
     # Every sample standing out cannot be told apart from an optimizer blow-up by losses alone: it
     # stays OPTIMIZER, whose window skips those samples anyway (a whole bad batch is in the window).
     stats["outlier_share"] = len(outliers) / max(1, len(sums))
@@ -640,7 +692,7 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
         stats |= {"suspect_median_loss": math.exp(statistics.median(finite)), "suspect_max_loss": math.exp(max(finite))}
     cause = CAUSE_INCIDENT if incident else DATA if explained else OPTIMIZER
     aligned = False
-    if per_rank > 0 and outliers:
+    if per_rank >= 4 and outliers:
         slices = {i // per_rank for i in outliers}
         aligned = flagged == {i for r in slices for i in range(r * per_rank, (r + 1) * per_rank) if i < len(sums)}
     return Attribution(cause, outliers, stats, aligned)
@@ -751,16 +803,20 @@ class Escalation:
         ``cause`` (see :func:`attribute`) picks the medicine. OPTIMIZER climbs the ladder (eps, then
         LR, then beta2, and a wider skip window on each repeat in the region). DATA and
         CAUSE_INCIDENT rewind and change no hyper-parameter: bad samples are skipped by id, a
-        non-finite step is retried; they count against the budgets like any rollback, and they do
-        not raise the level of a later optimizer spike (recorded at level -1)."""
+        non-finite step is retried; they count against the budgets like any rollback, and they
+        neither raise nor reset the level of a later optimizer spike (recorded at level -1; the
+        level comes from the last optimizer rollback of the region)."""
         cfg = self.cfg
         if not rollback_to_step <= onset_step <= step:
             raise ValueError(f"need rollback_to_step <= onset_step <= step, got "
                              f"{rollback_to_step}, {onset_step}, {step}")
         # Chain on the previous rollback (not the first of the region): spikes that drift a
         # little later after each rollback still escalate, as in spike-anchors.md 6.2.
-        same_region = bool(self.onsets) and abs(onset_step - self.onsets[-1]) <= cfg.region_steps
-        level = self.levels[-1] + 1 if same_region else 0
+        # The ladder counts optimizer rollbacks only: a data or incident rollback in between (level
+        # -1) neither resets nor raises it.
+        opt = [(o, lv) for o, lv in zip(self.onsets, self.levels) if lv >= 0]
+        same_region = bool(opt) and abs(onset_step - opt[-1][0]) <= cfg.region_steps
+        level = opt[-1][1] + 1 if same_region else 0
         if cause != OPTIMIZER:
             level = -1
         multiplier = min(2 ** max(level, 0), cfg.max_skip_multiplier)
