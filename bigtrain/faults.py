@@ -6,7 +6,8 @@ data: a run of consecutive ``poison_steps`` poisons samples those steps draw (``
 each rank's share, on the ranks in ``faults.ranks``), recorded as sample-id ranges, and with
 ``poison_documents`` every other block of their source documents too; those blocks stay garbage
 whenever and in whichever epoch they are drawn - unless recovery skips them, as it should. The
-poisoned documents are recorded as the ground truth a benchmark scores the quarantine against. Every
+documents all of whose blocks are garbage are recorded as the ground truth a benchmark scores the
+quarantine against (without ``poison_documents``, only documents lying wholly in chosen blocks). Every
 rank records the same poison, so decisions stay collective.
 """
 
@@ -83,6 +84,11 @@ class FaultInjector:
         bad = chosen
         if self.cfg.poison_documents and self.train_docs is not None:
             bad = blocks_of_documents(self.train_docs, docs)
+        # Ground truth of bad *documents*: those every block of which is garbage. Without
+        # poison_documents only the chosen blocks are garbled, so a document sharing a chosen block but
+        # with other, clean blocks is not bad data (counting it inflated the recall denominator).
+        garbled = set(bad)
+        docs = {d for d in docs if set(blocks_of_documents(self.train_docs, [d])) <= garbled}
         state.poisoned_docs = sorted(set(state.poisoned_docs) | docs)
         state.poisoned = [list(r) for r in Sampler.merge_ranges([*map(tuple, state.poisoned), *((i, i + 1) for i in bad)])]
 

@@ -24,8 +24,20 @@ def test_fraction_of_one_ranks_samples_and_their_documents():
     state, ids = poison(cfg)
     chosen = [ids[4], ids[12]]  # rank 1's first sample in each of the two steps (4 per rank)
     assert {i for a, b in state.poisoned for i in range(a, b)} == set(chosen)
-    assert state.poisoned_docs == sorted({d for b in chosen for d in range(int(DOCS[b, 0]), int(DOCS[b, 1]) + 1)})
-    assert state.faults_fired == ["poison@1", "poison@2"]
+    # ground truth: only documents every block of which is garbage (a document sharing a chosen
+    # block with clean blocks elsewhere is not bad data)
+    touched = {d for b in chosen for d in range(int(DOCS[b, 0]), int(DOCS[b, 1]) + 1)}
+    whole = {d for d in touched if {b for b in range(12) if DOCS[b, 0] <= d <= DOCS[b, 1]} <= set(chosen)}
+    assert state.poisoned_docs == sorted(whole)
+
+
+def test_block_poison_does_not_count_a_documents_clean_blocks_as_bad():
+    # rank 0's share of step 1 is blocks [6, 8, 1, 4]; block 1 holds the tail of document 0 and the
+    # head of document 1, whose other blocks (0 and 2) stay clean: they are not bad documents.
+    state, ids = poison(FaultConfig(poison_steps=[1], poison_fraction=1.0, ranks=[0]))
+    assert ids[:4] == [6, 8, 1, 4]
+    assert {i for a, b in state.poisoned for i in range(a, b)} == {6, 8, 1, 4}
+    assert state.poisoned_docs == [3, 5, 7]  # blocks 4, 6, 8: each a whole document
 
 
 def test_poison_documents_spreads_to_every_block_of_them():
