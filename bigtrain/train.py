@@ -81,7 +81,7 @@ def attribute_spike(monitor, verdict: Verdict, cfg, per_rank: int) -> Attributio
         return None
     _, sums, counts = samples.suspects(verdict.onset_step if verdict.onset_step is not None else 0)
     return attribute(sums, counts, samples.reference(cfg.mad_floor), cfg, incident=verdict.kind == "incident",
-                     per_rank=per_rank)
+                     per_rank=per_rank, band=monitor.loss_band())
 
 
 @dataclass
@@ -94,26 +94,44 @@ class Quarantine:
 
 def quarantine(state: TrainState, sampler: Sampler, data: PackedData, attribution: Attribution | None,
                suspects: tuple[list[int], list[float], list[float]], window: tuple[int, int, int, int, int],
-               max_document_blocks: int = 0) -> Quarantine:
-    """Add to ``state.skipped_samples`` / ``skipped_docs`` what this recovery skips, by cause:
+               max_document_blocks: int = 0, max_convicted_blocks: int = 0) -> Quarantine:
+    """Add to what ``state`` skips what this recovery skips, by cause:
     - data (outliers explain the spike): the outlier samples, plus every block of the documents they
-      convict (:func:`bigtrain.sampler.implicated_documents`), wherever those blocks lie in the stream;
+      convict (:func:`bigtrain.sampler.implicated_documents`), wherever those blocks lie in the stream,
+      by sample id (``state.skipped_samples``: out in every epoch, at any batch or world size);
     - incident: the outlier samples (non-finite ones included), nothing else;
-    - optimizer, or no attribution: the outliers if any, plus the old window (``skip_window``: from the
-      restored cursor, ``window`` = (cursor, rolled-back steps, global batch, multiplier, margin)).
-    Skips are sample ids, so they hold in every epoch and at any batch or world size."""
+    - optimizer, or no attribution: the outliers if any, by id, plus the old window (``skip_window``:
+      from the restored cursor, ``window`` = (cursor, rolled-back steps, global batch, multiplier,
+      margin)) as a half-open *stream range* in ``state.skipped``. The window's samples are not bad
+      data - most are good samples skipped once so the model state moves past the region that blew up
+      (as in the PaLM recipe) - so they are skipped for that one pass only and come back in later
+      epochs; banning them by id would add ~180k ids per rollback at a global batch of 1,024.
+    ``max_convicted_blocks`` > 0: documents are convicted (in order) only while their blocks total at
+    most this; the rest lose only their flagged blocks. So each rollback adds at most
+    (suspect samples + ``max_convicted_blocks``) ids."""
     ids, sums, counts = suspects
     cause = attribution.cause if attribution is not None else OPTIMIZER
     outliers = attribution.outliers if attribution is not None else []
     offending = sorted({ids[i] for i in outliers})
     docs = (implicated_documents(data.train_docs, offending, max_document_blocks)
             if cause != CAUSE_INCIDENT and offending and not attribution.rank_aligned else [])
+    doc_blocks: list[int] = []
+    if docs and max_convicted_blocks > 0:
+        kept = []
+        for d in docs:
+            blocks = blocks_of_documents(data.train_docs, [d])
+            if len(doc_blocks) + len(blocks) <= max_convicted_blocks:
+                kept.append(d)
+                doc_blocks += blocks
+        docs, doc_blocks = kept, sorted(set(doc_blocks))
+    elif docs:
+        doc_blocks = blocks_of_documents(data.train_docs, docs)
     new: dict[int, dict] = {}
     for i in outliers:
         loss = sums[i] / counts[i] if counts[i] else None
         loss = loss if loss is None or math.isfinite(loss) else str(loss)  # JSON has no NaN/inf
         new.setdefault(ids[i], {"sample_id": ids[i], "why": "outlier", "loss": loss})
-    for sid in blocks_of_documents(data.train_docs, docs):
+    for sid in doc_blocks:
         new.setdefault(sid, {"sample_id": sid, "why": "document"})
     event = {"cause": cause, "offending_samples": offending, "offending_documents": docs,
              "offending_document_names": [data.doc_names[d] for d in docs],
@@ -121,16 +139,17 @@ def quarantine(state: TrainState, sampler: Sampler, data: PackedData, attributio
              "rank_aligned": bool(attribution and attribution.rank_aligned),
              "attribution": attribution.stats if attribution is not None else {}}
     existing = set(state.skipped_samples)
-    if cause == OPTIMIZER:
-        cursor, rolled, global_batch, multiplier, margin = window
-        stream, end = skip_window(sampler, cursor, state.skipped, rolled, global_batch, multiplier, margin,
-                                  SkipSet(existing))
-        for i, sid in zip(stream, sampler.sample_ids(stream)):
-            new.setdefault(sid, {"sample_id": sid, "why": "window", "stream_index": i})
-        event["skipped_range"] = [cursor, end]
     rows = [row for sid, row in new.items() if sid not in existing]
     state.skipped_samples = sorted(existing | new.keys())
     state.skipped_docs = sorted(set(state.skipped_docs) | set(docs))
+    if cause == OPTIMIZER:
+        cursor, rolled, global_batch, multiplier, margin = window
+        stream, end = skip_window(sampler, cursor, state.skipped, rolled, global_batch, multiplier, margin,
+                                  SkipSet(state.skipped_samples))
+        rows += [{"sample_id": sid, "why": "window", "stream_index": i}
+                 for i, sid in zip(stream, sampler.sample_ids(stream)) if sid not in new]
+        state.skipped = [list(r) for r in Sampler.merge_ranges([*map(tuple, state.skipped), (cursor, end)])]
+        event["skipped_range"] = [cursor, end]
     event["skipped_samples"] = len(rows)
     return Quarantine(rows, event)
 
@@ -219,17 +238,13 @@ def micro_batch(data: PackedData, sampler: Sampler, stream: list[int], poisoned:
     return x, labels
 
 
-def label_count(data: PackedData, sampler: Sampler, stream: list[int]) -> int:
-    """Tokens that carry a loss in the whole global batch. Every rank computes it from the sample ids
-    it already knows, so normalising by it costs no communication."""
-    if data.train_labels is None:
-        return len(stream) * (data.train.shape[1] - 1)
-    labels = data.train_labels[torch.tensor(sampler.sample_ids(stream), dtype=torch.long)]
-    return int((labels[:, 1:] != -100).sum())
-
-
-def sample_label_counts(data: PackedData, ids: list[int]) -> list[float]:
-    """Tokens that carry a loss in each sample; every rank computes them from the ids (no collective)."""
+def label_counts(data: PackedData, ids: list[int]) -> list[float]:
+    """Tokens that carry a loss in each sample of the global batch (their sum normalises the step's
+    loss; each one turns a sample's loss sum into its mean for the attribution). Every rank computes
+    them from the sample ids it already knows: no communication, one gather of the batch's labels per
+    step (GB x T int64 read from the host tensor: 32 MB at GB 1,024 x 4,096 tokens, the same gather the
+    global token count always cost; counted once for both uses). Without a labels tensor every
+    position but the last carries a loss: nothing is read."""
     if data.train_labels is None:
         return [float(data.train.shape[1] - 1)] * len(ids)
     labels = data.train_labels[torch.tensor(ids, dtype=torch.long)]
@@ -251,6 +266,28 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                                              reduction="none").view(shift.shape)
 
 
+def check_loss_function(model) -> None:
+    """bigtrain computes the loss itself (:func:`token_losses`, to get every sample's loss from the same
+    cross-entropy), so it must be the model's own: refuse a model whose ``loss_function`` is not
+    transformers' ForCausalLMLoss (a custom ``loss_type``, or one set on the model) instead of
+    silently training a different objective."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    fn = getattr(model, "loss_function", ForCausalLMLoss)
+    if fn is not ForCausalLMLoss:
+        raise ConfigError(f"model {type(model).__name__} uses loss_function {getattr(fn, '__name__', fn)!r} "
+                          "(config loss_type or a model override); bigtrain trains causal-LM cross-entropy only "
+                          "(transformers.loss.loss_utils.ForCausalLMLoss): use a model with the default loss")
+
+
+def aux_loss_coef(engine) -> float:
+    """Weight of a mixture-of-experts router's load-balancing loss (``router_aux_loss_coef``, as HF's
+    Mixtral/Qwen-MoE forward adds it to the loss when given labels); 0 for dense models."""
+    model = getattr(engine, "module", engine)
+    return float(getattr(model, "router_aux_loss_coef", None) or
+                 getattr(getattr(model, "config", None), "router_aux_loss_coef", 0.0) or 0.0)
+
+
 def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], norm: float,
                faults: FaultInjector, first_slot: int = 0, global_batch: int = 0) -> torch.Tensor:
     """Forward/backward over the micro-batches and one optimizer step. Returns the *local* tensor
@@ -270,13 +307,18 @@ def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], norm: f
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     per_sample = torch.zeros(global_batch, dtype=torch.float32, device=device)
     slot = first_slot
+    coef = aux_loss_coef(engine)
     for x, labels in batches:
         out = engine(input_ids=x.to(device))
         sums = token_losses(out.logits, labels).sum(1)
-        loss = faults.scale_loss(sums.sum() / norm)
+        ce = faults.scale_loss(sums.sum() / norm)
+        loss = ce
+        aux = getattr(out, "aux_loss", None)  # MoE models with output_router_logits: into the gradient,
+        if aux is not None and coef:  # not into the reported/monitored loss (cross-entropy only)
+            loss = ce + coef * aux.to(ce.device)
         engine.backward(loss)
         engine.step()  # DeepSpeed updates only at the accumulation boundary
-        loss_sum += loss.detach().float() * norm  # stays on the device: no sync per micro-batch
+        loss_sum += ce.detach().float() * norm  # stays on the device: no sync per micro-batch
         if global_batch:
             per_sample[slot:slot + len(x)] = sums.detach()
         slot += len(x)
@@ -343,6 +385,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
     tokenizer = build_tokenizer(cfg.model.path)
     data = build_data(cfg, tokenizer, int(os.environ.get("LOCAL_RANK", 0)))
     model = build_model(cfg.model, tokenizer, cfg.data.seq_len, t.seed)
+    check_loss_function(model)
     engine, ds_config = build_engine(cfg, model, world)
     if rank == 0:
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
@@ -388,7 +431,9 @@ def train(cfg: Config, resume: str | None = None) -> int:
         stream, cursor = sampler.take(state.cursor, layout.global_batch, state.skipped, skips)
         faults.begin_step(state, sampler, layout.global_batch, t.micro_batch * t.grad_accum, engine, skips)
         batches = [micro_batch(data, sampler, s, state.poisoned, vocab) for s in layout.local(stream)]
-        global_tokens = label_count(data, sampler, stream)
+        ids = sampler.sample_ids(stream)
+        counts = label_counts(data, ids)
+        global_tokens = int(sum(counts))
         lr = lr_for(cfg, state)
         set_hparams(engine, lr, state.eps, state.beta2)
         local = train_step(engine, batches, global_tokens / (t.grad_accum * world), faults,
@@ -399,8 +444,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
         state.advance(cursor, layout.global_batch * cfg.data.seq_len, applied)
         verdict = monitor.observe(state.step, loss_sum / global_tokens, grad_norm, nonfinite > 0, not applied)
         if samples is not None:
-            ids = sampler.sample_ids(stream)
-            samples.observe(state.step, ids, sample_sums, sample_label_counts(data, ids), verdict.kind == "ok")
+            samples.observe(state.step, ids, sample_sums, counts, verdict.kind == "ok")
         last = {"step": state.step, "loss": loss_sum / global_tokens, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_sec": layout.global_batch * cfg.data.seq_len / (time.perf_counter() - t0),
                 "samples": state.cursor, "tokens": state.tokens, "eps": state.eps, "step_applied": applied,
@@ -550,8 +594,8 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
     global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dist.get_world_size()
     margin = cfg.spike.skip_margin_batches if verdict.kind != SKIP_UPDATE else 0
     window = (old.cursor, spike_step - target_step, global_batch, plan.skip_multiplier, margin)
-    max_blocks = max(1, int(cfg.spike.max_document_share * data.train.shape[0]))
-    skip = quarantine(state, sampler, data, attribution, suspects, window, max_blocks)
+    max_blocks = max(1, min(int(cfg.spike.max_document_share * data.train.shape[0]), cfg.spike.max_convicted_blocks))
+    skip = quarantine(state, sampler, data, attribution, suspects, window, max_blocks, cfg.spike.max_convicted_blocks)
     before = {"eps": state.eps, "lr_scale": lr_multiplier(cfg, state), "beta2": state.beta2}
     state.eps, state.lr_scale, state.beta2 = plan.eps, plan.lr_scale, plan.beta2
     state.lr_scale_step = target_step
