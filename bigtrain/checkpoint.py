@@ -47,8 +47,9 @@ class TrainState:
     tokens: int = 0
     """Training tokens consumed."""
     skipped: list[list[int]] = field(default_factory=list)
-    """Half-open stream ranges never to be trained on: written by bigtrain <= 0.1 only (they do not hold
-    across epochs); still honoured when such a checkpoint is resumed."""
+    """Half-open stream ranges skipped once: an optimizer rollback's window (good samples passed over to
+    move the model past the region, not bad data, so they come back in later epochs). Checkpoints of
+    bigtrain <= 0.1 hold every skip in this form; they are honoured as they are (not converted to ids)."""
     skipped_samples: list[int] = field(default_factory=list)
     """Sample ids never to be trained on, in any epoch (spike recovery; see bigtrain.sampler.SkipSet)."""
     skipped_docs: list[int] = field(default_factory=list)
