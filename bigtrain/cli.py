@@ -50,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# DeepSpeed config (resolved for {world} rank(s))")
                 print(json.dumps(resolve_ds_config(cfg, world), indent=2))
                 return 0
+            from bigtrain.preflight import preflight
+
+            # Before importing DeepSpeed/transformers/datasets: config-only errors in seconds.
+            preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")), args.resume)
             from bigtrain.distributed import shutdown
             from bigtrain.train import train
 

@@ -26,8 +26,10 @@ from bigtrain.checkpoint import CheckpointStore, TrainState
 from bigtrain.config import Config, ConfigError
 from bigtrain.data import PackedData, build_dataset, build_tokenizer
 from bigtrain.distributed import init_distributed, setup_logging
-from bigtrain.engine import build_engine, check_hparams, lr_at, set_hparams, zero_stage
+from bigtrain.engine import (build_engine, check_hparams, keep_loss_scale, loss_scale, lr_at, optimizer_hparams,
+                             resolve_ds_config, set_hparams, zero_stage)
 from bigtrain.faults import FaultInjector
+from bigtrain.preflight import check_resume, preflight
 from bigtrain.metrics import Recorder
 from bigtrain.model import build_model
 from bigtrain.sampler import Sampler
@@ -80,6 +82,16 @@ def lr_multiplier(cfg: Config, state: TrainState) -> float:
     return state.lr_scale + (1.0 - state.lr_scale) * progress
 
 
+def apply_hparams(cfg: Config, engine, lr: float, state: TrainState) -> None:
+    """Every optimizer hyper-parameter: lr/eps/beta2 from the run's state (recovery changes them),
+    beta1 and weight decay from the config (a resume with a new value applies it)."""
+    set_hparams(engine, lr, state.eps, state.beta2, beta1=cfg.optim.beta1, weight_decay=cfg.optim.weight_decay)
+
+
+def assert_hparams(cfg: Config, engine, state: TrainState) -> None:
+    check_hparams(engine, state.eps, state.beta2, beta1=cfg.optim.beta1, weight_decay=cfg.optim.weight_decay)
+
+
 def lr_for(cfg: Config, state: TrainState) -> float:
     """The LR of the next update: the schedule (a pure function of the step) x the rollback multiplier."""
     return lr_at(state.step, cfg.optim, cfg.train.steps) * lr_multiplier(cfg, state)
@@ -96,8 +108,12 @@ def build_data(cfg: Config, tokenizer, local_rank: int) -> PackedData:
 
 
 def prepare_run_dir(cfg: Config, run_dir: Path, resume: str | None, rank: int) -> Path | None:
-    """Resolve --resume, refuse to mix two runs in one directory, write the resolved config."""
+    """Resolve --resume, refuse to mix two runs in one directory, write the resolved config. On
+    resume, checkpoints newer than the resumed one (an abandoned timeline) are moved aside."""
     ckpt_root = run_dir / "checkpoints"
+    if rank == 0:  # rank 0 moves, the others wait: nobody lists a directory while it changes
+        checkpoint.finish_swaps(ckpt_root)
+    dist.barrier()
     resume_path = checkpoint.resolve_resume(resume, ckpt_root) if resume else None
     # Rank 0's choice for all: ranks must never resume from different checkpoints.
     choice = [str(resume_path) if resume_path else None]
@@ -108,22 +124,49 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: str | None, rank: int) -
                           "or choose another run_dir=...")
     if resume_path is not None:
         saved = checkpoint.read_state(resume_path)
-        if saved.fingerprint != cfg.fingerprint():
-            raise ConfigError(f"--resume {resume_path}: it belongs to another model/data/seed (fingerprint "
-                              f"{saved.fingerprint} != {cfg.fingerprint()}): resume with the config it was "
-                              "trained with (RUN_DIR/config.yaml)")
+        check_resume(cfg, saved, dist.get_world_size(), zero_stage(resolve_ds_config(cfg, dist.get_world_size())),
+                     resume_path)
+        if rank == 0:
+            checkpoint.set_aside_newer(ckpt_root, saved.step)
+        dist.barrier()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return resume_path
 
 
-def truncate_metrics(run_dir: Path, step: int) -> None:
-    """On resume, drop metrics rows the killed run wrote after its checkpoint: the run redoes them."""
-    path = run_dir / "metrics.jsonl"
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(r + "\n" for r in rows))
+def _truncate_jsonl(path: Path, keep) -> int:
+    """Keep the rows ``keep(row)`` accepts; drop unparseable lines (the torn last line of a killed
+    run or a full disk) with a warning instead of failing: rank 0 alone runs this, and an exception
+    on one rank ends the run for all. Returns the rows dropped."""
+    if not path.exists():
+        return 0
+    rows, torn = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            torn += 1
+            continue
+        if isinstance(row, dict) and keep(row):
+            rows.append(line)
+    if torn:
+        log.warning("%s: dropped %d unreadable line(s) (a torn write of the killed run)", path, torn)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    os.replace(tmp, path)
+    return torn
+
+
+def truncate_metrics(run_dir: Path, state: TrainState) -> None:
+    """On resume (rank 0), drop what the killed run logged after its checkpoint, since the resumed
+    run redoes it: metrics rows and events after the step, quarantine rows of rollbacks the
+    checkpoint does not hold. Otherwise `bigtrain report` counts them twice."""
+    _truncate_jsonl(run_dir / "metrics.jsonl", lambda r: r.get("step", 0) <= state.step)
+    _truncate_jsonl(run_dir / "spikes.jsonl", lambda r: r.get("step", 0) <= state.step)
+    _truncate_jsonl(run_dir / "quarantine.jsonl", lambda r: r.get("rollback", 0) <= state.rollbacks)
 
 
 def hf_writers(engine_model, tokenizer) -> dict:
@@ -238,6 +281,7 @@ class StopRequest:
 def train(cfg: Config, resume: str | None = None) -> int:
     rank, world, local_world = init_distributed()
     setup_logging(rank)
+    preflight(cfg, world, resume)  # config-only checks (bigtrain.cli runs them before heavy imports too)
     run_dir = Path(cfg.run_dir)
     resume_path = prepare_run_dir(cfg, run_dir, resume, rank)
     t, sc = cfg.train, cfg.spike
@@ -264,16 +308,16 @@ def train(cfg: Config, resume: str | None = None) -> int:
     state = TrainState(eps=cfg.optim.eps, beta2=cfg.optim.beta2, fingerprint=cfg.fingerprint(), world_size=world,
                        zero_stage=zero_stage(ds_config), config=cfg.to_dict())
     if resume_path is not None:
-        check_world(checkpoint.read_state(resume_path), world, resume_path)
         state = checkpoint.load(engine, resume_path)
-        state.config = cfg.to_dict()
+        apply_changes(cfg, state, resume_path)
+        state.config, state.world_size, state.zero_stage = cfg.to_dict(), world, zero_stage(ds_config)
         monitor.load_state_dict(state.monitor)
         escalation.load_state_dict(state.escalation)
         log.info("resumed from %s at step %d (samples %d)", resume_path, state.step, state.cursor)
         if rank == 0:
-            truncate_metrics(run_dir, state.step)
-    set_hparams(engine, lr_for(cfg, state), state.eps, state.beta2)
-    check_hparams(engine, state.eps, state.beta2)
+            truncate_metrics(run_dir, state)
+    apply_hparams(cfg, engine, lr_for(cfg, state), state)
+    assert_hparams(cfg, engine, state)
 
     rec = Recorder(run_dir, rank == 0, t.steps, state.step)
     log.info("run_dir %s | %d rank(s) | ZeRO-%d %s | global batch %d x %d tokens | %d train / %d eval blocks",
@@ -281,6 +325,11 @@ def train(cfg: Config, resume: str | None = None) -> int:
              data.train.shape[0], data.eval.shape[0])
     if cfg.checkpoint.snapshot_interval:
         save(snaps, engine, state, monitor, escalation)
+    elif not durable.saved:
+        # The initial state is a rollback target too: without it an incident before the first
+        # checkpoint could only end the run. Without snapshots it goes to the durable store
+        # (one checkpoint's bytes, pruned by checkpoint.keep like any other).
+        save(durable, engine, state, monitor, escalation)
     t_start, eval_loss, last = time.time(), None, {}
     StopRequest.install()  # only around the loop: before it, SIGTERM must simply kill a stuck start-up
 
@@ -291,7 +340,9 @@ def train(cfg: Config, resume: str | None = None) -> int:
         batches = [micro_batch(data, sampler, s, state.poisoned, vocab) for s in layout.local(stream)]
         global_tokens = label_count(data, sampler, stream)
         lr = lr_for(cfg, state)
-        set_hparams(engine, lr, state.eps, state.beta2)
+        apply_hparams(cfg, engine, lr, state)
+        stepped = optimizer_hparams(engine)  # what DeepSpeed steps with, read back (not bigtrain's own state)
+        del stepped["lr"]
         local = train_step(engine, batches, global_tokens / (t.grad_accum * world), faults)
         dist.all_reduce(local)  # the one collective of the step: every rank sees the same numbers
         loss_sum, nonfinite, grad_norm, stop = local.tolist()  # the one host sync of the step
@@ -300,7 +351,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
         verdict = monitor.observe(state.step, loss_sum / global_tokens, grad_norm, nonfinite > 0, not applied)
         last = {"step": state.step, "loss": loss_sum / global_tokens, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_sec": layout.global_batch * cfg.data.seq_len / (time.perf_counter() - t0),
-                "samples": state.cursor, "tokens": state.tokens, "eps": state.eps, "step_applied": applied,
+                "samples": state.cursor, "tokens": state.tokens, **stepped, "step_applied": applied,
                 "verdict": verdict.kind}
 
         if verdict.recover or verdict.kind == SKIP_UPDATE:
@@ -309,9 +360,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
             reason = recover(cfg, engine, stores, state, verdict, last, monitor, escalation, sampler, data, rec,
                              faults)
             if reason is not None:
-                path = save(durable, engine, state, monitor, escalation)
+                give_up(reason, durable, engine, state, monitor, escalation)
                 rec.close()
-                log.error("gave up: %s. The last healthy state is saved at %s; see spikes.jsonl", reason, path)
                 return EXIT_GAVE_UP
             continue
         if verdict.kind == "stop":  # a kill-the-run policy (llm-foundry's rule, for comparison)
@@ -361,12 +411,62 @@ def train(cfg: Config, resume: str | None = None) -> int:
     return 0
 
 
-def check_world(saved: TrainState, world: int, path: Path) -> None:
-    if saved.world_size != world:
-        raise ConfigError(
-            f"--resume {path}: saved with {saved.world_size} rank(s), now {world}. ZeRO partitions are per "
-            f"rank: convert first with `python -m deepspeed.checkpoint.ds_to_universal --input_folder {path} "
-            f"--output_folder {path}_universal`, or relaunch with {saved.world_size} rank(s)")
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def apply_changes(cfg: Config, state: TrainState, path: Path) -> None:
+    """After a resume's load: log every config value that differs from the checkpoint's, and apply
+    the deliberate ones. lr, beta1 and weight decay are set from the config after every load anyway;
+    eps and beta2 are the run's state (recovery lowers them), so a changed config value replaces them
+    here. A new train.steps reshapes the cosine schedule: its effect on the next LR is logged."""
+    before, after = _flat(state.config), _flat(cfg.to_dict())
+    changed = {k: (before.get(k), v) for k, v in after.items() if k in before and before[k] != v}
+    for key, (old, new) in sorted(changed.items()):
+        log.warning("resume from %s: %s changed %r -> %r (applied)", path, key, old, new)
+    if "optim.eps" in changed:
+        log.warning("resume: optim.eps replaces the run's eps %g (recovery may have lowered it) with %g",
+                    state.eps, cfg.optim.eps)
+        state.eps = cfg.optim.eps
+    if "optim.beta2" in changed:
+        log.warning("resume: optim.beta2 replaces the run's beta2 %g with %g", state.beta2, cfg.optim.beta2)
+        state.beta2 = cfg.optim.beta2
+    if "train.steps" in changed and before.get("optim.lr") is not None:
+        old_steps = changed["train.steps"][0]
+        old_lr = lr_at(state.step, cfg.optim, old_steps)
+        log.warning("resume: train.steps %d -> %d stretches the LR schedule: the LR of step %d is %.4g, was %.4g",
+                    old_steps, cfg.train.steps, state.step + 1, lr_at(state.step, cfg.optim, cfg.train.steps), old_lr)
+
+
+@dataclass
+class GiveUp:
+    """Why recovery stopped. ``restored``: the state was rolled back to a healthy target (safe to
+    save); otherwise it still holds the spiked weights. ``onset``: the first bad step."""
+
+    reason: str
+    restored: bool
+    onset: int
+
+
+def give_up(reason: GiveUp, durable: CheckpointStore, engine, state: TrainState, monitor, escalation) -> None:
+    """Save the state only when it is healthy (rolled back); never save spiked weights as the last
+    healthy state (collective: every rank reaches here with the same ``reason``)."""
+    if reason.restored:
+        path = save(durable, engine, state, monitor, escalation)
+        log.error("gave up: %s. The last healthy state (step %d) is saved at %s; see spikes.jsonl",
+                  reason.reason, state.step, path)
+        return
+    healthy = durable.latest_before(reason.onset)
+    where = (f"{durable.root / checkpoint.tag_for(healthy)} (step {healthy})" if healthy is not None
+             else "none: no checkpoint predates the incident; restart the run")
+    log.error("gave up: %s. No checkpoint was written: the weights at step %d are not healthy. The last healthy "
+              "checkpoint is %s; see spikes.jsonl", reason.reason, state.step, where)
 
 
 def save(store: CheckpointStore, engine, state: TrainState, monitor, escalation) -> Path:
@@ -393,7 +493,7 @@ def pick_target(stores: list[CheckpointStore], onset: int) -> tuple[int, Checkpo
 
 def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainState, verdict: Verdict,
             signals: dict, monitor, escalation: Escalation, sampler: Sampler, data: PackedData,
-            rec: Recorder, faults: FaultInjector) -> str | None:
+            rec: Recorder, faults: FaultInjector) -> GiveUp | None:
     """Roll back to the newest checkpoint before the spike's onset, skip the data from there to the
     spike, lower eps (and LR when escalating). Mutates ``state`` in place. Returns the reason when the
     budget is spent (state is then the last healthy one; the caller saves and exits): never loops."""
@@ -406,7 +506,7 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
     if target is None:
         reason = f"no intact checkpoint before the onset step {onset} to roll back to"
         rec.event({**event, "event": "give_up", "action": "stop", "reason": reason})
-        return reason
+        return GiveUp(reason, restored=False, onset=onset)
     target_step, store = target
     if verdict.kind == SKIP_UPDATE:
         # OLMo-core's rule skips one update and changes nothing else; with snapshots every step this
@@ -415,11 +515,16 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
                             lr_scale=lr_multiplier(cfg, state), beta2=state.beta2,
                             wasted_steps=state.step - target_step)
     else:
-        plan = escalation.decide(state.step, onset, target_step, target_step, state.eps, lr_multiplier(cfg, state),
+        # Budgets count steps run: progress kept so far (every executed step not already discarded);
+        # the restored step would call the first interval's incident "7 of 7 steps discarded".
+        kept = state.executed_steps - state.wasted_steps - (state.step - target_step)
+        plan = escalation.decide(state.step, onset, target_step, kept, state.eps, lr_multiplier(cfg, state),
                                  state.beta2)
     spike_step = state.step
     persistent = {k: getattr(state, k) for k in TrainState.PERSISTENT}
+    scale = loss_scale(engine)
     old = checkpoint.load(engine, store.root / checkpoint.tag_for(target_step))  # collective
+    keep_loss_scale(engine, scale)
     faults.maybe_crash()
     for k, v in persistent.items():
         setattr(state, k, v)
@@ -436,8 +541,8 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
         rec.event({**event, "event": "give_up", "action": "stop", "restored_step": target_step,
                    "reason": plan.reason, "level": plan.level})
         state.escalation = escalation.state_dict()
-        set_hparams(engine, lr_for(cfg, state), state.eps, state.beta2)
-        return plan.reason
+        apply_hparams(cfg, engine, lr_for(cfg, state), state)
+        return GiveUp(plan.reason, restored=True, onset=onset)
     global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dist.get_world_size()
     margin = cfg.spike.skip_margin_batches if verdict.kind != SKIP_UPDATE else 0
     newly_skipped, skip_end = skip_window(sampler, old.cursor, state.skipped, spike_step - target_step,
@@ -448,8 +553,8 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
     state.lr_scale_step = target_step
     state.rollbacks += 1
     state.wasted_steps += spike_step - target_step
-    set_hparams(engine, lr_for(cfg, state), state.eps, state.beta2)
-    check_hparams(engine, state.eps, state.beta2)  # DeepSpeed's load restored the old eps: prove it is set
+    apply_hparams(cfg, engine, lr_for(cfg, state), state)
+    assert_hparams(cfg, engine, state)  # DeepSpeed's load restored the old eps: prove it is set
     for s in stores:
         s.drop_after(target_step)
     rec.quarantine({"stream_index": i, "sample_id": sampler.sample_id(i), "sources": data.sources(sampler.sample_id(i)),

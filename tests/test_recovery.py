@@ -143,3 +143,54 @@ def test_crash_during_recovery_leaves_a_resumable_run(tmp_path, data_cache):
     events = read_jsonl(run_dir / "spikes.jsonl")
     assert events and all(e["event"] == "rollback" and e["onset_step"] == 10 for e in events)
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 16
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault,snapshots", [("faults.corrupt_weights_step=7", 0), ("faults.nan_steps=[7]", 10)])
+def test_an_early_incident_rolls_back_to_the_initial_state(tmp_path, data_cache, fault, snapshots):
+    """Issue 11.2/11.3: an incident in the first interval rolls back to step 0 like any other (it
+    used to end the run with "7 of 7 steps discarded", or, without snapshots, save the spiked weights
+    as a COMPLETE checkpoint that --resume auto then continued from)."""
+    from bigtrain.checkpoint import complete_checkpoints
+
+    run_dir = tmp_path / "run"
+    proc = run_bigtrain([*TINY, f"data.cache_dir={data_cache}", f"run_dir={run_dir}", "train.steps=10",
+                         "checkpoint.interval=0", f"checkpoint.snapshot_interval={snapshots}", "spike.warmup=4", fault],
+                        check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (event,) = read_jsonl(run_dir / "spikes.jsonl")
+    assert event["event"] == "rollback" and event["onset_step"] == 7 and event["restored_step"] == 0, event
+    path = surviving(read_jsonl(run_dir / "metrics.jsonl"))
+    assert [r["step"] for r in path] == list(range(1, 11))
+    assert all(r["loss"] < 10 for r in path)
+    for ckpt in complete_checkpoints(run_dir / "checkpoints"):
+        assert read_state(ckpt).rollbacks == (ckpt.name != "step_00000000"), ckpt
+
+
+def test_giving_up_without_a_healthy_state_saves_nothing_and_names_the_last_healthy_checkpoint(tmp_path, caplog):
+    """Issue 11.2: with no rollback target the state still holds the spiked weights: never save them."""
+    from bigtrain.checkpoint import CheckpointStore, TrainState, complete_checkpoints
+    from bigtrain.train import GiveUp, give_up
+    from test_checkpoint import FakeEngine
+
+    class Nothing:
+        def state_dict(self):
+            return {}
+
+    store = CheckpointStore(tmp_path, keep=5)
+    store.save(FakeEngine(b"healthy"), TrainState(step=4))
+    spiked = TrainState(step=9)
+    with caplog.at_level("ERROR", logger="bigtrain"):
+        give_up(GiveUp("no intact checkpoint before the onset step 3", restored=False, onset=3), store,
+                FakeEngine(b"spiked"), spiked, Nothing(), Nothing())
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000004"]
+    assert "No checkpoint was written" in caplog.text and "none: no checkpoint predates" in caplog.text
+    caplog.clear()
+    with caplog.at_level("ERROR", logger="bigtrain"):
+        give_up(GiveUp("budget", restored=False, onset=7), store, FakeEngine(b"spiked"), spiked, Nothing(), Nothing())
+    assert "step_00000004 (step 4)" in caplog.text
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000004"]
+    # Rolled back: the state is healthy and is saved.
+    give_up(GiveUp("budget", restored=True, onset=7), store, FakeEngine(b"healthy"), TrainState(step=4), Nothing(),
+            Nothing())
+    assert (tmp_path / "step_00000004" / "mp_rank_00_model_states.pt").read_bytes() == b"healthy"

@@ -67,6 +67,7 @@ def test_export_gives_a_loadable_model_with_the_trained_eval_loss(tmp_path, data
     assert main(["export", str(run_dir / "checkpoints" / "step_00000006"), str(out)]) == 0
     assert list(out.glob("*.safetensors")) and (out / "tokenizer.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.config.use_cache is True, "issue 11.12: the export kept training's use_cache=False"
     tokenizer = AutoTokenizer.from_pretrained(out)
     cfg = load_config(None, [a for a in args if not a.startswith("run_dir")])
     data = build_dataset(cfg.data, tokenizer, cfg.train.seed)
