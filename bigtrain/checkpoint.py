@@ -369,10 +369,74 @@ def load(engine, path: Path) -> TrainState:
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
     if load_path is None:  # DeepSpeed returns (None, ...) on failure instead of raising
         raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
-    rng_file = path / f"rng_rank{rank}.json"
-    if rng_file.is_file():
-        set_rng_state(json.loads(rng_file.read_text()))
+    _set_rng_from(path, rank)
     return TrainState.from_json(json.loads((path / STATE_FILE).read_text()))
+
+
+def _set_rng_from(path: Path, rank: int) -> None:
+    rng_file = path / f"rng_rank{rank}.json"
+    if rng_file.is_file():  # after a change of world size, new ranks keep their seeded state
+        set_rng_state(json.loads(rng_file.read_text()))
+
+
+def to_universal(path: Path, out_root: Path) -> Path:
+    """Rank 0: convert the ZeRO checkpoint at ``path`` with DeepSpeed's ``ds_to_universal`` (per
+    parameter fp32 weights and Adam moments, independent of the number of ranks) into
+    ``out_root/<tag>``; a complete earlier conversion is reused. Reads every partition once and
+    writes ~12 bytes per parameter (7B: ~84 GB) on the shared filesystem."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = out_root / path.name
+    if is_complete(out):
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    out_root.mkdir(parents=True, exist_ok=True)
+    # inject_missing_state: bigtrain's models carry no universal-checkpoint metadata (plain data
+    # parallelism, no tensor-parallel slices), which is what the injected default describes.
+    args = argparse.Namespace(input_folder=str(path), output_folder=str(out), num_extract_workers=4,
+                              num_merge_workers=2, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    ds_to_universal.main(args)
+    _atomic_write(out / MARKER, _manifest(out, read_state(path).step))
+    return out
+
+
+def load_resume(engine, path: Path, world: int, scratch: Path) -> TrainState:
+    """Collective load for a resume. Same number of ranks: ``load``. Another number: rank 0 converts
+    the checkpoint to DeepSpeed's universal format under ``scratch`` (the others wait), every rank
+    loads it with ``load_universal_checkpoint`` (its own slice of every parameter), and the
+    conversion is deleted. The data position and skip lists are sample indices in TrainState, so
+    they carry over exactly whatever the number of ranks."""
+    saved = read_state(path)
+    if saved.world_size == world:
+        return load(engine, path)
+    rank = _rank()
+    log.warning("resume: %s was saved by %d rank(s), this run has %d: converting it to a universal checkpoint "
+                "(deepspeed.checkpoint.ds_to_universal) under %s", path, saved.world_size, world, scratch)
+    universal, error = scratch / path.name, None
+    if rank == 0:
+        try:
+            universal = to_universal(path, scratch)
+        except Exception as exc:  # noqa: BLE001 - reported on every rank below
+            error = exc
+    if not all_ok(error is None):
+        raise RuntimeError(f"converting {path} to a universal checkpoint failed ({error or 'on rank 0'}); "
+                           f"relaunch with {saved.world_size} rank(s) to resume it as it is") from error
+    engine._config.load_universal_checkpoint = True  # read by DeepSpeed only inside load_checkpoint
+    try:
+        load_path, _ = engine.load_checkpoint(str(universal.parent), tag=universal.name,
+                                              load_lr_scheduler_states=False)
+    finally:
+        engine._config.load_universal_checkpoint = False  # later loads (rollbacks) are ordinary ones
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {universal}")
+    _set_rng_from(path, rank)
+    _barrier()  # every rank has read it
+    if rank == 0:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return saved
 
 
 def read_state(path: Path) -> TrainState:

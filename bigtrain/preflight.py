@@ -15,26 +15,22 @@ from bigtrain.config import Config, ConfigError
 from bigtrain.engine import resolve_ds_config, zero_stage
 
 
-def check_world(saved: checkpoint.TrainState, world: int, stage: int, path: Path) -> None:
-    """What a resume cannot change: ZeRO partitions are per rank and per stage."""
+def check_stage(saved: checkpoint.TrainState, stage: int, path: Path) -> None:
+    """What a resume cannot change: the ZeRO stage (another number of ranks is converted through
+    DeepSpeed's universal checkpoint, see checkpoint.load_resume)."""
     if saved.zero_stage and saved.zero_stage != stage:
         raise ConfigError(
             f"--resume {path}: saved with ZeRO-{saved.zero_stage}, now ZeRO-{stage}: the optimizer partitions of "
             f"one stage cannot be loaded by another: relaunch with train.deepspeed=zero{saved.zero_stage} "
             "(or a JSON with that stage)")
-    if saved.world_size != world:
-        raise ConfigError(
-            f"--resume {path}: saved with {saved.world_size} rank(s), now {world}. ZeRO partitions are per "
-            f"rank: convert first with `python -m deepspeed.checkpoint.ds_to_universal --input_folder {path} "
-            f"--output_folder {path}_universal`, or relaunch with {saved.world_size} rank(s)")
 
 
-def check_resume(cfg: Config, saved: checkpoint.TrainState, world: int, stage: int, path: Path) -> None:
+def check_resume(cfg: Config, saved: checkpoint.TrainState, stage: int, path: Path) -> None:
     if saved.fingerprint != cfg.fingerprint():
         raise ConfigError(f"--resume {path}: it belongs to another model/data/seed (fingerprint "
                           f"{saved.fingerprint} != {cfg.fingerprint()}): resume with the config it was "
                           "trained with (RUN_DIR/config.yaml)")
-    check_world(saved, world, stage, path)
+    check_stage(saved, stage, path)
 
 
 def preflight(cfg: Config, world: int, resume: str | None) -> None:
@@ -51,4 +47,4 @@ def preflight(cfg: Config, world: int, resume: str | None) -> None:
     else:
         path = checkpoint.resolve_resume(resume, root)
     if path is not None:
-        check_resume(cfg, checkpoint.read_state(path), world, stage, path)
+        check_resume(cfg, checkpoint.read_state(path), stage, path)

@@ -124,8 +124,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: str | None, rank: int) -
                           "or choose another run_dir=...")
     if resume_path is not None:
         saved = checkpoint.read_state(resume_path)
-        check_resume(cfg, saved, dist.get_world_size(), zero_stage(resolve_ds_config(cfg, dist.get_world_size())),
-                     resume_path)
+        check_resume(cfg, saved, zero_stage(resolve_ds_config(cfg, dist.get_world_size())), resume_path)
         if rank == 0:
             checkpoint.set_aside_newer(ckpt_root, saved.step)
         dist.barrier()
@@ -308,7 +307,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
     state = TrainState(eps=cfg.optim.eps, beta2=cfg.optim.beta2, fingerprint=cfg.fingerprint(), world_size=world,
                        zero_stage=zero_stage(ds_config), config=cfg.to_dict())
     if resume_path is not None:
-        state = checkpoint.load(engine, resume_path)
+        state = checkpoint.load_resume(engine, resume_path, world, run_dir / "checkpoints" / "universal")
         apply_changes(cfg, state, resume_path)
         state.config, state.world_size, state.zero_stage = cfg.to_dict(), world, zero_stage(ds_config)
         monitor.load_state_dict(state.monitor)

@@ -92,3 +92,48 @@ def test_resume_applies_every_changed_hyperparameter_and_logs_it(tmp_path, data_
     assert "stretches the LR schedule" in proc.stderr
     other = run_bigtrain([*common, "train.steps=8", "train.deepspeed=zero3", "--resume", "auto"], nproc=1, check=False)
     assert other.returncode == 2 and "saved with ZeRO-2, now ZeRO-3" in other.stderr
+
+
+def test_truncate_metrics_survives_a_torn_line_and_drops_what_the_checkpoint_does_not_hold(tmp_path):
+    """Issue 11.5: a torn last line made truncate_metrics raise on rank 0 only (exit 2 for the run);
+    events and quarantine rows the killed run wrote after its checkpoint were counted again."""
+    import json
+
+    from bigtrain.checkpoint import TrainState
+    from bigtrain.train import truncate_metrics
+
+    rows = [{"step": s, "loss": 1.0} for s in range(1, 9)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9, "lo')
+    events = [{"event": "rollback", "step": 3, "restored_step": 2}, {"event": "rollback", "step": 7, "restored_step": 6}]
+    (tmp_path / "spikes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    quarantine = [{"stream_index": 4, "rollback": 1}, {"stream_index": 12, "rollback": 2}]
+    (tmp_path / "quarantine.jsonl").write_text("".join(json.dumps(q) + "\n" for q in quarantine) + '{"stream')
+    truncate_metrics(tmp_path, TrainState(step=5, rollbacks=1))
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    assert read_jsonl(tmp_path / "spikes.jsonl") == events[:1]
+    assert read_jsonl(tmp_path / "quarantine.jsonl") == quarantine[:1]
+
+
+@pytest.mark.slow
+def test_resume_on_another_number_of_ranks_goes_through_a_universal_checkpoint(tmp_path, data_cache):
+    """Issue 11.7: 2 ranks -> 1 rank -> 2 ranks (the same global batch: grad_accum makes up for the
+    ranks). The steps equal those of a straight 2-rank run, so weights and Adam moments were carried
+    over, and the data position and the skip list of a rollback are exact."""
+    from bigtrain.checkpoint import read_state
+
+    common = [*TINY, f"data.cache_dir={data_cache}", "train.precision=fp32", "checkpoint.interval=4",
+              "checkpoint.snapshot_interval=2", "spike.warmup=4", "faults.nan_steps=[3]"]
+    straight, hop = tmp_path / "straight", tmp_path / "hop"
+    run_bigtrain([*common, f"run_dir={straight}", "train.steps=12"])
+    run_bigtrain([*common, f"run_dir={hop}", "train.steps=4"])
+    one = run_bigtrain([*common, f"run_dir={hop}", "train.steps=8", "train.grad_accum=2", "--resume", "auto"], nproc=1)
+    assert "converting it to a universal checkpoint" in one.stderr
+    run_bigtrain([*common, f"run_dir={hop}", "train.steps=12", "--resume", "auto"])
+    a, b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(hop / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b]  # the rollback at step 3 included
+    assert [r["samples"] for r in a] == [r["samples"] for r in b]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4), (ra, rb)
+    sa, sb = read_state(straight / "checkpoints" / "step_00000012"), read_state(hop / "checkpoints" / "step_00000012")
+    assert sb.skipped == sa.skipped and sb.skipped and (sb.cursor, sb.world_size) == (sa.cursor, 2)
+    assert not (hop / "checkpoints" / "universal").exists(), "the conversion is removed after the load"
