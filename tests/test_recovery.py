@@ -194,3 +194,26 @@ def test_giving_up_without_a_healthy_state_saves_nothing_and_names_the_last_heal
     give_up(GiveUp("budget", restored=True, onset=7), store, FakeEngine(b"healthy"), TrainState(step=4), Nothing(),
             Nothing())
     assert (tmp_path / "step_00000004" / "mp_rank_00_model_states.pt").read_bytes() == b"healthy"
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_fp16_run_on_a_gpu_recovers_an_early_incident(tmp_path, data_cache):
+    """The real fp16 path (DeepSpeed refuses fp16 on CPU): dynamic loss scaling, a NaN at step 7 rolled
+    back to the initial state, the run finishes with finite losses and the loss scale's skipped steps
+    counted."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    run_dir = tmp_path / "run"
+    run_bigtrain([*TINY, f"data.cache_dir={data_cache}", f"run_dir={run_dir}", "train.steps=16",
+                  "train.precision=fp16", "checkpoint.interval=0", "checkpoint.snapshot_interval=0",
+                  "spike.warmup=4", "faults.nan_steps=[7]"], nproc=1)
+    events = read_jsonl(run_dir / "spikes.jsonl")
+    assert events and events[0]["event"] == "rollback" and events[0]["restored_step"] == 0, events
+    path = surviving(read_jsonl(run_dir / "metrics.jsonl"))
+    assert [r["step"] for r in path] == list(range(1, 17))
+    assert all(r["loss"] == r["loss"] and r["loss"] < 10 for r in path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["ds_skipped_steps"] == sum(not r["step_applied"] for r in read_jsonl(run_dir / "metrics.jsonl"))
