@@ -117,6 +117,9 @@ def main() -> int:
     for name, argv, code, secs, cpu, msg in rows:
         lines.append(f"| {name} | `{argv}` | {code} | {secs:.1f} | {cpu:.1f} | {msg.replace('|', '/')} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.out.exists():  # earlier catalogues stay below, newest first: timings are compared, not replaced
+        earlier = args.out.read_text().split("\n", 1)[1].strip()
+        lines += ["", "## Earlier run", "", earlier.replace("\n## Earlier run", "\n### Earlier run")]
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
     return 0 if all(code != 0 and "no one-line error" not in msg for _, _, code, _, _, msg in rows) else 1
