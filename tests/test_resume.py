@@ -134,7 +134,7 @@ def test_resume_on_another_number_of_ranks_goes_through_a_universal_checkpoint(t
     assert [r["step"] for r in a] == [r["step"] for r in b]  # the rollback at step 3 included
     assert [r["samples"] for r in a] == [r["samples"] for r in b]
     for ra, rb in zip(a, b):
-        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4), (ra, rb)
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, nan_ok=True), (ra, rb)
     sa, sb = read_state(straight / "checkpoints" / "step_00000012"), read_state(hop / "checkpoints" / "step_00000012")
     assert sb.skipped == sa.skipped and sb.skipped and (sb.cursor, sb.world_size) == (sa.cursor, 2)
     assert not (hop / "checkpoints" / "universal").exists(), "the conversion is removed after the load"
