@@ -166,6 +166,13 @@ def label_count(data: PackedData, sampler: Sampler, stream: list[int]) -> int:
     return int((labels[:, 1:] != -100).sum())
 
 
+def train_mode(engine) -> None:
+    """Put the model in train mode. ``from_pretrained`` returns it in eval mode, and HF turns dropout and
+    activation checkpointing off unless ``module.training``: called before the loop, after every load
+    (resume, rollback); ``evaluate`` restores it itself."""
+    engine.train()
+
+
 def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], norm: float,
                faults: FaultInjector) -> torch.Tensor:
     """Forward/backward over the micro-batches and one optimizer step. Returns the *local* tensor
@@ -274,6 +281,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
             truncate_metrics(run_dir, state.step)
     set_hparams(engine, lr_for(cfg, state), state.eps, state.beta2)
     check_hparams(engine, state.eps, state.beta2)
+    train_mode(engine)
 
     rec = Recorder(run_dir, rank == 0, t.steps, state.step)
     log.info("run_dir %s | %d rank(s) | ZeRO-%d %s | global batch %d x %d tokens | %d train / %d eval blocks",
@@ -420,6 +428,7 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
     spike_step = state.step
     persistent = {k: getattr(state, k) for k in TrainState.PERSISTENT}
     old = checkpoint.load(engine, store.root / checkpoint.tag_for(target_step))  # collective
+    train_mode(engine)
     faults.maybe_crash()
     for k, v in persistent.items():
         setattr(state, k, v)
