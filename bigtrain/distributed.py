@@ -38,8 +38,9 @@ def init_distributed() -> tuple[int, int, int]:
     select_device(int(env.get("LOCAL_RANK", "0")))
     if not dist.is_initialized() and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         _init_elastic_round(env)
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, verbose=False)
+    # Also after the elastic join: DeepSpeed's comm layer must know the group before zero.Init (under
+    # ZeRO-3 the model is built before deepspeed.initialize), or it sizes batches for a world of 1.
+    deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, verbose=False)
     world = dist.get_world_size()
     # torchrun: LOCAL_WORLD_SIZE; deepspeed launcher: LOCAL_SIZE; srun: mapped by map_slurm_env.
     local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world)))

@@ -88,10 +88,11 @@ def zero_stage(ds_config: dict[str, Any]) -> int:
     return int(ds_config["zero_optimization"]["stage"])
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, world_size: int):
+def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, ds_config: dict[str, Any] | None = None):
+    """``ds_config``: the resolved config the model was built with (ZeRO-3 builds it partitioned)."""
     import deepspeed
 
-    ds_config = resolve_ds_config(cfg, world_size)
+    ds_config = ds_config if ds_config is not None else resolve_ds_config(cfg, world_size)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     return engine, ds_config
 
