@@ -33,7 +33,9 @@ def ds_config_path(name: str) -> Path:
 
 def use_torch_adam(optim: OptimConfig) -> bool:
     if optim.torch_adam == "auto":
-        return not torch.cuda.is_available()  # FusedAdam needs CUDA; on CPU it is a slow C++ JIT build
+        # torch's AdamW everywhere: DeepSpeed's FusedAdam is a JIT build that needs nvcc on the user's
+        # machine at run time (and a slow C++ build on CPU); on CUDA torch's own fused kernel is used.
+        return True
     return optim.torch_adam == "true"
 
 
@@ -78,6 +80,8 @@ def resolve_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     fill(params, "eps", o.eps, "optim.eps")
     fill(params, "weight_decay", o.weight_decay, "optim.weight_decay")
     fill(params, "torch_adam", use_torch_adam(o), "optim.torch_adam")
+    if params["torch_adam"] and torch.cuda.is_available():
+        params.setdefault("fused", True)  # torch.optim.AdamW(fused=True): prebuilt, no compiler
     if str(opt["type"]).lower() == "adamw":
         params.setdefault("adam_w_mode", True)
     for prec in ("bf16", "fp16"):
@@ -91,10 +95,11 @@ def zero_stage(ds_config: dict[str, Any]) -> int:
     return int(ds_config["zero_optimization"]["stage"])
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, world_size: int):
+def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, ds_config: dict[str, Any] | None = None):
+    """``ds_config``: the resolved config the model was built with (ZeRO-3 builds it partitioned)."""
     import deepspeed
 
-    ds_config = resolve_ds_config(cfg, world_size)
+    ds_config = ds_config if ds_config is not None else resolve_ds_config(cfg, world_size)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     return engine, ds_config
 

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import resource
 import shutil
 import signal
 import time
@@ -22,7 +21,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from bigtrain import checkpoint
+from bigtrain import checkpoint, snapshot
 from bigtrain.checkpoint import CheckpointStore, TrainState
 from bigtrain.config import Config, ConfigError
 from bigtrain.data import PackedData, build_dataset, build_tokenizer
@@ -30,6 +29,7 @@ from bigtrain.distributed import init_distributed, setup_logging
 from bigtrain.engine import (build_engine, check_hparams, keep_loss_scale, loss_scale, lr_at, optimizer_hparams,
                              resolve_ds_config, set_hparams, zero_stage)
 from bigtrain.faults import FaultInjector, poison_rows
+from bigtrain.memory import MemoryReport, format_mb
 from bigtrain.preflight import check_resume, preflight
 from bigtrain.metrics import Recorder
 from bigtrain.model import build_model
@@ -252,6 +252,22 @@ def snapshot_root(cfg: Config, run_dir: Path, world: int, local_world: int) -> P
     return run_dir / "snapshots"
 
 
+def check_snapshot_budget(cfg: Config, root: Path, model, ds_config: dict, world: int, local_world: int) -> None:
+    """Print the snapshot ring's cost; refuse on every rank when any rank's filesystem cannot hold it.
+    Collective (one all-reduce). Node-local /dev/shm holds only its node's optimizer partitions; any
+    other directory is counted as holding them all (it may be shared)."""
+    local_fraction = local_world / world if str(root).startswith("/dev/shm") else 1.0
+    error = None
+    try:
+        snapshot.check_budget(cfg.checkpoint, root, snapshot.count_parameters(model), ds_config, local_fraction)
+    except ConfigError as exc:
+        error = exc
+    if not checkpoint.all_ok(error is None):
+        raise error or ConfigError("the snapshot ring does not fit on another rank's filesystem (see its log): "
+                                   "set checkpoint.snapshot_dir=, checkpoint.snapshot_keep= or "
+                                   "checkpoint.snapshot_interval=0")
+
+
 def micro_batch(data: PackedData, sampler: Sampler, stream: list[int], poisoned: list[list[int]],
                 vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, labels) of the samples at these stream positions."""
@@ -291,6 +307,13 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     flat = logits.float().reshape(-1, logits.shape[-1])
     return torch.nn.functional.cross_entropy(flat, shift.reshape(-1).to(flat.device), ignore_index=-100,
                                              reduction="none").view(shift.shape)
+
+
+def train_mode(engine) -> None:
+    """Put the model in train mode. ``from_pretrained`` returns it in eval mode, and HF turns dropout and
+    activation checkpointing off unless ``module.training``: called before the loop, after every load
+    (resume, rollback); ``evaluate`` restores it itself."""
+    engine.train()
 
 
 def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], norm: float,
@@ -385,8 +408,15 @@ def train(cfg: Config, resume: str | None = None) -> int:
 
     tokenizer = build_tokenizer(cfg.model.path)
     data = build_data(cfg, tokenizer, int(os.environ.get("LOCAL_RANK", 0)))
-    model = build_model(cfg.model, tokenizer, cfg.data.seq_len, t.seed)
-    engine, ds_config = build_engine(cfg, model, world)
+    ds_config = resolve_ds_config(cfg, world)
+    memory = MemoryReport()
+    model = build_model(cfg.model, tokenizer, cfg.data.seq_len, t.seed, ds_config)
+    memory.mark("after_model_load")
+    snap_root = snapshot_root(cfg, run_dir, world, local_world)
+    check_snapshot_budget(cfg, snap_root, model, ds_config, world, local_world)  # before the optimizer exists
+    engine, ds_config = build_engine(cfg, model, world, ds_config)
+    memory.mark("after_engine_init")
+    log.info("memory (host RSS, max over ranks): %s", format_mb(memory.reduce(engine.device)))  # collective
     if rank == 0:
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
     vocab = model.config.get_text_config().vocab_size
@@ -394,9 +424,11 @@ def train(cfg: Config, resume: str | None = None) -> int:
     monitor, escalation = build_monitor(sc, t.steps), Escalation(sc)
     faults = FaultInjector(cfg.faults, rank, data.train_docs)
     durable = CheckpointStore(run_dir / "checkpoints", cfg.checkpoint.keep, hf_writers(model, tokenizer))
-    snaps = CheckpointStore(snapshot_root(cfg, run_dir, world, local_world), cfg.checkpoint.snapshot_keep)
+    snaps = CheckpointStore(snap_root, cfg.checkpoint.snapshot_keep)
     if rank == 0:
         shutil.rmtree(snaps.root, ignore_errors=True)  # snapshots of an earlier process are not ours
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        snapshot.clean_on_exit(snaps.root)  # every exit path: done, gave up, preempted, exception
     dist.barrier()  # no rank may look at the snapshot directory before it is clean
     snaps.saved = []
     stores = [snaps, durable] if cfg.checkpoint.snapshot_interval else [durable]
@@ -414,6 +446,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
             truncate_metrics(run_dir, state)
     apply_hparams(cfg, engine, lr_for(cfg, state), state)
     assert_hparams(cfg, engine, state)
+    train_mode(engine)
 
     rec = Recorder(run_dir, rank == 0, t.steps, state.step)
     log.info("run_dir %s | %d rank(s) | ZeRO-%d %s | global batch %d x %d tokens | %d train / %d eval blocks",
@@ -446,6 +479,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
         dist.all_reduce(local)  # the one collective of the step: every rank sees the same numbers
         loss_sum, nonfinite, grad_norm, stop, *sample_sums = local.tolist()  # the one host sync of the step
         applied = engine.was_step_applied()
+        if "after_first_step" not in memory.readings:
+            memory.mark("after_first_step")
         state.advance(cursor, layout.global_batch * cfg.data.seq_len, applied)
         verdict = monitor.observe(state.step, loss_sum / global_tokens, grad_norm, nonfinite > 0, not applied)
         if samples is not None:
@@ -497,9 +532,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
     t_save = time.perf_counter()
     final = save(durable, engine, state, monitor, escalation)
     save_seconds = time.perf_counter() - t_save
-    peak_rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0],  # KiB on Linux
-                            device=engine.device)
-    dist.all_reduce(peak_rss, op=dist.ReduceOp.MAX)
+    memory_mb = memory.reduce(engine.device)  # collective: every rank reaches the end of the loop
+    log.info("memory (host RSS, max over ranks): %s", format_mb(memory_mb))
     if rank == 0:
         shutil.rmtree(snaps.root, ignore_errors=True)
     rec.close()
@@ -508,7 +542,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
                "ds_skipped_steps": state.ds_skipped_steps, "skipped_ranges": state.skipped,
                "skipped_samples": len(state.skipped_samples), "skipped_docs": len(state.skipped_docs),
                "checkpoint": str(final), "final_save_seconds": round(save_seconds, 3),
-               "peak_rss_mb_max_rank": round(peak_rss.item(), 1)}
+               "peak_rss_mb_max_rank": memory_mb["peak"], "memory_mb": memory_mb}
     log.info("done: %s", json.dumps(summary))
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -633,6 +667,7 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
     scale = loss_scale(engine)
     old = checkpoint.load(engine, store.root / checkpoint.tag_for(target_step))  # collective
     keep_loss_scale(engine, scale)
+    train_mode(engine)
     faults.maybe_crash()
     for k, v in persistent.items():
         setattr(state, k, v)
