@@ -86,13 +86,11 @@ def lr_for(cfg: Config, state: TrainState) -> float:
 
 
 def build_data(cfg: Config, tokenizer, local_rank: int) -> PackedData:
-    """Local rank 0 tokenizes and fills the cache first; the others then read it (no 2x tokenizing)."""
-    if local_rank != 0:
-        dist.barrier()
-    data = build_dataset(cfg.data, tokenizer, cfg.train.seed)
-    if local_rank == 0:
-        dist.barrier()
-    return data
+    """Every rank calls build_dataset. The first process to take the cache entry's file lock prepares
+    it; the others block on that lock, not in a collective, so no distributed timeout can kill a long
+    preparation; then every rank memory-maps the same read-only files. ``local_rank`` is unused and
+    kept for callers."""
+    return build_dataset(cfg.data, tokenizer, cfg.train.seed, cfg.model.path)
 
 
 def prepare_run_dir(cfg: Config, run_dir: Path, resume: str | None, rank: int) -> Path | None:
@@ -146,27 +144,26 @@ def snapshot_root(cfg: Config, run_dir: Path, world: int, local_world: int) -> P
 
 
 def micro_batch(data: PackedData, sampler: Sampler, stream: list[int], poisoned: list[list[int]],
-                vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, labels) of the samples at these stream positions."""
-    ids = torch.tensor(sampler.sample_ids(stream), dtype=torch.long)
-    x = data.train[ids].clone()
+                vocab: int) -> dict[str, torch.Tensor]:
+    """Model inputs (input_ids, labels, and position_ids for packed examples) of the samples at these
+    stream positions, copied out of the memory-mapped blocks."""
+    batch = data.batch(sampler.sample_ids(stream))
+    x = batch["input_ids"]
     for row, i in enumerate(stream):
         if any(a <= i < b for a, b in poisoned):  # injected bad data: garbage tokens, fixed per sample
             x[row] = torch.randint(0, vocab, (x.shape[1],), generator=torch.Generator().manual_seed(i))
-    labels = x if data.train_labels is None else data.train_labels[ids]
-    return x, labels
+    if batch["labels"] is not x:  # masked labels follow the poisoned tokens where they carry a loss
+        batch["labels"] = torch.where(batch["labels"] != -100, x, -100)
+    return batch
 
 
 def label_count(data: PackedData, sampler: Sampler, stream: list[int]) -> int:
     """Tokens that carry a loss in the whole global batch. Every rank computes it from the sample ids
     it already knows, so normalising by it costs no communication."""
-    if data.train_labels is None:
-        return len(stream) * (data.train.shape[1] - 1)
-    labels = data.train_labels[torch.tensor(sampler.sample_ids(stream), dtype=torch.long)]
-    return int((labels[:, 1:] != -100).sum())
+    return data.label_count(sampler.sample_ids(stream))
 
 
-def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], norm: float,
+def train_step(engine, batches: list[dict[str, torch.Tensor]], norm: float,
                faults: FaultInjector) -> torch.Tensor:
     """Forward/backward over the micro-batches and one optimizer step. Returns the *local* tensor
     [loss_sum, nonfinite, grad_norm / world] for one all-reduce. No host sync in here.
@@ -177,8 +174,8 @@ def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], norm: f
     """
     device = engine.device
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-    for x, labels in batches:
-        out = engine(input_ids=x.to(device), labels=labels.to(device), num_items_in_batch=norm)
+    for batch in batches:  # input_ids, labels and, for packed examples, position_ids (see micro_batch)
+        out = engine(**{k: v.to(device) for k, v in batch.items()}, num_items_in_batch=norm)
         loss = faults.scale_loss(out.loss)
         engine.backward(loss)
         engine.step()  # DeepSpeed updates only at the accumulation boundary
@@ -202,10 +199,9 @@ def evaluate(engine, data: PackedData, layout: Layout, batches: int) -> float:
     for b in range(batches):
         start = (b * layout.world + layout.rank) * layout.micro
         rows = [(start + j) % m for j in range(layout.micro)]
-        x = data.eval[rows].to(engine.device)
-        labels = x if data.eval_labels is None else data.eval_labels[rows].to(engine.device)
-        out = engine(input_ids=x, labels=labels)
-        n = int((labels[:, 1:] != -100).sum())
+        batch = {k: v.to(engine.device) for k, v in data.batch(rows, "eval").items()}
+        out = engine(**batch)
+        n = int((batch["labels"][:, 1:] != -100).sum())
         total += torch.stack([out.loss.double() * n, torch.tensor(n, dtype=torch.float64, device=engine.device)])
     dist.all_reduce(total)
     engine.train()
