@@ -506,10 +506,10 @@ def _plan(cfg: DataConfig) -> _Plan:
     return _Plan("hub", [], [cfg.split], prefix, ["hub", cfg.hub_name, cfg.revision, cfg.split])
 
 
-def _load_error(what: str, builder: str, e: Exception, fix: str) -> ValueError:
+def _load_error(key: str, shown: str, builder: str, e: Exception, fix: str) -> ValueError:
     cause = e.__cause__ or e  # datasets wraps decode/parse errors in DatasetGenerationError
     msg = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-    return ValueError(f"{what}: could not read it as {builder} ({type(cause).__name__}: {msg}): {fix}")
+    return ValueError(f"{key}: could not read {shown} as {builder} ({type(cause).__name__}: {msg}): {fix}")
 
 
 def _load(builder: str, paths: list[Path], cfg: DataConfig, **kwargs: Any) -> datasets.Dataset:
@@ -522,7 +522,7 @@ def _load(builder: str, paths: list[Path], cfg: DataConfig, **kwargs: Any) -> da
             num_proc=cfg.num_proc if cfg.num_proc > 1 and len(paths) > 1 else None, **kwargs,
         )
     except Exception as e:
-        raise _load_error(f"data.files: {shown}", builder, e, f"check the file is valid {builder} (UTF-8 for text)") from e
+        raise _load_error("data.files", shown, builder, e, f"check the file is valid {builder} (UTF-8 for text)") from e
 
 
 def _load_hub(cfg: DataConfig, plan: _Plan) -> datasets.Dataset:
@@ -540,7 +540,7 @@ def _load_hub(cfg: DataConfig, plan: _Plan) -> datasets.Dataset:
         fix = ("check the directory holds data files datasets can load and data.split names one of its splits"
                if plan.paths else "check the name, data.split, data.revision and the network, or use a local "
                "directory (save_to_disk) or data.source=files")
-        raise _load_error(f"{where} (split {cfg.split!r})", "a dataset", e, fix) from e
+        raise _load_error(where, f"split {cfg.split!r}", "a dataset", e, fix) from e
 
 
 def _columns(cfg: DataConfig) -> dict[str, str]:
