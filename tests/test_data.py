@@ -1,6 +1,7 @@
 """Data layer: load, split, tokenize, pack, cache; every bad input is a one-line ValueError."""
 
 import json
+import math
 import re
 
 import datasets
@@ -445,3 +446,44 @@ def test_uint32_tokens_for_a_large_vocabulary(tmp_path, tok):
                                       cache_dir=str(tmp_path / "c")), big, 0)
     assert packed.train.dtype == np.uint32 and 257 + 69_999 in packed.train.reshape(-1).tolist() + \
         packed.eval.reshape(-1).tolist()
+
+
+def _chat_jsonl(path):
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVS * 3))
+    return [f"data.files=[{path}]", "data.format=chat"]
+
+
+def _pc_parquet(path):
+    rows = [{"instruction": f"Add {i} and {i}.", "answer": f" {2 * i}"} for i in range(60)]
+    datasets.Dataset.from_list(rows).to_parquet(str(path.with_suffix(".parquet")))
+    return [f"data.files=[{path.with_suffix('.parquet')}]", "data.format=prompt_completion",
+            "data.prompt_column=instruction", "data.completion_column=answer"]
+
+
+def _saved_dataset(path):
+    rows = [{"prompt": f"Echo {i}:", "completion": f" {i} {i}"} for i in range(60)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(path))
+    return ["data.source=hub", f"data.hub_name={path}", "data.split=train", "data.format=prompt_completion"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make", [_chat_jsonl, _pc_parquet, _saved_dataset], ids=["chat-jsonl", "pc-parquet",
+                                                                                    "save-to-disk"])
+def test_fine_tune_a_local_model_on_instruction_data_with_2_ranks(tmp_path, chat_model, make):
+    from conftest import read_jsonl, run_bigtrain
+
+    data_args = make(tmp_path / "data.jsonl") if make is _chat_jsonl else make(tmp_path / "data")
+    if make is not _saved_dataset:
+        data_args.insert(0, "data.source=files")
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    run_bigtrain([f"model.path={chat_model}", *data_args, "data.seq_len=256", f"data.cache_dir={cache}",
+                  f"run_dir={run_dir}", "train.steps=4", "train.micro_batch=2", "train.precision=fp32",
+                  "train.eval_interval=0", "train.eval_batches=1", "optim.warmup_steps=1",
+                  "checkpoint.snapshot_interval=0"])
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
+    assert math.isfinite(rows[-1]["eval_loss"])
+    # Both ranks mapped one entry, prepared once (the other rank waited on the lock).
+    entries = [p for p in cache.iterdir() if p.is_dir() and p.name != "hf"]
+    assert len(entries) == 1 and (entries[0] / "train_flags.npy").is_file()
+    assert (run_dir / "checkpoints" / "step_00000004").is_dir()
