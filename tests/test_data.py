@@ -487,3 +487,61 @@ def test_fine_tune_a_local_model_on_instruction_data_with_2_ranks(tmp_path, chat
     entries = [p for p in cache.iterdir() if p.is_dir() and p.name != "hf"]
     assert len(entries) == 1 and (entries[0] / "train_flags.npy").is_file()
     assert (run_dir / "checkpoints" / "step_00000004").is_dir()
+
+
+def test_run_fingerprint_ignores_where_the_data_lives(tmp_path):
+    from bigtrain.config import load_config
+
+    one = load_config(None, ["data.source=files", "data.files=[/data/a/*.jsonl]", "data.cache_dir=/x"])
+    two = load_config(None, ["data.source=files", "data.files=[/mnt/b/*.jsonl]", "data.num_proc=4"])
+    other = load_config(None, ["data.source=files", "data.files=[/data/a/*.jsonl]", "data.format=chat"])
+    assert one.fingerprint() == two.fingerprint() != other.fingerprint()
+
+
+def _build_in_child(args):
+    cfg, queue = args
+    packed = build_dataset(cfg, build_tokenizer(None), 0)
+    queue.put((packed.from_cache, packed.fingerprint, int(packed.train.shape[0])))
+
+
+def test_concurrent_builders_prepare_once(tmp_path, monkeypatch):
+    """Two processes asking for the same entry: one prepares under the lock, the other waits on it and maps
+    the result (what the ranks of a job do in train)."""
+    import multiprocessing as mp
+
+    for i in range(8):
+        (tmp_path / f"d{i}.txt").write_text(f"document {i} " * 200)
+    cfg = DataConfig(source="files", files=[str(tmp_path / "*.txt")], seq_len=SEQ, cache_dir=str(tmp_path / "c"))
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_build_in_child, args=((cfg, queue),)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert sorted(r[0] for r in results) == [False, True]  # exactly one prepared
+    assert results[0][1:] == results[1][1:]
+    assert [p.name for p in (tmp_path / "c").iterdir() if p.is_dir() and p.name != "hf"] == [results[0][1]]
+
+
+def test_prepare_command_reports_and_shows_the_loss_mask(tmp_path, capsys, chat_model):
+    from bigtrain.cli import main
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVS))
+    args = [f"model.path={chat_model}", "data.source=files", f"data.files=[{path}]", "data.format=chat",
+            "data.seq_len=512", f"data.cache_dir={tmp_path / 'c'}"]
+    assert main(["prepare", *args, "--show", "1"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("{"):out.index("}") + 1])
+    assert report["documents"] == 12 and report["train_blocks"] >= 1 and 0 < report["label_share"] < 0.5
+    assert {"truncated", "dropped_overlong", "train_tokens", "eval_tokens"} <= report.keys()
+    shown = out[out.index("--- train block 0"):]
+    # The system/user turns are outside [[...]], each assistant turn inside; "|" starts each example.
+    assert "[[It is " in shown and "<|im_start|>user\nWhat is" in shown and "[[<|im_start|>" not in shown
+    assert shown.count("|<|im_start|>system") >= 1
+    # A tokenizer without a chat template: a one-line error naming the key, exit 2.
+    assert main(["prepare", *args[1:]]) == 2
+    assert "data.format='chat'" in capsys.readouterr().err
