@@ -545,3 +545,32 @@ def test_prepare_command_reports_and_shows_the_loss_mask(tmp_path, capsys, chat_
     # A tokenizer without a chat template: a one-line error naming the key, exit 2.
     assert main(["prepare", *args[1:]]) == 2
     assert "data.format='chat'" in capsys.readouterr().err
+
+
+def test_micro_batch_carries_position_ids_and_poison_reaches_masked_labels(tmp_path, tok):
+    """train.micro_batch: the dict train_step forwards to the model as is."""
+    from bigtrain.sampler import Sampler
+    from bigtrain.train import label_count, micro_batch
+
+    path = tmp_path / "pc.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"answer {i}"}) + "\n" for i in range(30)))
+    packed = build_dataset(DataConfig(source="files", files=[str(path)], format="prompt_completion", seq_len=64,
+                                      eval_fraction=0.1, cache_dir=str(tmp_path / "c")), tok, 0)
+    sampler = Sampler(packed.train.shape[0], 0, shuffle=False)
+    batch = micro_batch(packed, sampler, [0, 1], [], len(tok))
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert batch["position_ids"][0].tolist() == position_ids_of(packed.train_flags[0])
+    assert label_count(packed, sampler, [0, 1]) == int((batch["labels"][:, 1:] != -100).sum())
+    poisoned = micro_batch(packed, sampler, [0, 1], [[1, 2]], len(tok))
+    mask = batch["labels"][1] != -100
+    assert torch.equal(poisoned["labels"][1][mask], poisoned["input_ids"][1][mask])
+    assert not torch.equal(poisoned["input_ids"][1], batch["input_ids"][1])
+    assert torch.equal(poisoned["labels"][1] != -100, mask) and torch.equal(poisoned["input_ids"][0], batch["input_ids"][0])
+
+
+def position_ids_of(flags) -> list[int]:
+    out, pos = [], 0
+    for f in flags.tolist():
+        pos = 0 if f & 2 else pos + 1
+        out.append(pos)
+    return out
