@@ -55,25 +55,34 @@ def make_corpus(out: Path, tokens: int, doc_bytes: int = 4000, file_bytes: int =
     return written
 
 
-def run_measured(cmd: list[str], env: dict) -> tuple[float, float, float, str]:
-    """(seconds, peak tree RSS MB, peak single-process RSS MB, stdout) of a subprocess."""
+def rss_anon(pid: int) -> int:
+    """Anonymous resident memory (heap; not file pages, which a map or the page cache can give back)."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+def run_measured(cmd: list[str], env: dict) -> tuple[float, float, float, float, str]:
+    """(seconds, peak tree PSS MB, peak single-process RSS MB, peak single-process anonymous RSS MB,
+    stdout) of a subprocess."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    root, peak, single = psutil.Process(proc.pid), 0, 0
+    root, peak, single, anon = psutil.Process(proc.pid), 0, 0, 0
     out_chunks: list[str] = []
     while proc.poll() is None:
         try:
             # PSS for the sum: forked workers share the parent's pages, which RSS would count twice.
-            mem = [p.memory_full_info() for p in [root, *root.children(recursive=True)]]
+            tree = [root, *root.children(recursive=True)]
+            mem = [p.memory_full_info() for p in tree]
             peak, single = max(peak, sum(m.pss for m in mem)), max(single, *(m.rss for m in mem))
-        except psutil.Error:
+            anon = max(anon, *(rss_anon(p.pid) for p in tree))
+        except (psutil.Error, OSError, StopIteration):
             pass
         time.sleep(0.1)
     out_chunks.append(proc.stdout.read())
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}\n{''.join(out_chunks)[-3000:]}")
-    return seconds, peak / 2**20, single / 2**20, "".join(out_chunks)
+    return seconds, peak / 2**20, single / 2**20, anon / 2**20, "".join(out_chunks)
 
 
 def main() -> int:
@@ -82,6 +91,7 @@ def main() -> int:
     p.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--skip-train", action="store_true", help="measure preparation only")
     p.add_argument("--work", default=None, help="scratch directory (default: a new one under /tmp)")
     p.add_argument("--out", default=str(ROOT / "docs" / "data_bench.jsonl"))
     args = p.parse_args()
@@ -90,8 +100,9 @@ def main() -> int:
     base_meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host_cpus": os.cpu_count(),
                  "python": platform.python_version(), "bench_command": " ".join([Path(sys.executable).name, *sys.argv])}
     results = []
+    scratch = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bigtrain-databench-"))
     for n_tokens in map(int, args.tokens):
-        work = Path(args.work or tempfile.mkdtemp(prefix="bigtrain-databench-")) / f"{n_tokens}"
+        work = scratch / f"{n_tokens}"
         corpus = work / "corpus"
         corpus.mkdir(parents=True, exist_ok=True)
         try:
@@ -105,31 +116,37 @@ def main() -> int:
                 cache = work / f"cache-np{num_proc}"
                 cmd = [sys.executable, "-m", "bigtrain", "prepare", *data, f"data.cache_dir={cache}",
                        f"data.num_proc={num_proc}"]
-                seconds, tree_mb, single_mb, out = run_measured(cmd, env)
+                seconds, tree_mb, single_mb, anon_mb, out = run_measured(cmd, env)
                 stats = json.loads(out[out.index("{"):out.rindex("}") + 1])
                 row = {"bench": "prepare", "corpus_tokens": size, "num_proc": num_proc, "seconds": round(seconds, 1),
                        "tokens_per_sec": round(size / seconds), "peak_pss_tree_mb": round(tree_mb),
-                       "peak_rss_single_process_mb": round(single_mb), "stats": stats,
+                       "peak_rss_single_process_mb": round(single_mb), "peak_anon_rss_single_process_mb": round(anon_mb),
+                       "stats": stats,
                        "command": " ".join(cmd), **base_meta}
                 print(json.dumps({k: v for k, v in row.items() if k not in ("stats", "command")}), flush=True)
                 results.append(row)
                 if num_proc != args.num_proc[-1]:
                     shutil.rmtree(cache)  # keep one prepared cache for the training run
+            if args.skip_train:
+                continue
             run_dir = work / "run"
             cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(29500 + n_tokens % 1000),
                    "-m", "bigtrain", "train", *data, f"data.cache_dir={cache}", f"run_dir={run_dir}",
                    f"train.steps={args.steps}", "train.micro_batch=4", "train.eval_interval=0", "train.eval_batches=2",
                    "optim.warmup_steps=2", "checkpoint.snapshot_interval=0", "checkpoint.interval=0",
                    "train.precision=fp32"]
-            seconds, tree_mb, _, _ = run_measured(cmd, env)
+            seconds, tree_mb, _, anon_mb, _ = run_measured(cmd, env)
             summary = json.loads((run_dir / "summary.json").read_text())
             row = {"bench": "train", "corpus_tokens": size, "ranks": 2, "steps": args.steps,
                    "peak_rss_mb_max_rank": summary["peak_rss_mb_max_rank"], "peak_pss_tree_mb": round(tree_mb),
+                   "peak_anon_rss_single_process_mb": round(anon_mb),
                    "seconds": round(seconds, 1), "command": " ".join(cmd), **base_meta}
             print(json.dumps({k: v for k, v in row.items() if k != "command"}), flush=True)
             results.append(row)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+    if not args.work:
+        shutil.rmtree(scratch, ignore_errors=True)
     with open(args.out, "a") as f:
         for row in results:
             f.write(json.dumps(row) + "\n")

@@ -748,23 +748,50 @@ def _split(lengths: np.ndarray, coin: np.ndarray, cfg: DataConfig) -> tuple[np.n
     return train, eval_
 
 
-def _iter_rows(table: pa.Table, rows: np.ndarray, flags: bool) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """(tokens, flags) of ``rows`` (ascending), read batch by batch from the memory-mapped table."""
+def _iter_rows(files: list[str], rows: np.ndarray, flags: bool) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """(tokens, flags) of ``rows`` (ascending), read batch by batch from the tokenized Arrow files
+    (datasets writes them in Arrow's IPC stream format). Read with plain file reads, not through a
+    memory map, so the pages of a batch are freed once it is packed: a map of the whole table would
+    keep every page read resident in this process."""
     base, k = 0, 0
-    for rb in table.select(["input_ids", "flags"]).to_batches(max_chunksize=4096):
-        end = base + rb.num_rows
-        hi = int(np.searchsorted(rows, end))
-        if hi > k:
-            ids_col, flag_col = rb.column(0), rb.column(1)
-            ids_off, ids_val = ids_col.offsets.to_numpy(), ids_col.values.to_numpy()
-            fl_off, fl_val = flag_col.offsets.to_numpy(), flag_col.values.to_numpy()
-            for j in (rows[k:hi] - base).tolist():
-                yield (ids_val[ids_off[j]:ids_off[j + 1]],
-                       fl_val[fl_off[j]:fl_off[j + 1]] if flags else None)
-            k = hi
-        base = end
-        if k == len(rows):
-            return
+    for path in files:
+        with pa.OSFile(path) as source:
+            for rb in pa.ipc.open_stream(source):
+                end = base + rb.num_rows
+                hi = int(np.searchsorted(rows, end))
+                if hi > k:
+                    ids_col, flag_col = rb.column("input_ids"), rb.column("flags")
+                    ids_off, ids_val = ids_col.offsets.to_numpy(), ids_col.values.to_numpy()
+                    fl_off, fl_val = flag_col.offsets.to_numpy(), flag_col.values.to_numpy()
+                    for j in (rows[k:hi] - base).tolist():
+                        yield (ids_val[ids_off[j]:ids_off[j + 1]],
+                               fl_val[fl_off[j]:fl_off[j + 1]] if flags else None)
+                    k = hi
+                base = end
+                if k == len(rows):
+                    return
+
+
+class _NpyWriter:
+    """A .npy file written front to back with plain writes: numpy's own header
+    (``np.lib.format.write_array_header_1_0``), then the rows in C order. Writing through
+    ``open_memmap`` instead would keep every written page resident in the preparing process."""
+
+    def __init__(self, path: Path, dtype: Any, shape: tuple[int, ...]):
+        self.dtype, self.expected, self.written = np.dtype(dtype), int(np.prod(shape)), 0
+        self.f = open(path, "wb")
+        np.lib.format.write_array_header_1_0(
+            self.f, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape})
+
+    def write(self, values: np.ndarray) -> None:
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        self.f.write(values.tobytes())
+        self.written += values.size
+
+    def close(self) -> None:
+        self.f.close()
+        if self.written != self.expected:  # a packing bug, never a short file on disk
+            raise RuntimeError(f"{self.f.name}: wrote {self.written} values, expected {self.expected}")
 
 
 def _first_last(ends: np.ndarray, n_blocks: int, seq_len: int) -> np.ndarray:
@@ -774,29 +801,27 @@ def _first_last(ends: np.ndarray, n_blocks: int, seq_len: int) -> np.ndarray:
     return np.stack([first, last], axis=1).astype(np.int64)
 
 
-def _pack_text(table, rows, lengths, clip, cfg, dtype, out: Path, split: str, doc_base: int) -> dict:
+def _pack_text(files, rows, lengths, clip, cfg, dtype, out: Path, split: str, doc_base: int) -> dict:
     """Concatenate the documents in order and cut into [n, seq_len] blocks (the tail is dropped)."""
     seq = cfg.seq_len
     if clip is not None:
         lengths = np.array([clip[1] - clip[0]])
     n = int(lengths.sum()) // seq
-    tokens = np.lib.format.open_memmap(out / f"{split}_tokens.npy", "w+", dtype, (n, seq))
-    flat, pos = tokens.reshape(-1), 0
-    for ids, _ in _iter_rows(table, rows, flags=False):
+    tokens, pos = _NpyWriter(out / f"{split}_tokens.npy", dtype, (n, seq)), 0
+    for ids, _ in _iter_rows(files, rows, flags=False):
         if clip is not None:
             ids = ids[clip[0]:clip[1]]
         take = min(len(ids), n * seq - pos)
-        flat[pos:pos + take] = ids[:take]
+        tokens.write(ids[:take])
         pos += take
         if pos == n * seq:
             break
-    tokens.flush()
-    del tokens, flat
+    tokens.close()
     np.save(out / f"{split}_docs.npy", _first_last(np.cumsum(lengths), n, seq) + doc_base)
     return {"blocks": n, "tokens": n * seq, "label_tokens": n * (seq - 1), "padding_tokens": 0}
 
 
-def _pack_examples(table, rows, lengths, cfg, dtype, pad: int, out: Path, split: str, doc_base: int) -> dict:
+def _pack_examples(files, rows, lengths, cfg, dtype, pad: int, out: Path, split: str, doc_base: int) -> dict:
     """Examples whole, in order, next-fit into blocks (or one per block); the rest of a block is
     padding: pad tokens, no label, their own START so they form a separate sequence."""
     seq = cfg.seq_len
@@ -807,31 +832,31 @@ def _pack_examples(table, rows, lengths, cfg, dtype, pad: int, out: Path, split:
             b, used = b + 1, 0
         block_of[i], used = b, used + length
     n = b + 1
-    tokens = np.lib.format.open_memmap(out / f"{split}_tokens.npy", "w+", dtype, (n, seq))
-    flags = np.lib.format.open_memmap(out / f"{split}_flags.npy", "w+", np.uint8, (n, seq))
+    tokens = _NpyWriter(out / f"{split}_tokens.npy", dtype, (n, seq))
+    flags = _NpyWriter(out / f"{split}_flags.npy", np.uint8, (n, seq))
     buf_t, buf_f = np.full(seq, pad, dtype), np.zeros(seq, np.uint8)
     labels = 0
 
-    def flush(block: int, used: int) -> int:
+    def flush(used: int) -> int:
         buf_t[used:] = pad
         buf_f[used:] = 0
         if used < seq:
             buf_f[used] = START
-        tokens[block], flags[block] = buf_t, buf_f
+        tokens.write(buf_t)
+        flags.write(buf_f)
         return int((buf_f[1:] & LABEL != 0).sum())
 
     current, used = 0, 0
-    for i, (ids, fl) in enumerate(_iter_rows(table, rows, flags=True)):
+    for i, (ids, fl) in enumerate(_iter_rows(files, rows, flags=True)):
         if block_of[i] != current:
-            labels += flush(current, used)
+            labels += flush(used)
             current, used = int(block_of[i]), 0
         buf_t[used:used + len(ids)], buf_f[used:used + len(ids)] = ids, fl
         used += len(ids)
     if n:
-        labels += flush(current, used)
-    tokens.flush()
-    flags.flush()
-    del tokens, flags
+        labels += flush(used)
+    tokens.close()
+    flags.close()
     first = np.searchsorted(block_of, np.arange(n), side="left")
     last = np.searchsorted(block_of, np.arange(n), side="right") - 1
     np.save(out / f"{split}_docs.npy", np.stack([first, last], axis=1).astype(np.int64) + doc_base)
@@ -848,6 +873,7 @@ def _prepare(cfg: DataConfig, tokenizer, plan: _Plan, fingerprint: str, dest: Pa
     try:
         ds = _tokenize(cfg, tokenizer, plan, work / "tokenized")
         table = ds.data.table
+        files_arrow = [f["filename"] for f in ds.cache_files]  # in table order (shards of num_proc in order)
         lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False).astype(np.int64)
         status = table.column("status").to_numpy()
         coin = table.column("eval").to_numpy(zero_copy_only=False)
@@ -875,9 +901,9 @@ def _prepare(cfg: DataConfig, tokenizer, plan: _Plan, fingerprint: str, dest: Pa
         out = {}
         for split, rows, base in (("train", train, 0), ("eval", eval_, len(train))):
             if cfg.format == "text":
-                out[split] = _pack_text(table, rows, lengths[rows], clip and clip[split], cfg, dtype, work, split, base)
+                out[split] = _pack_text(files_arrow, rows, lengths[rows], clip and clip[split], cfg, dtype, work, split, base)
             else:
-                out[split] = _pack_examples(table, rows, lengths[rows], cfg, dtype, pad, work, split, base)
+                out[split] = _pack_examples(files_arrow, rows, lengths[rows], cfg, dtype, pad, work, split, base)
         order = np.concatenate([train, eval_])
         doc_row = rows_of[order].copy()
         if clip is not None:
