@@ -58,7 +58,7 @@ def make_corpus(out: Path, tokens: int, doc_bytes: int = 4000, file_bytes: int =
 def rss_anon(pid: int) -> int:
     """Anonymous resident memory (heap; not file pages, which a map or the page cache can give back)."""
     with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+        return next((int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:")), 0)  # 0: exiting
 
 
 def run_measured(cmd: list[str], env: dict) -> tuple[float, float, float, float, str]:
