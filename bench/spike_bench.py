@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,8 @@ POLICIES: dict[str, list[str]] = {
     "bigtrain": ["spike.policy=bigtrain"],
     "bigtrain-no-eps": ["spike.policy=bigtrain", "spike.lower_eps=false"],
     "bigtrain-lr0.5": ["spike.policy=bigtrain", "spike.lr_factor=0.5"],
+    # bigtrain with attribution disabled (no sample is ever an outlier): the pre-issue-14 window rule.
+    "bigtrain-window": ["spike.policy=bigtrain", "spike.sample_z=1e9"],
 }
 BIGTRAIN = "bigtrain"
 # --quick runs the plain baseline, the two competitors that act, and bigtrain's default.
@@ -217,7 +220,7 @@ def run_one(sc: Scenario, policy: str, seed: int, steps: int, work: Path, env: d
 LOOP_LIMIT = 50
 # A run whose processes together hold more than this is stopped before the kernel's OOM killer picks
 # a victim on a shared machine (normal runs here hold ~0.6 GiB per rank).
-MEMORY_LIMIT = 4 << 30
+MEMORY_LIMIT = int(os.environ.get("SPIKE_BENCH_MEMORY_GB", "4")) << 30
 
 
 def watch(proc: subprocess.Popen, metrics: Path, t0: float, timeout: int) -> str | None:
@@ -392,6 +395,8 @@ def parse_run(run_dir: Path, sc: Scenario, policy: str, seed: int, steps: int, r
         "wasted_tokens": wasted * tokens_per_step, "executed_steps": len(rows),
         "ds_skipped_steps": sum(not r.get("step_applied", True) for r in rows),
         "wall_seconds": round(wall, 1), "train_seconds": summary.get("seconds") if summary else None,
+        "causes": [e.get("cause") for e in events if e.get("cause")],
+        "quarantine": quarantine_scores(run_dir) if sc.data_fault else None,
         "curve": [[r["step"], float(f"{r['loss']:.4g}")] for r in path],
         "eval_curve": [[r["step"], float(f"{r['eval_loss']:.4g}")] for r in path if "eval_loss" in r],
     }
@@ -741,8 +746,183 @@ def reparse(old: dict, work: Path, sc: Scenario) -> dict:
     return new
 
 
+# ------------------------------------------------------------------------------------------------
+# Diluted bad data (issue 14): quarantine precision / recall against the injected bad documents.
+#
+#     .venv/bin/python bench/spike_bench.py --diluted [--seed-ids 11 12] [--out docs]
+#
+# The corpus is the same stdlib text cut into documents at top-level ``def``/``class`` lines (a file
+# is one document of ~300 blocks, too coarse for "a fraction of the documents is garbage"); each
+# poisoned step turns the source documents of a share of its samples into garbage, every block of
+# them, wherever they lie in the stream. Seeds 11 and 12 played no part in choosing any threshold.
+
+DILUTED_POLICIES = ["none", "bigtrain-window", "bigtrain"]
+DILUTED_SEEDS = (11, 12)
+DILUTED_MARK = "<!-- diluted -->"
+
+
+def diluted_scenarios(corpus: Path) -> list[Scenario]:
+    base = [*STDLIB, "data.source=files", f"data.files=[{corpus}]"]
+    steps, at = 300, 150
+    stretch = f"faults.poison_steps=[{','.join(str(s) for s in range(at, at + 10))}]"
+    bad = [stretch, "faults.poison_documents=true"]
+    mk = lambda key, title, extra: Scenario(  # noqa: E731
+        key, title, base, steps, steps, seeds=DILUTED_SEEDS, faults=[*bad, *extra],
+        injected=[(at, at + 9)], data_fault=True, reference="diluted_clean", n_seeds=2)
+    return [
+        mk("diluted_whole", "D1. 10 batches whose every sample's documents are garbage", []),
+        mk("diluted_30", "D2. ~30% of 10 batches' samples (2 of 8 per rank): their documents garbage",
+           ["faults.poison_fraction=0.3"]),
+        mk("diluted_5", "D3. ~5% of 10 batches' samples (1 of 16, rank 0): their documents garbage",
+           ["faults.poison_fraction=0.05", "faults.ranks=[0]"]),
+        mk("diluted_rank", "D4. one rank only: all of rank 1's samples in 10 batches, their documents garbage",
+           ["faults.ranks=[1]"]),
+        Scenario("diluted_clean", "D0. Clean control on the same corpus", base, steps, steps,
+                 seeds=DILUTED_SEEDS, kind="clean", n_seeds=2),
+    ]
+
+
+def make_corpus(path: Path, max_bytes: int = 4_000_000, min_doc: int = 400) -> Path:
+    """Write the stdlib subset of ``data.max_bytes`` as JSON lines, one document per top-level
+    def/class (pieces shorter than ``min_doc`` bytes join the next). Deterministic."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted((p for p in root.rglob("*.py") if not {"test", "tests", "site-packages", "idlelib"}
+                    & set(p.relative_to(root).parts)), key=lambda p: p.relative_to(root).as_posix())
+    docs, total = [], 0
+    for f in files:
+        text = f.read_text(errors="replace")
+        if total + len(text) > max_bytes:
+            continue
+        total += len(text)
+        piece: list[str] = []
+        for line in text.splitlines(keepends=True):
+            if (line.startswith("def ") or line.startswith("class ")) and sum(map(len, piece)) >= min_doc:
+                docs.append("".join(piece))
+                piece = []
+            piece.append(line)
+        if piece:
+            docs.append("".join(piece))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+def quarantine_scores(run_dir: Path) -> dict[str, Any]:
+    """Precision / recall of the run's skips against the injected bad documents, from the final
+    checkpoint's TrainState (poisoned_docs / poisoned: ground truth; skipped_docs / skipped_samples)."""
+    states = sorted((run_dir / "checkpoints").glob("step_*/bigtrain_state.json"))
+    if not states:
+        return {}
+    st = json.loads(states[-1].read_text())
+    bad_docs, bad_blocks = set(st.get("poisoned_docs", [])), {i for a, b in st.get("poisoned", []) for i in range(a, b)}
+    docs, samples = set(st.get("skipped_docs", [])), set(st.get("skipped_samples", []))
+    out: dict[str, Any] = {"bad_docs": len(bad_docs), "bad_blocks": len(bad_blocks), "skipped_docs": len(docs),
+                           "skipped_samples": len(samples)}
+    if bad_docs:
+        out["doc_recall"] = len(docs & bad_docs) / len(bad_docs)
+        out["doc_precision"] = len(docs & bad_docs) / len(docs) if docs else None
+        out["block_recall"] = len(samples & bad_blocks) / len(bad_blocks)
+        out["sample_precision"] = len(samples & bad_blocks) / len(samples) if samples else None
+    return out
+
+
+def diluted_report(results: list[dict], meta: dict) -> list[str]:
+    """Markdown for the diluted-data section: one row per (scenario, policy), means over seeds."""
+    clean = {r["seed"]: r["final_eval_loss"] for r in results if r["scenario"] == "diluted_clean"
+             and r["policy"] == "none" and r["final_eval_loss"] is not None}
+    off = {(r["scenario"], r["seed"]): r["final_eval_loss"] for r in results if r["policy"] == "none"}
+    lines = [f"### Diluted bad data ({meta['date']})", "", f"Commands: `{meta['command']}`", "",
+             f"Seeds {list(meta['seeds'])}; the last invocation took {meta['total_minutes']:.1f} min. Held-out loss: final eval loss; vs clean / vs off: "
+             "ratio to the clean run (policy none) and to the monitor-off run of the same scenario and seed. "
+             "Precision/recall over the injected bad documents (doc) and blocks (sample precision: share of "
+             "skipped samples that were garbage).", "",
+             "| scenario | policy | outcome | eval loss | vs clean | vs off | rollbacks | causes | LR cut | "
+             "doc recall | doc precision | block recall | sample precision | skipped samples |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["scenario"], r["policy"]) for r in results},
+                  key=lambda k: (k[0], DILUTED_POLICIES.index(k[1]) if k[1] in DILUTED_POLICIES else 9))
+    for sc, pol in keys:
+        rs = [r for r in results if (r["scenario"], r["policy"]) == (sc, pol)]
+        q = [r.get("quarantine") or {} for r in rs]
+        ev = [r["final_eval_loss"] for r in rs]
+        vs_clean = [r["final_eval_loss"] / clean[r["seed"]] for r in rs
+                    if r["final_eval_loss"] is not None and r["seed"] in clean]
+        vs_off = [r["final_eval_loss"] / off[(sc, r["seed"])] for r in rs
+                  if r["final_eval_loss"] is not None and off.get((sc, r["seed"]))]
+        causes = Counter(c for r in rs for c in r.get("causes", []))
+        lr_cut = min((e.get("lr_scale_after") or 1.0 for r in rs for e in r["events"]), default=1.0)
+        m = lambda k: _mean([x.get(k) for x in q if x.get(k) is not None]) if any(  # noqa: E731
+            x.get(k) is not None for x in q) else None
+        lines.append(" | ".join(["", sc, pol, ", ".join(sorted({r["outcome"] for r in rs})), _fmt(_mean(ev)),
+                                 _fmt(_mean(vs_clean)), _fmt(_mean(vs_off)),
+                                 _fmt(_mean([r["rollbacks"] for r in rs])),
+                                 " ".join(f"{k}:{n}" for k, n in sorted(causes.items())) or "-",
+                                 _fmt(lr_cut, 3), _fmt(m("doc_recall"), 3), _fmt(m("doc_precision"), 3),
+                                 _fmt(m("block_recall"), 3), _fmt(m("sample_precision"), 3),
+                                 _fmt(m("skipped_samples"))]).strip())
+    return lines
+
+
+def run_diluted(args, argv: list[str] | None) -> int:
+    out = Path(args.out or "docs")
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    work = Path(args.work or f"runs/spike-bench-diluted-{stamp}").resolve()
+    corpus = make_corpus(work / "corpus.jsonl")
+    scs = diluted_scenarios(corpus)
+    chosen = [sc for sc in scs if not args.only or sc.key in args.only]
+    seeds = args.seed_ids or list(DILUTED_SEEDS[:args.seeds or 2])
+    policies = args.policies or DILUTED_POLICIES
+    env = run_env()
+    at_start = environment()
+    warm_up(env)
+    # Tokenize and pack the corpus once, outside the runs (and outside their memory watchdog).
+    subprocess.run([sys.executable, "-c",
+                    "import sys; from bigtrain.data import DataConfig, build_dataset, build_tokenizer; "
+                    "build_dataset(DataConfig(source='files', files=[sys.argv[1]], seq_len=64), build_tokenizer(None), 0)",
+                    str(corpus)], env=env, check=True, capture_output=True, cwd=REPO)
+    jobs = [(sc, p, s) for sc in chosen for s in seeds for p in policies if sc.kind != "clean" or p == "none"
+            or p == BIGTRAIN]
+    t0, results = time.monotonic(), []
+    for i, (sc, policy, seed) in enumerate(jobs, 1):
+        r = run_one(sc, policy, seed, sc.steps, work, env, args.timeout)
+        results.append(r)
+        print(f"[{i}/{len(jobs)} {(time.monotonic() - t0) / 60:.1f} min] {sc.key} {policy} seed {seed}: "
+              f"{r['outcome']}, eval {_fmt(r['final_eval_loss'])}, events {len(r['events'])}, "
+              f"quarantine {r.get('quarantine')}", flush=True)
+    meta = {"command": shlex.join(["python", "bench/spike_bench.py", *(argv if argv is not None else sys.argv[1:])]),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "seeds": seeds,
+            "work": str(work), "total_minutes": (time.monotonic() - t0) / 60, "environment": at_start}
+    with open(out / "spike_benchmark_diluted.jsonl", "a") as f:  # appended: earlier runs stay
+        f.write(json.dumps({"meta": meta, "results": [{k: v for k, v in r.items() if k not in ("curve", "eval_curve")}
+                                                       for r in results]}) + "\n")
+    md = out / "spike_benchmark.md"
+    text = md.read_text() if md.exists() else ""
+    # The table covers the newest result of every (scenario, policy, seed) in the JSONL, so a run
+    # redone later (--only/--policies) joins the runs it is compared with; each row's JSONL line keeps
+    # the commit it ran.
+    latest: dict[tuple, dict] = {}
+    commands = []
+    for line in read_jsonl(out / "spike_benchmark_diluted.jsonl"):
+        commands.append(f"{line['meta']['command']} (bigtrain {line['meta']['environment'].get('bigtrain')})")
+        for r in line["results"]:
+            latest[(r["scenario"], r["policy"], r["seed"])] = r
+    meta = {**meta, "command": " ; ".join(dict.fromkeys(commands)),
+            "seeds": sorted({k[2] for k in latest})}
+    section = "\n".join(diluted_report(list(latest.values()), meta))
+    if DILUTED_MARK not in text:
+        text = text.rstrip() + f"\n\n{DILUTED_MARK}\n## Diluted bad data: quarantine precision and recall (issue 14)\n"
+    md.write_text(text.rstrip() + "\n\n" + section + "\n")
+    print(section)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--diluted", action="store_true",
+                    help="run the diluted bad-data scenarios (issue 14) and append their section to OUT/spike_benchmark.md")
     ap.add_argument("--quick", action="store_true",
                     help=f"1 seed, shorter runs, policies {', '.join(QUICK_POLICIES)} (about 8 minutes on 2 cores)")
     ap.add_argument("--seeds", type=int, default=None,
@@ -761,6 +941,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="replace only the runs done now in OUT/spike_benchmark.jsonl and re-render everything")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per run before it is killed")
     args = ap.parse_args(argv)
+    if args.diluted:
+        return run_diluted(args, argv)
 
     out = Path(args.out or ("runs/spike-bench-quick" if args.quick else "docs"))
     out.mkdir(parents=True, exist_ok=True)

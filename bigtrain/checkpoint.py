@@ -47,7 +47,12 @@ class TrainState:
     tokens: int = 0
     """Training tokens consumed."""
     skipped: list[list[int]] = field(default_factory=list)
-    """Half-open stream ranges never to be trained on (spike recovery)."""
+    """Half-open stream ranges never to be trained on: written by bigtrain <= 0.1 only (they do not hold
+    across epochs); still honoured when such a checkpoint is resumed."""
+    skipped_samples: list[int] = field(default_factory=list)
+    """Sample ids never to be trained on, in any epoch (spike recovery; see bigtrain.sampler.SkipSet)."""
+    skipped_docs: list[int] = field(default_factory=list)
+    """Document indices judged bad; every block of theirs is in ``skipped_samples``."""
     eps: float = 1e-8
     lr_scale: float = 1.0
     """LR multiplier set by the last rollback; see ``spike.lr_cooldown_steps``."""
@@ -64,7 +69,9 @@ class TrainState:
     executed_steps: int = 0
     """Optimizer steps executed, including thrown-away ones."""
     poisoned: list[list[int]] = field(default_factory=list)
-    """Fault injection: stream ranges whose samples are garbage (bad data stays bad)."""
+    """Fault injection: half-open sample-id ranges whose blocks are garbage (bad data stays bad)."""
+    poisoned_docs: list[int] = field(default_factory=list)
+    """Fault injection: the documents made garbage (ground truth for the quarantine's precision)."""
     faults_fired: list[str] = field(default_factory=list)
     fingerprint: str = ""
     world_size: int = 1
@@ -72,7 +79,7 @@ class TrainState:
     config: dict = field(default_factory=dict)
 
     # Fields that survive a rollback: what was learned about the run, not the model's state.
-    PERSISTENT = ("skipped", "eps", "lr_scale", "lr_scale_step", "beta2", "escalation", "ds_skipped_steps", "rollbacks",
+    PERSISTENT = ("skipped", "skipped_samples", "skipped_docs", "poisoned_docs", "eps", "lr_scale", "lr_scale_step", "beta2", "escalation", "ds_skipped_steps", "rollbacks",
                   "wasted_steps", "executed_steps", "poisoned", "faults_fired")
 
     def advance(self, cursor: int, tokens: int, applied: bool) -> None:

@@ -152,6 +152,12 @@ class FaultConfig:
 
     poison_steps: list[int] = field(default_factory=list)
     """Replace the batches of these steps with random garbage tokens (bad data)."""
+    poison_fraction: float = 1.0
+    """Share of each poisoned step's samples (on each rank in ``ranks``) made garbage; at least one
+    per rank. 1.0: the whole batch."""
+    poison_documents: bool = False
+    """Poison whole documents: every block of the chosen samples' source documents is garbage, wherever
+    it is drawn (bad data comes in documents). False: only the chosen blocks."""
     nan_steps: list[int] = field(default_factory=list)
     """Force a non-finite loss at these steps."""
     corrupt_weights_step: int = 0
@@ -169,6 +175,10 @@ class FaultConfig:
     @property
     def any(self) -> bool:
         return bool(self.poison_steps or self.nan_steps or self.corrupt_weights_step or self.scale_grad_steps)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.poison_fraction <= 1:
+            raise ValueError(f"faults.poison_fraction must be in (0, 1], got {self.poison_fraction!r}")
 
 
 @dataclass

@@ -2,10 +2,12 @@
 
 Transient faults (NaN loss, scaled gradients, corrupted weights) fire once, the first time their
 step is reached, and are remembered in TrainState so a rollback does not replay them. Bad data is
-data: a run of consecutive ``poison_steps`` poisons the samples those steps draw, recorded as stream
-ranges, and those samples stay garbage whenever they are drawn again - unless recovery skips them,
-as it should. Faults act on the ranks in ``faults.ranks`` only, yet every rank records them
-identically, so decisions stay collective.
+data: a run of consecutive ``poison_steps`` poisons samples those steps draw (``poison_fraction`` of
+each rank's share, on the ranks in ``faults.ranks``), recorded as sample-id ranges, and with
+``poison_documents`` every other block of their source documents too; those blocks stay garbage
+whenever and in whichever epoch they are drawn - unless recovery skips them, as it should. The
+poisoned documents are recorded as the ground truth a benchmark scores the quarantine against. Every
+rank records the same poison, so decisions stay collective.
 """
 
 from __future__ import annotations
@@ -16,12 +18,22 @@ import torch
 
 from bigtrain.checkpoint import TrainState
 from bigtrain.config import FaultConfig
-from bigtrain.sampler import Sampler
+from bigtrain.sampler import Sampler, SkipSet, blocks_of_documents
+
+
+def poison_rows(x: torch.Tensor, ids: list[int], poisoned: list[list[int]], vocab: int) -> torch.Tensor:
+    """Rows of ``x`` (samples ``ids``) that lie in a poisoned sample-id range become garbage tokens,
+    fixed per sample id (the same garbage in every epoch). In place; returns ``x``."""
+    for row, sid in enumerate(ids):
+        if any(a <= sid < b for a, b in poisoned):
+            x[row] = torch.randint(0, vocab, (x.shape[1],), generator=torch.Generator().manual_seed(sid))
+    return x
 
 
 class FaultInjector:
-    def __init__(self, cfg: FaultConfig, rank: int):
+    def __init__(self, cfg: FaultConfig, rank: int, train_docs: torch.Tensor | None = None):
         self.cfg = cfg
+        self.train_docs = train_docs
         self.here = not cfg.ranks or rank in cfg.ranks
         self._loss_factor: float | None = None
 
@@ -32,7 +44,8 @@ class FaultInjector:
         state.faults_fired.append(key)
         return True
 
-    def begin_step(self, state: TrainState, sampler: Sampler, global_batch: int, per_rank: int, engine) -> None:
+    def begin_step(self, state: TrainState, sampler: Sampler, global_batch: int, per_rank: int, engine,
+                   skips: SkipSet | None = None) -> None:
         """Arm the faults of step ``state.step + 1`` (called before its batch is built)."""
         cfg = self.cfg
         self._loss_factor = None
@@ -40,7 +53,7 @@ class FaultInjector:
             return
         step = state.step + 1
         if self._fire(state, "poison", step, cfg.poison_steps):
-            self._poison_block(state, sampler, step, global_batch, per_rank)
+            self._poison_block(state, sampler, step, global_batch, per_rank, skips)
         if self._fire(state, "corrupt", step, [cfg.corrupt_weights_step]) and self.here:
             corrupt_weights(engine)
         if self._fire(state, "nan", step, cfg.nan_steps) and self.here:
@@ -49,17 +62,29 @@ class FaultInjector:
             self._loss_factor = cfg.grad_scale
 
     def _poison_block(self, state: TrainState, sampler: Sampler, step: int, global_batch: int,
-                      per_rank: int) -> None:
-        """Poison the samples of ``step`` and of the poison steps right after it (one bad block)."""
+                      per_rank: int, skips: SkipSet | None) -> None:
+        """Poison samples of ``step`` and of the poison steps right after it (one bad stretch): in each
+        step's batch, the first ``poison_fraction`` of each targeted rank's share (at least one)."""
         last = step
         while last + 1 in self.cfg.poison_steps:
             last += 1
             state.faults_fired.append(f"poison@{last}")
-        ahead, _ = sampler.take(state.cursor, global_batch * (last - step + 1), state.skipped)
+        ahead, _ = sampler.take(state.cursor, global_batch * (last - step + 1), state.skipped, skips)
+        ids = sampler.sample_ids(ahead)
         ranks = self.cfg.ranks or range(global_batch // per_rank)
-        bad = [(i, i + 1) for b in range(0, len(ahead), global_batch) for r in ranks
-               for i in ahead[b + r * per_rank:b + (r + 1) * per_rank]]
-        state.poisoned = [list(r) for r in Sampler.merge_ranges([*map(tuple, state.poisoned), *bad])]
+        k = max(1, round(self.cfg.poison_fraction * per_rank))
+        chosen = [sid for b in range(0, len(ids), global_batch) for r in ranks
+                  for sid in ids[b + r * per_rank:b + r * per_rank + k]]
+        docs: set[int] = set()
+        if self.train_docs is not None:
+            for sid in chosen:
+                first, last_doc = (int(d) for d in self.train_docs[sid].tolist())
+                docs.update(range(first, last_doc + 1))
+        bad = chosen
+        if self.cfg.poison_documents and self.train_docs is not None:
+            bad = blocks_of_documents(self.train_docs, docs)
+        state.poisoned_docs = sorted(set(state.poisoned_docs) | docs)
+        state.poisoned = [list(r) for r in Sampler.merge_ranges([*map(tuple, state.poisoned), *((i, i + 1) for i in bad)])]
 
     def expire(self, state: TrainState, up_to_step: int) -> None:
         """After a rollback from ``up_to_step``: transient faults scheduled up to it belong to the

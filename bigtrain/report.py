@@ -101,10 +101,10 @@ def event_table(events: list[Row]) -> str:
     """Aligned plain-text table, one row per spike event; reason last because it is the long one."""
     if not events:
         return "no spike events"
-    header = ["step", "event", "onset", "restored", "skipped", "eps", "lr_scale", "wasted", "reason"]
+    header = ["step", "event", "onset", "restored", "skipped", "eps", "lr_scale", "wasted", "cause", "share", "reason"]
     body = [[_fmt(e.get("step")), str(e.get("event", "?")), _fmt(e.get("onset_step")), _fmt(e.get("restored_step")),
              _fmt(e.get("skipped_samples")), _change(e, "eps"), _change(e, "lr_scale"), _fmt(e.get("wasted_steps")),
-             str(e.get("reason", ""))] for e in events]
+             str(e.get("cause") or "-"), _share(e.get("offending_share")), str(e.get("reason", ""))] for e in events]
     widths = [max(len(r[c]) for r in [header, *body]) for c in range(len(header) - 1)]
     lines = []
     for r in [header, *body]:
@@ -112,6 +112,31 @@ def event_table(events: list[Row]) -> str:
         lines.append("  ".join([*cells, r[-1]]).rstrip())
     lines.insert(1, "-" * max(len(line) for line in lines))
     return "\n".join(lines)
+
+
+def _share(x: Any) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def attribution_lines(events: list[Row], limit: int = 8) -> list[str]:
+    """Per event with offending samples: their ids, share of the suspect samples and the documents
+    skipped whole (issue 14: what the recovery blamed, so a person can check it)."""
+    lines = []
+    for e in events:
+        ids, docs = e.get("offending_samples") or [], e.get("offending_document_names") or []
+        if not ids and not docs:
+            continue
+        more = f" (+{len(ids) - limit} more)" if len(ids) > limit else ""
+        line = (f"step {_fmt(e.get('step'))}: cause {e.get('cause')}, {len(ids)} offending sample(s) = "
+                f"{_share(e.get('offending_share'))} of {_fmt(e.get('suspect_samples'))} suspects: "
+                f"{ids[:limit]}{more}")
+        if e.get("rank_aligned"):
+            line += "; exactly some ranks' samples (a rank fault looks the same): documents not convicted"
+        lines.append(line)
+        if docs:
+            names = ", ".join(docs[:limit]) + (f" (+{len(docs) - limit} more)" if len(docs) > limit else "")
+            lines.append(f"    documents skipped whole: {names}")
+    return lines
 
 
 def totals_lines(events: list[Row], rows: list[Row], summary: Row) -> list[str]:
@@ -264,7 +289,7 @@ def report(run_dir: Path, out: Path | None = None) -> Path:
 
     plot(run_dir, rows, events, out)
     print(event_table(events))
-    for line in totals_lines(events, rows, summary):
+    for line in [*attribution_lines(events), *totals_lines(events, rows, summary)]:
         print(line)
     print(f"plot: {out}")
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -27,11 +28,12 @@ from bigtrain.config import Config, ConfigError
 from bigtrain.data import PackedData, build_dataset, build_tokenizer
 from bigtrain.distributed import init_distributed, setup_logging
 from bigtrain.engine import build_engine, check_hparams, lr_at, set_hparams, zero_stage
-from bigtrain.faults import FaultInjector
+from bigtrain.faults import FaultInjector, poison_rows
 from bigtrain.metrics import Recorder
 from bigtrain.model import build_model
-from bigtrain.sampler import Sampler
-from bigtrain.spike import SKIP_UPDATE, Escalation, RecoveryPlan, Verdict, build_monitor
+from bigtrain.sampler import Sampler, SkipSet, blocks_of_documents, implicated_documents
+from bigtrain.spike import (CAUSE_INCIDENT, DATA, OPTIMIZER, SKIP_UPDATE, Attribution, Escalation, RecoveryPlan,
+                            Verdict, attribute, build_monitor)
 
 log = logging.getLogger("bigtrain")
 
@@ -61,13 +63,76 @@ class Layout:
 
 
 def skip_window(sampler: Sampler, cursor: int, skipped: list, rolled_back_steps: int, global_batch: int,
-                multiplier: int, margin_batches: int) -> tuple[list[int], int]:
+                multiplier: int, margin_batches: int, skips: SkipSet | None = None) -> tuple[list[int], int]:
     """The stream indices a rollback skips, and the end of its range: from the restored ``cursor``,
     ``multiplier`` times the samples the rolled-back steps drew plus ``margin_batches`` batches,
     counted among samples not skipped already. Counting in stream span instead multiplied earlier
     skips at each escalation level: one range grew to 1.65M samples in the benchmark."""
     count = (multiplier * rolled_back_steps + margin_batches) * global_batch
-    return sampler.take(cursor, count, skipped)
+    return sampler.take(cursor, count, skipped, skips)
+
+
+def attribute_spike(monitor, verdict: Verdict, cfg, per_rank: int) -> Attribution | None:
+    """Which samples of the spiked steps stand out (bigtrain's monitor only; None for the competitors,
+    which skip a window as they always did). Every rank holds the same per-sample losses (they came
+    through the step's all-reduce), so every rank reaches the same attribution."""
+    samples = getattr(monitor, "samples", None)
+    if samples is None or verdict.kind == SKIP_UPDATE:
+        return None
+    _, sums, counts = samples.suspects(verdict.onset_step if verdict.onset_step is not None else 0)
+    return attribute(sums, counts, samples.reference(cfg.mad_floor), cfg, incident=verdict.kind == "incident",
+                     per_rank=per_rank)
+
+
+@dataclass
+class Quarantine:
+    rows: list[dict]
+    """One quarantine.jsonl row per newly skipped sample id (why: outlier / document / window)."""
+    event: dict
+    """The spike event's fields about cause and skips."""
+
+
+def quarantine(state: TrainState, sampler: Sampler, data: PackedData, attribution: Attribution | None,
+               suspects: tuple[list[int], list[float], list[float]], window: tuple[int, int, int, int, int],
+               max_document_blocks: int = 0) -> Quarantine:
+    """Add to ``state.skipped_samples`` / ``skipped_docs`` what this recovery skips, by cause:
+    - data (outliers explain the spike): the outlier samples, plus every block of the documents they
+      convict (:func:`bigtrain.sampler.implicated_documents`), wherever those blocks lie in the stream;
+    - incident: the outlier samples (non-finite ones included), nothing else;
+    - optimizer, or no attribution: the outliers if any, plus the old window (``skip_window``: from the
+      restored cursor, ``window`` = (cursor, rolled-back steps, global batch, multiplier, margin)).
+    Skips are sample ids, so they hold in every epoch and at any batch or world size."""
+    ids, sums, counts = suspects
+    cause = attribution.cause if attribution is not None else OPTIMIZER
+    outliers = attribution.outliers if attribution is not None else []
+    offending = sorted({ids[i] for i in outliers})
+    docs = (implicated_documents(data.train_docs, offending, max_document_blocks)
+            if cause != CAUSE_INCIDENT and offending and not attribution.rank_aligned else [])
+    new: dict[int, dict] = {}
+    for i in outliers:
+        loss = sums[i] / counts[i] if counts[i] else None
+        loss = loss if loss is None or math.isfinite(loss) else str(loss)  # JSON has no NaN/inf
+        new.setdefault(ids[i], {"sample_id": ids[i], "why": "outlier", "loss": loss})
+    for sid in blocks_of_documents(data.train_docs, docs):
+        new.setdefault(sid, {"sample_id": sid, "why": "document"})
+    event = {"cause": cause, "offending_samples": offending, "offending_documents": docs,
+             "offending_document_names": [data.doc_names[d] for d in docs],
+             "offending_share": round(len(offending) / max(1, len(ids)), 4), "suspect_samples": len(ids),
+             "rank_aligned": bool(attribution and attribution.rank_aligned),
+             "attribution": attribution.stats if attribution is not None else {}}
+    existing = set(state.skipped_samples)
+    if cause == OPTIMIZER:
+        cursor, rolled, global_batch, multiplier, margin = window
+        stream, end = skip_window(sampler, cursor, state.skipped, rolled, global_batch, multiplier, margin,
+                                  SkipSet(existing))
+        for i, sid in zip(stream, sampler.sample_ids(stream)):
+            new.setdefault(sid, {"sample_id": sid, "why": "window", "stream_index": i})
+        event["skipped_range"] = [cursor, end]
+    rows = [row for sid, row in new.items() if sid not in existing]
+    state.skipped_samples = sorted(existing | new.keys())
+    state.skipped_docs = sorted(set(state.skipped_docs) | set(docs))
+    event["skipped_samples"] = len(rows)
+    return Quarantine(rows, event)
 
 
 def lr_multiplier(cfg: Config, state: TrainState) -> float:
@@ -147,13 +212,14 @@ def micro_batch(data: PackedData, sampler: Sampler, stream: list[int], poisoned:
                 vocab: int) -> dict[str, torch.Tensor]:
     """Model inputs (input_ids, labels, and position_ids for packed examples) of the samples at these
     stream positions, copied out of the memory-mapped blocks."""
-    batch = data.batch(sampler.sample_ids(stream))
-    x = batch["input_ids"]
-    for row, i in enumerate(stream):
-        if any(a <= i < b for a, b in poisoned):  # injected bad data: garbage tokens, fixed per sample
-            x[row] = torch.randint(0, vocab, (x.shape[1],), generator=torch.Generator().manual_seed(i))
-    if batch["labels"] is not x:  # masked labels follow the poisoned tokens where they carry a loss
+    ids = sampler.sample_ids(stream)
+    batch = data.batch(ids)
+    x = poison_rows(batch["input_ids"], list(ids), poisoned, vocab)  # injected bad data, if any
+    if batch["labels"] is batch["input_ids"]:
+        batch["labels"] = x
+    else:  # masked labels follow the poisoned tokens where they carry a loss
         batch["labels"] = torch.where(batch["labels"] != -100, x, -100)
+    batch["input_ids"] = x
     return batch
 
 
@@ -163,30 +229,63 @@ def label_count(data: PackedData, sampler: Sampler, stream: list[int]) -> int:
     return data.label_count(sampler.sample_ids(stream))
 
 
+def sample_label_counts(data: PackedData, ids: list[int]) -> list[float]:
+    """Tokens that carry a loss in each sample; every rank computes them from the ids (no collective)."""
+    return [float(data.label_count([i])) for i in ids]
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] next-token cross-entropy of every position (0 where the label is -100 or past the end).
+
+    The same computation as transformers' ForCausalLMLoss (loss_utils.py: logits upcast to float32,
+    labels shifted by padding, ignore_index -100), kept per token instead of summed, so the step's loss
+    and every sample's loss come from one cross-entropy: no second pass over the logits. Memory is
+    HF's own: the float32 copy of the logits (4 bytes x vocab per token: 0.5 MB at a 128k vocab, which
+    autograd keeps for the backward) is the one HF's loss makes too; the per-token result adds 4
+    bytes per token."""
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    return torch.nn.functional.cross_entropy(flat, shift.reshape(-1).to(flat.device), ignore_index=-100,
+                                             reduction="none").view(shift.shape)
+
+
 def train_step(engine, batches: list[dict[str, torch.Tensor]], norm: float,
-               faults: FaultInjector) -> torch.Tensor:
+               faults: FaultInjector, first_slot: int = 0, global_batch: int = 0) -> torch.Tensor:
     """Forward/backward over the micro-batches and one optimizer step. Returns the *local* tensor
-    [loss_sum, nonfinite, grad_norm / world] for one all-reduce. No host sync in here.
+    [loss_sum, nonfinite, grad_norm / world, stop, per-sample loss sums of the global batch] for one
+    all-reduce. No host sync in here.
 
     Loss normalisation: each micro-batch's summed token loss is divided by ``norm`` = global tokens /
     (accum * world); DeepSpeed then divides by accum and averages over ranks, so the gradient is that of
     (sum of token losses over the whole global batch) / (global tokens) - not a mean of micro-batch means.
+
+    Per-sample losses: this rank writes each of its samples' summed token loss into the sample's slot
+    of a ``global_batch`` vector (slot = position in the step's stream, from ``first_slot`` on) and
+    zeros elsewhere, so the step's one all-reduce gives every rank every sample's loss: 4 bytes per
+    sample on the wire (4 KB at a global batch of 1,024), no extra collective.
     """
     device = engine.device
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    per_sample = torch.zeros(global_batch, dtype=torch.float32, device=device)
+    slot = first_slot
     for batch in batches:  # input_ids, labels and, for packed examples, position_ids (see micro_batch)
-        out = engine(**{k: v.to(device) for k, v in batch.items()}, num_items_in_batch=norm)
-        loss = faults.scale_loss(out.loss)
+        x, labels = batch["input_ids"], batch["labels"]
+        out = engine(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+        sums = token_losses(out.logits, labels).sum(1)
+        loss = faults.scale_loss(sums.sum() / norm)
         engine.backward(loss)
         engine.step()  # DeepSpeed updates only at the accumulation boundary
         loss_sum += loss.detach().float() * norm  # stays on the device: no sync per micro-batch
+        if global_batch:
+            per_sample[slot:slot + len(x)] = sums.detach()
+        slot += len(x)
     grad_norm = engine.get_global_grad_norm()
     grad_norm = float("nan") if grad_norm is None else grad_norm
     grad_norm = torch.as_tensor(grad_norm, dtype=torch.float32, device=device)
     nonfinite = (~torch.isfinite(loss_sum)).float()
     stop = torch.tensor(float(StopRequest.signum > 0), device=device)
     # On the device: NCCL reduces only device tensors (gloo on CPU takes either).
-    return torch.stack([loss_sum, nonfinite, grad_norm / dist.get_world_size(), stop])
+    return torch.cat([torch.stack([loss_sum, nonfinite, grad_norm / dist.get_world_size(), stop]), per_sample])
 
 
 @torch.no_grad()
@@ -248,7 +347,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
     vocab = model.config.get_text_config().vocab_size
     sampler = Sampler(data.train.shape[0], t.seed, cfg.data.shuffle)
     monitor, escalation = build_monitor(sc, t.steps), Escalation(sc)
-    faults = FaultInjector(cfg.faults, rank)
+    faults = FaultInjector(cfg.faults, rank, data.train_docs)
     durable = CheckpointStore(run_dir / "checkpoints", cfg.checkpoint.keep, hf_writers(model, tokenizer))
     snaps = CheckpointStore(snapshot_root(cfg, run_dir, world, local_world), cfg.checkpoint.snapshot_keep)
     if rank == 0:
@@ -278,22 +377,28 @@ def train(cfg: Config, resume: str | None = None) -> int:
     if cfg.checkpoint.snapshot_interval:
         save(snaps, engine, state, monitor, escalation)
     t_start, eval_loss, last = time.time(), None, {}
+    skips = SkipSet(state.skipped_samples)  # rebuilt after each recovery, the only place it grows
+    samples = getattr(monitor, "samples", None)  # per-sample reference (bigtrain's monitor only)
     StopRequest.install()  # only around the loop: before it, SIGTERM must simply kill a stuck start-up
 
     while state.step < t.steps:
         t0 = time.perf_counter()
-        stream, cursor = sampler.take(state.cursor, layout.global_batch, state.skipped)
-        faults.begin_step(state, sampler, layout.global_batch, t.micro_batch * t.grad_accum, engine)
+        stream, cursor = sampler.take(state.cursor, layout.global_batch, state.skipped, skips)
+        faults.begin_step(state, sampler, layout.global_batch, t.micro_batch * t.grad_accum, engine, skips)
         batches = [micro_batch(data, sampler, s, state.poisoned, vocab) for s in layout.local(stream)]
         global_tokens = label_count(data, sampler, stream)
         lr = lr_for(cfg, state)
         set_hparams(engine, lr, state.eps, state.beta2)
-        local = train_step(engine, batches, global_tokens / (t.grad_accum * world), faults)
+        local = train_step(engine, batches, global_tokens / (t.grad_accum * world), faults,
+                           rank * t.micro_batch * t.grad_accum, layout.global_batch)
         dist.all_reduce(local)  # the one collective of the step: every rank sees the same numbers
-        loss_sum, nonfinite, grad_norm, stop = local.tolist()  # the one host sync of the step
+        loss_sum, nonfinite, grad_norm, stop, *sample_sums = local.tolist()  # the one host sync of the step
         applied = engine.was_step_applied()
         state.advance(cursor, layout.global_batch * cfg.data.seq_len, applied)
         verdict = monitor.observe(state.step, loss_sum / global_tokens, grad_norm, nonfinite > 0, not applied)
+        if samples is not None:
+            ids = sampler.sample_ids(stream)
+            samples.observe(state.step, ids, sample_sums, sample_label_counts(data, ids), verdict.kind == "ok")
         last = {"step": state.step, "loss": loss_sum / global_tokens, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_sec": layout.global_batch * cfg.data.seq_len / (time.perf_counter() - t0),
                 "samples": state.cursor, "tokens": state.tokens, "eps": state.eps, "step_applied": applied,
@@ -304,6 +409,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
             faults.expire(state, state.step)
             reason = recover(cfg, engine, stores, state, verdict, last, monitor, escalation, sampler, data, rec,
                              faults)
+            skips = SkipSet(state.skipped_samples)
             if reason is not None:
                 path = save(durable, engine, state, monitor, escalation)
                 rec.close()
@@ -349,6 +455,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
     summary = {"steps": state.step, "seconds": round(time.time() - t_start, 1), "final_loss": last.get("loss"),
                "eval_loss": eval_loss, "rollbacks": state.rollbacks, "wasted_steps": state.wasted_steps,
                "ds_skipped_steps": state.ds_skipped_steps, "skipped_ranges": state.skipped,
+               "skipped_samples": len(state.skipped_samples), "skipped_docs": len(state.skipped_docs),
                "checkpoint": str(final), "final_save_seconds": round(save_seconds, 3),
                "peak_rss_mb_max_rank": round(peak_rss.item(), 1)}
     log.info("done: %s", json.dumps(summary))
@@ -390,8 +497,10 @@ def pick_target(stores: list[CheckpointStore], onset: int) -> tuple[int, Checkpo
 def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainState, verdict: Verdict,
             signals: dict, monitor, escalation: Escalation, sampler: Sampler, data: PackedData,
             rec: Recorder, faults: FaultInjector) -> str | None:
-    """Roll back to the newest checkpoint before the spike's onset, skip the data from there to the
-    spike, lower eps (and LR when escalating). Mutates ``state`` in place. Returns the reason when the
+    """Roll back to the newest checkpoint before the spike's onset and treat the cause the per-sample
+    losses point to (``attribute_spike``): data -> skip the offending samples and their documents,
+    hyper-parameters unchanged; optimizer -> skip the window from there to the spike and climb the
+    eps/LR/beta2 ladder; incident -> rewind only. Mutates ``state`` in place. Returns the reason when the
     budget is spent (state is then the last healthy one; the caller saves and exits): never loops."""
     t0 = time.time()
     onset = verdict.onset_step if verdict.onset_step is not None else state.step
@@ -410,9 +519,11 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
         plan = RecoveryPlan(stop=False, reason=verdict.reason, level=0, skip_multiplier=1, eps=state.eps,
                             lr_scale=lr_multiplier(cfg, state), beta2=state.beta2,
                             wasted_steps=state.step - target_step)
-    else:
+    attribution = attribute_spike(monitor, verdict, cfg.spike, cfg.train.micro_batch * cfg.train.grad_accum)
+    suspects = monitor.samples.suspects(onset) if attribution is not None else ([], [], [])
+    if verdict.kind != SKIP_UPDATE:
         plan = escalation.decide(state.step, onset, target_step, target_step, state.eps, lr_multiplier(cfg, state),
-                                 state.beta2)
+                                 state.beta2, attribution.cause if attribution else OPTIMIZER)
     spike_step = state.step
     persistent = {k: getattr(state, k) for k in TrainState.PERSISTENT}
     old = checkpoint.load(engine, store.root / checkpoint.tag_for(target_step))  # collective
@@ -436,9 +547,9 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
         return plan.reason
     global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dist.get_world_size()
     margin = cfg.spike.skip_margin_batches if verdict.kind != SKIP_UPDATE else 0
-    newly_skipped, skip_end = skip_window(sampler, old.cursor, state.skipped, spike_step - target_step,
-                                          global_batch, plan.skip_multiplier, margin)
-    state.skipped = [list(r) for r in Sampler.merge_ranges([*map(tuple, state.skipped), (old.cursor, skip_end)])]
+    window = (old.cursor, spike_step - target_step, global_batch, plan.skip_multiplier, margin)
+    max_blocks = max(1, int(cfg.spike.max_document_share * data.train.shape[0]))
+    skip = quarantine(state, sampler, data, attribution, suspects, window, max_blocks)
     before = {"eps": state.eps, "lr_scale": lr_multiplier(cfg, state), "beta2": state.beta2}
     state.eps, state.lr_scale, state.beta2 = plan.eps, plan.lr_scale, plan.beta2
     state.lr_scale_step = target_step
@@ -448,15 +559,16 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
     check_hparams(engine, state.eps, state.beta2)  # DeepSpeed's load restored the old eps: prove it is set
     for s in stores:
         s.drop_after(target_step)
-    rec.quarantine({"stream_index": i, "sample_id": sampler.sample_id(i), "sources": data.sources(sampler.sample_id(i)),
-                    "rollback": state.rollbacks} for i in newly_skipped)
+    rec.quarantine({**row, "sources": data.sources(row["sample_id"]), "rollback": state.rollbacks}
+                   for row in skip.rows)
     rec.event({**event, "event": "rollback" if verdict.kind != SKIP_UPDATE else "skip_update", "action": "rollback+skip" + ("+eps" if plan.eps != before["eps"] else "")
                + ("+lr" if plan.lr_scale != before["lr_scale"] else "") + ("+beta2" if plan.beta2 != before["beta2"] else ""),
                "level": plan.level, "restored_step": target_step, "restored_from": str(store.root),
-               "skipped_range": [old.cursor, skip_end], "skipped_samples": len(newly_skipped),
+               **skip.event,
                "eps_before": before["eps"], "eps_after": state.eps, "lr_scale_before": before["lr_scale"],
                "lr_scale_after": state.lr_scale, "beta2_before": before["beta2"], "beta2_after": state.beta2,
                "wasted_steps": spike_step - target_step, "recover_seconds": round(time.time() - t0, 3)})
-    log.warning("step %d: %s -> rolled back to step %d, skipping samples [%d, %d), eps %.3g -> %.3g",
-                spike_step, verdict.reason, target_step, old.cursor, skip_end, before["eps"], state.eps)
+    log.warning("step %d: %s -> cause %s, rolled back to step %d, skipping %d samples (%d documents), eps %.3g -> %.3g",
+                spike_step, verdict.reason, skip.event.get("cause"), target_step, skip.event["skipped_samples"],
+                len(skip.event.get("offending_documents", [])), before["eps"], state.eps)
     return None

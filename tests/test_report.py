@@ -116,3 +116,21 @@ def test_event_table_aligned():
     starts = {line.index(word) for line, word in zip([header, *body], ["event", "rollback", "stop"])}
     assert starts == {header.index("event")}
     assert set(rule) == {"-"}
+
+
+def test_report_shows_cause_and_offending_samples():
+    from bigtrain.report import attribution_lines, event_table
+
+    events = [{"step": 42, "event": "rollback", "onset_step": 40, "restored_step": 36, "skipped_samples": 130,
+               "eps_before": 1e-8, "eps_after": 1e-8, "lr_scale_before": 1.0, "lr_scale_after": 1.0,
+               "wasted_steps": 6, "cause": "data", "offending_samples": [776, 2635, 2727], "offending_share": 0.1667,
+               "suspect_samples": 18, "offending_document_names": ["stdlib:abc.py"], "reason": "3 consecutive"},
+              {"step": 60, "event": "rollback", "cause": "optimizer", "offending_samples": [], "reason": "x"}]
+    table = event_table(events)
+    header = table.splitlines()[0].split()
+    row = table.splitlines()[2].split()
+    assert header[8:10] == ["cause", "share"] and row[8:10] == ["data", "17%"]
+    assert table.splitlines()[3].split()[8:10] == ["optimizer", "-"]
+    lines = attribution_lines(events)
+    assert lines == ["step 42: cause data, 3 offending sample(s) = 17% of 18 suspects: [776, 2635, 2727]",
+                     "    documents skipped whole: stdlib:abc.py"]

@@ -88,3 +88,56 @@ def test_rollback_skip_window_counts_drawn_samples_not_stream_span():
     newly, end = skip_window(s, 100, [(100, 140)], rolled_back_steps=3, global_batch=8, multiplier=2,
                              margin_batches=2)
     assert newly == list(range(140, 204)) and end == 204
+
+
+# ------------------------------------------------------------------------------------------------
+# Skips by sample identity (issue 11 item 4): they hold in every epoch and at any batch/world size.
+
+from bigtrain.sampler import SkipSet, blocks_of_documents, implicated_documents  # noqa: E402
+import torch  # noqa: E402
+
+
+def test_skipped_ids_never_reappear_in_any_epoch_or_batch_size():
+    n = 101
+    s = Sampler(n, seed=5)
+    bad = SkipSet([3, 50, 77, 100])
+    for batch in (1, 4, 7):  # a change of micro batch or world size only changes the count per take
+        cursor, seen = 0, []
+        while cursor < 3 * n:  # three epochs, each a different permutation
+            taken, cursor = s.take(cursor, batch, (), bad)
+            seen += s.sample_ids(taken)
+        assert not {3, 50, 77, 100} & set(seen)
+        # every other sample still comes once per epoch
+        first_epoch = [sid for sid in seen[: n - 4]]
+        assert sorted(first_epoch) == sorted(set(range(n)) - {3, 50, 77, 100})
+    # Split takes equal one take, also with ids skipped (the position stays one number).
+    whole, end = s.take(95, 30, (), bad)
+    a, mid = s.take(95, 11, (), bad)
+    b, end2 = s.take(mid, 19, (), bad)
+    assert a + b == whole and end == end2
+
+
+def test_skipped_ids_cost_nothing_at_a_deep_cursor():
+    s = Sampler(10**5, seed=0)
+    bad = SkipSet(range(0, 10**5, 7))  # 14,286 ids: 1/7 of the data
+    t0 = time.perf_counter()
+    taken, _ = s.take(10**9, 1024, (), bad)
+    elapsed = time.perf_counter() - t0
+    assert len(taken) == 1024 and not any(sid % 7 == 0 for sid in s.sample_ids(taken))
+    assert elapsed < 0.5  # one permutation (O(N)) plus O(count log S); no walk from 0
+    with pytest.raises(ValueError, match="every one"):
+        Sampler(3, seed=0).take(0, 1, (), SkipSet([0, 1, 2]))
+
+
+def test_documents_blocks_and_conviction():
+    # blocks: 0:[0,0] 1:[0,1] 2:[1,1] 3:[1,1] 4:[1,3] 5:[3,3] 6:[4,4]  (doc 2 lies inside block 4)
+    td = torch.tensor([[0, 0], [0, 1], [1, 1], [1, 1], [1, 3], [3, 3], [4, 4]])
+    assert blocks_of_documents(td, [1]) == [1, 2, 3, 4]
+    assert blocks_of_documents(td, [2]) == [4]
+    assert blocks_of_documents(td, [0, 4]) == [0, 1, 6]
+    # block 2 has doc 1 alone: doc 1 is convicted; block 1 (docs 0, 1) does not convict doc 0
+    assert implicated_documents(td, [1, 2]) == [1]
+    # a shared block alone convicts nobody; two shared blocks of doc 3 convict it
+    assert implicated_documents(td, [4]) == []
+    assert implicated_documents(td, [4, 5]) == [3]  # block 5 is doc 3 alone; doc 1 is in block 4 only
+    assert implicated_documents(td, [2], max_blocks=3) == []  # doc 1 has 4 blocks: too long

@@ -411,3 +411,124 @@ def test_config_validation_names_the_field(kwargs, field):
 def test_config_message_format():
     with pytest.raises(ValueError, match=r"spike\.window must be >= 8, got 3"):
         SpikeConfig(window=3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Attribution (issue 14): which samples caused a spike, and what that says about the cause.
+
+import random  # noqa: E402
+import time  # noqa: E402
+
+from bigtrain.spike import DATA, OPTIMIZER, CAUSE_INCIDENT, SampleLosses, attribute  # noqa: E402
+
+
+def _reference(level: float = 3.0, n_steps: int = 20, batch: int = 16, seed: int = 0) -> SampleLosses:
+    """Accepted steps of a loss falling from 4 to ``level``, per-sample spread ~15%, 100 labels each."""
+    rng = random.Random(seed)
+    s = SampleLosses(256)
+    for k in range(n_steps):
+        mean = 4.0 + (level - 4.0) * k / (n_steps - 1)
+        sums = [100 * mean * math.exp(rng.gauss(0, 0.15)) for _ in range(batch)]
+        s.observe(k, list(range(batch)), sums, [100.0] * batch, accepted=True)
+    return s
+
+
+def test_attribution_finds_the_garbage_samples_and_calls_it_data():
+    cfg = SpikeConfig()
+    ref = _reference().reference(cfg.mad_floor)
+    level, sigma = ref
+    assert math.exp(level) == pytest.approx(3.0, rel=0.1)  # follows the falling loss, not the window
+    assert sigma < 0.2  # the trend between steps is not counted as spread
+    rng = random.Random(1)
+    sums = [100 * 3.0 * math.exp(rng.gauss(0, 0.15)) for _ in range(48)]
+    bad = [2, 17, 30, 31, 40]
+    for i in bad:
+        sums[i] = 100 * 5.5  # random tokens at ln(257): 1.8x the level
+    t0 = time.perf_counter()
+    a = attribute(sums, [100.0] * 48, ref, cfg)
+    assert time.perf_counter() - t0 < 0.01
+    assert a.outliers == bad and a.cause == DATA
+    assert a.stats["outlier_share"] == pytest.approx(5 / 48)
+
+
+def test_attribution_everyone_rising_is_the_optimizer():
+    cfg = SpikeConfig()
+    ref = _reference().reference(cfg.mad_floor)
+    rng = random.Random(2)
+    # every sample 3x: even those that stand out do not explain the spike
+    sums = [100 * 9.0 * math.exp(rng.gauss(0, 0.15)) for _ in range(32)]
+    a = attribute(sums, [100.0] * 32, ref, cfg)
+    assert len(a.outliers) == 32 and a.cause == OPTIMIZER
+    # most rising with a few far above: the rest's median moved, so still not data
+    sums[:4] = [100 * 30.0] * 4
+    for i in range(4, 32):
+        sums[i] = 100 * 3.0 * 1.3 * math.exp(rng.gauss(0, 0.05))
+    c = attribute(sums, [100.0] * 32, ref, cfg)
+    assert c.outliers[:4] == [0, 1, 2, 3] and c.cause == OPTIMIZER and c.stats["rest_median_ratio"] > 1.1
+    # nothing stands out at all (a grad-norm spike with normal losses)
+    calm = [100 * 3.0 * math.exp(rng.gauss(0, 0.15)) for _ in range(32)]
+    b = attribute(calm, [100.0] * 32, ref, cfg)
+    assert b.outliers == [] and b.cause == OPTIMIZER
+
+
+def test_attribution_incident_nonfinite_samples_and_no_reference():
+    cfg = SpikeConfig()
+    ref = _reference().reference(cfg.mad_floor)
+    sums = [300.0] * 8
+    sums[5] = float("nan")
+    a = attribute(sums, [100.0] * 8, ref, cfg, incident=True)
+    assert a.cause == CAUSE_INCIDENT and a.outliers == [5]
+    # too little history: nothing is judged except non-finite values; samples without labels ignored
+    few = SampleLosses(256)
+    few.observe(1, [0, 1], [300.0, 310.0], [100.0, 100.0], accepted=True)
+    assert few.reference(cfg.mad_floor) is None
+    b = attribute([300.0, 900.0, float("inf"), 0.0], [100.0, 100.0, 100.0, 0.0], None, cfg)
+    assert b.outliers == [2] and b.cause == OPTIMIZER
+
+
+def test_sample_losses_suspects_state_round_trip():
+    s = _reference()
+    s.observe(30, [1, 2], [1.0, 2.0], [1.0, 1.0], accepted=False)
+    s.observe(31, [3, 4], [3.0, 4.0], [1.0, 1.0], accepted=False)
+    assert s.suspects(31) == ([3, 4], [3.0, 4.0], [1.0, 1.0])
+    assert s.suspects(0)[0] == [1, 2, 3, 4]
+    t = SampleLosses(256)
+    t.load_state_dict(s.state_dict())
+    assert t.state_dict() == s.state_dict() and t.reference(0.01) == s.reference(0.01)
+    s.observe(32, [5], [3.0], [1.0], accepted=True)  # an accepted step clears the suspects
+    assert s.suspects(0) == ([], [], [])
+
+
+def test_monitor_keeps_suspects_until_recovery_resets_them():
+    mon = warmed_monitor()
+    mon.samples.observe(200, [9], [5.0], [1.0], accepted=False)
+    v = mon.observe(200, 1e6, 1.0)  # fires: its own pending run resets, the suspects stay
+    assert v.recover and mon.samples.suspects(0)[0] == [9]
+    mon.reset_pending()
+    assert mon.samples.suspects(0)[0] == []
+
+
+def test_escalation_by_cause_keeps_hparams_for_data_and_incident():
+    cfg = SpikeConfig()
+    esc = Escalation(cfg)
+    for i, cause in enumerate([DATA, DATA, CAUSE_INCIDENT]):
+        plan = esc.decide(100 + i, 100 + i, 96, 96, 1e-8, 1.0, 0.99, cause)
+        assert not plan.stop and (plan.eps, plan.lr_scale, plan.beta2, plan.level) == (1e-8, 1.0, 0.99, -1)
+    # an optimizer spike after data spikes in the same region starts the ladder at level 0
+    plan = esc.decide(104, 104, 96, 96, 1e-8, 1.0, 0.99, OPTIMIZER)
+    assert plan.level == 0 and plan.eps < 1e-8 and plan.lr_scale == 1.0
+    plan = esc.decide(105, 105, 96, 96, plan.eps, plan.lr_scale, 0.99, OPTIMIZER)
+    assert plan.level == 1 and plan.lr_scale < 1.0
+    assert esc.rollbacks == 5  # data rollbacks count against the budget all the same
+
+
+def test_attribution_recognises_rank_aligned_outliers():
+    cfg = SpikeConfig()
+    ref = _reference().reference(cfg.mad_floor)
+    sums = [300.0] * 8 + [300.0] * 8  # two steps, 2 ranks x 4 samples each
+    for i in (4, 5, 6, 7, 12, 13, 14, 15):  # rank 1's samples in both steps
+        sums[i] = 3000.0
+    a = attribute(sums, [100.0] * 16, ref, cfg, per_rank=4)
+    assert a.cause == DATA and a.rank_aligned
+    sums[15] = 300.0  # one of rank 1's samples normal: bad data, not a rank fault
+    assert not attribute(sums, [100.0] * 16, ref, cfg, per_rank=4).rank_aligned

@@ -1,0 +1,49 @@
+"""Fault injection of partial-batch poison (issue 14): which samples and documents become garbage."""
+
+import torch
+
+from bigtrain.checkpoint import TrainState
+from bigtrain.config import FaultConfig
+from bigtrain.faults import FaultInjector, poison_rows
+from bigtrain.sampler import Sampler, SkipSet
+
+# 12 blocks, documents: 0:[0,0] 1:[0,1] 2:[1,1] 3:[2,2] ... block b >= 2 is document b alone
+DOCS = torch.tensor([[0, 0], [0, 1], [1, 1]] + [[d, d] for d in range(2, 11)])
+
+
+def poison(cfg: FaultConfig, skips: SkipSet | None = None) -> tuple[TrainState, list[int]]:
+    state = TrainState()
+    sampler = Sampler(12, seed=3)
+    FaultInjector(cfg, rank=0, train_docs=DOCS).begin_step(state, sampler, 8, 4, engine=None, skips=skips)
+    drawn, _ = sampler.take(0, 16, (), skips)
+    return state, sampler.sample_ids(drawn)
+
+
+def test_fraction_of_one_ranks_samples_and_their_documents():
+    cfg = FaultConfig(poison_steps=[1, 2], poison_fraction=0.25, ranks=[1])
+    state, ids = poison(cfg)
+    chosen = [ids[4], ids[12]]  # rank 1's first sample in each of the two steps (4 per rank)
+    assert {i for a, b in state.poisoned for i in range(a, b)} == set(chosen)
+    assert state.poisoned_docs == sorted({d for b in chosen for d in range(int(DOCS[b, 0]), int(DOCS[b, 1]) + 1)})
+    assert state.faults_fired == ["poison@1", "poison@2"]
+
+
+def test_poison_documents_spreads_to_every_block_of_them():
+    cfg = FaultConfig(poison_steps=[1], poison_fraction=0.25, poison_documents=True)
+    state, ids = poison(cfg)
+    blocks = {i for a, b in state.poisoned for i in range(a, b)}
+    for d in state.poisoned_docs:
+        assert {b for b in range(12) if DOCS[b, 0] <= d <= DOCS[b, 1]} <= blocks
+    assert {ids[0], ids[4]} <= blocks  # the first sample of each rank
+
+
+def test_poison_rows_is_fixed_per_sample_id_and_skips_respected():
+    x = torch.zeros(3, 5, dtype=torch.long)
+    out = poison_rows(x.clone(), [7, 2, 9], [[2, 3], [9, 10]], vocab=50)
+    assert out[0].eq(0).all() and not out[1].eq(0).all() and not out[2].eq(0).all()
+    again = poison_rows(torch.zeros(1, 5, dtype=torch.long), [2], [[2, 3]], vocab=50)
+    assert torch.equal(again[0], out[1])  # the same garbage whenever sample 2 is drawn
+    # Poison picks among samples the run will draw: never an already skipped one.
+    skips = SkipSet([0, 1, 2, 3])
+    state, _ = poison(FaultConfig(poison_steps=[1]), skips)
+    assert not {i for a, b in state.poisoned for i in range(a, b)} & {0, 1, 2, 3}
