@@ -163,13 +163,11 @@ def lr_for(cfg: Config, state: TrainState) -> float:
 
 
 def build_data(cfg: Config, tokenizer, local_rank: int) -> PackedData:
-    """Local rank 0 tokenizes and fills the cache first; the others then read it (no 2x tokenizing)."""
-    if local_rank != 0:
-        dist.barrier()
-    data = build_dataset(cfg.data, tokenizer, cfg.train.seed)
-    if local_rank == 0:
-        dist.barrier()
-    return data
+    """Every rank calls build_dataset. The first process to take the cache entry's file lock prepares
+    it; the others block on that lock, not in a collective, so no distributed timeout can kill a long
+    preparation; then every rank memory-maps the same read-only files. ``local_rank`` is unused and
+    kept for callers."""
+    return build_dataset(cfg.data, tokenizer, cfg.train.seed, cfg.model.path)
 
 
 def prepare_run_dir(cfg: Config, run_dir: Path, resume: str | None, rank: int) -> Path | None:
@@ -269,29 +267,29 @@ def check_snapshot_budget(cfg: Config, root: Path, model, ds_config: dict, world
 
 
 def micro_batch(data: PackedData, sampler: Sampler, stream: list[int], poisoned: list[list[int]],
-                vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, labels) of the samples at these stream positions."""
-    ids = torch.tensor(sampler.sample_ids(stream), dtype=torch.long)
-    x = poison_rows(data.train[ids].clone(), ids.tolist(), poisoned, vocab)  # injected bad data, if any
-    labels = x if data.train_labels is None else data.train_labels[ids]
-    return x, labels
+                vocab: int) -> dict[str, torch.Tensor]:
+    """Model inputs (input_ids, labels, and position_ids for packed examples) of the samples at these
+    stream positions, copied out of the memory-mapped blocks."""
+    ids = sampler.sample_ids(stream)
+    batch = data.batch(ids)
+    x = poison_rows(batch["input_ids"], list(ids), poisoned, vocab)  # injected bad data, if any
+    if batch["labels"] is batch["input_ids"]:
+        batch["labels"] = x
+    else:  # masked labels follow the poisoned tokens where they carry a loss
+        batch["labels"] = torch.where(batch["labels"] != -100, x, -100)
+    batch["input_ids"] = x
+    return batch
 
 
 def label_count(data: PackedData, sampler: Sampler, stream: list[int]) -> int:
     """Tokens that carry a loss in the whole global batch. Every rank computes it from the sample ids
     it already knows, so normalising by it costs no communication."""
-    if data.train_labels is None:
-        return len(stream) * (data.train.shape[1] - 1)
-    labels = data.train_labels[torch.tensor(sampler.sample_ids(stream), dtype=torch.long)]
-    return int((labels[:, 1:] != -100).sum())
+    return data.label_count(sampler.sample_ids(stream))
 
 
 def sample_label_counts(data: PackedData, ids: list[int]) -> list[float]:
     """Tokens that carry a loss in each sample; every rank computes them from the ids (no collective)."""
-    if data.train_labels is None:
-        return [float(data.train.shape[1] - 1)] * len(ids)
-    labels = data.train_labels[torch.tensor(ids, dtype=torch.long)]
-    return (labels[:, 1:] != -100).sum(1).float().tolist()
+    return [float(data.label_count([i])) for i in ids]
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -316,7 +314,7 @@ def train_mode(engine) -> None:
     engine.train()
 
 
-def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], norm: float,
+def train_step(engine, batches: list[dict[str, torch.Tensor]], norm: float,
                faults: FaultInjector, first_slot: int = 0, global_batch: int = 0) -> torch.Tensor:
     """Forward/backward over the micro-batches and one optimizer step. Returns the *local* tensor
     [loss_sum, nonfinite, grad_norm / world, stop, per-sample loss sums of the global batch] for one
@@ -335,8 +333,9 @@ def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], norm: f
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     per_sample = torch.zeros(global_batch, dtype=torch.float32, device=device)
     slot = first_slot
-    for x, labels in batches:
-        out = engine(input_ids=x.to(device))
+    for batch in batches:  # input_ids, labels and, for packed examples, position_ids (see micro_batch)
+        x, labels = batch["input_ids"], batch["labels"]
+        out = engine(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
         sums = token_losses(out.logits, labels).sum(1)
         loss = faults.scale_loss(sums.sum() / norm)
         engine.backward(loss)
@@ -364,10 +363,9 @@ def evaluate(engine, data: PackedData, layout: Layout, batches: int) -> float:
     for b in range(batches):
         start = (b * layout.world + layout.rank) * layout.micro
         rows = [(start + j) % m for j in range(layout.micro)]
-        x = data.eval[rows].to(engine.device)
-        labels = x if data.eval_labels is None else data.eval_labels[rows].to(engine.device)
-        out = engine(input_ids=x, labels=labels)
-        n = int((labels[:, 1:] != -100).sum())
+        batch = {k: v.to(engine.device) for k, v in data.batch(rows, "eval").items()}
+        out = engine(**batch)
+        n = int((batch["labels"][:, 1:] != -100).sum())
         total += torch.stack([out.loss.double() * n, torch.tensor(n, dtype=torch.float64, device=engine.device)])
     dist.all_reduce(total)
     engine.train()

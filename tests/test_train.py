@@ -86,7 +86,7 @@ def test_export_gives_a_loadable_model_with_the_trained_eval_loss(tmp_path, data
         for b in range(3):
             for rank in range(2):
                 start = (b * 2 + rank) * 2
-                x = data.eval[[(start + j) % m for j in range(2)]]
+                x = data.batch([(start + j) % m for j in range(2)], "eval")["input_ids"]
                 tokens = x.shape[0] * (x.shape[1] - 1)
                 total += model(input_ids=x, labels=x).loss.item() * tokens
                 n += tokens
