@@ -54,7 +54,7 @@ _FORMAT_VERSION = 2
 _LOADERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _SOURCES = ("stdlib", "files", "hub", "modadd")
 _FORMATS = ("text", "chat", "prompt_completion")
-# The modadd task (research/spike-anchors.md 6.2): [a, b, "=", c] with c = (a + b) mod 97.
+# The modadd task (docs/design.md sec. 3): [a, b, "=", c] with c = (a + b) mod 97.
 MODADD_P = 97
 MODADD_EQ = MODADD_P  # token id of "="; ids 0..96 are the numbers themselves
 MODADD_SEQ_LEN = 4
@@ -80,7 +80,7 @@ class DataConfig:
     "hub": a Hugging Face dataset: ``hub_name`` is a hub name (``load_dataset``; needs the network or
     a warm HF cache), a directory written by ``save_to_disk``, or a local dataset repository
     directory (data files ``load_dataset`` understands); ``split`` picks the split.
-    "modadd": the built-in synthetic task a + b mod 97 (research/spike-anchors.md 6.2, the low-loss
+    "modadd": the built-in synthetic task a + b mod 97 (docs/design.md sec. 3, the low-loss
     Adam spike recipe; use it with ``model.preset=modadd`` and ``data.seq_len=4``): every sample is
     the 4 tokens [a, b, 97 ("="), c], loss on c only; ``modadd_train_fraction`` of the 9,409 pairs
     train, the rest eval. Built in memory from nothing, never cached."""

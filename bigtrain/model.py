@@ -18,7 +18,7 @@ PRESETS: dict[str, dict] = {
                         num_key_value_heads=8),
     "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8),
-    # The low-loss Adam spike recipe (research/spike-anchors.md sec. 6.2): 1 layer, d=128, 4 heads.
+    # The low-loss Adam spike recipe (docs/design.md sec. 3): 1 layer, d=128, 4 heads.
     "modadd": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
                    num_key_value_heads=4),
 }
