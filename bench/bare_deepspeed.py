@@ -68,7 +68,7 @@ def main() -> int:
         base = step * per_rank * world + rank * per_rank
         for m in range(t.grad_accum):
             rows = order[(base + m * t.micro_batch + torch.arange(t.micro_batch)) % order.numel()]
-            x = data.train[rows].to(engine.device)
+            x = data.batch(rows.tolist())["input_ids"].to(engine.device)
             loss = engine(input_ids=x, labels=x).loss
             engine.backward(loss)
             engine.step()

@@ -42,15 +42,14 @@ from bigtrain.model import build_model  # noqa: E402
 class Blocks(torch.utils.data.Dataset):
     """Packed train blocks as the Trainer wants them: one dict per sample, labels = input_ids."""
 
-    def __init__(self, blocks: torch.Tensor):
-        self.blocks = blocks
+    def __init__(self, data):
+        self.data = data
 
     def __len__(self) -> int:
-        return self.blocks.shape[0]
+        return self.data.train.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        x = self.blocks[i]
-        return {"input_ids": x, "labels": x}
+        return {k: v[0] for k, v in self.data.batch([i]).items()}
 
 
 def main() -> int:
@@ -109,7 +108,7 @@ def main() -> int:
         ignore_data_skip=False, ddp_backend="gloo" if args.no_deepspeed else None,
         remove_unused_columns=False,
     )
-    trainer = Trainer(model=model, args=targs, train_dataset=Blocks(data.train), callbacks=[StepClock()])
+    trainer = Trainer(model=model, args=targs, train_dataset=Blocks(data), callbacks=[StepClock()])
     t_fit = time.perf_counter()
     trainer.train(resume_from_checkpoint=args.resume)
     t_done = time.perf_counter()

@@ -34,6 +34,8 @@ log = logging.getLogger("bigtrain")
 
 MARKER = "COMPLETE"
 STATE_FILE = "bigtrain_state.json"
+INCOMING = "incoming-"  # a save in progress: complete only once renamed to step_*
+REPLACED = "replaced-"  # the checkpoint being replaced, for the moment between two renames
 
 
 @dataclass
@@ -185,6 +187,57 @@ def _manifest(path: Path, step: int) -> str:
     return json.dumps({"step": step, "time": time.time(), "files": files}, indent=1)
 
 
+def _swap_in(incoming: Path, path: Path) -> None:
+    """Rename a complete ``incoming`` into ``path``, replacing what is there. Two renames (atomic
+    each, O(1) on a shared filesystem whatever the checkpoint size): if the process dies between
+    them, ``finish_swaps`` completes the swap on the next start, so a complete copy always exists."""
+    aside = path.with_name(REPLACED + path.name)
+    if path.exists():
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.rename(path, aside)
+    os.rename(incoming, path)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def finish_swaps(root: Path) -> None:
+    """Rank 0, before anyone lists ``root``: finish a swap a crash interrupted (a complete
+    ``incoming-`` whose target is gone is renamed into place; otherwise the replaced copy goes back),
+    and drop save leftovers that never completed."""
+    if not root.is_dir():
+        return
+    for incoming in root.glob(INCOMING + "step_*"):
+        path = root / incoming.name[len(INCOMING):]
+        if not path.exists() and is_complete(incoming):
+            log.warning("finishing the interrupted replacement of %s", path)
+            os.rename(incoming, path)
+        else:
+            shutil.rmtree(incoming, ignore_errors=True)
+    for aside in root.glob(REPLACED + "step_*"):
+        path = root / aside.name[len(REPLACED):]
+        if not path.exists():
+            os.rename(aside, path)
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+
+
+def set_aside_newer(root: Path, step: int) -> Path | None:
+    """Rank 0, on resume from ``step``: move every checkpoint of ``root`` newer than ``step`` into
+    ``root/abandoned-<time>/``. They belong to the timeline this resume abandons (a later save of the
+    same step must not meet them, and ``--resume auto`` must not pick them); kept, not deleted, so a
+    person can still go back to them. Returns the folder, or None when there was nothing to move."""
+    newer = [p for p in root.glob("step_*") if p.is_dir() and int(p.name[5:]) > step] if root.is_dir() else []
+    if not newer:
+        return None
+    dest = root / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}-from-{tag_for(step)}"
+    dest.mkdir()
+    for p in sorted(newer):
+        os.rename(p, dest / p.name)
+    log.warning("resuming from step %d: moved the %d newer checkpoint(s) of the abandoned timeline (%s) to %s",
+                step, len(newer), ", ".join(p.name for p in sorted(newer)), dest)
+    return dest
+
+
 def resolve_resume(arg: str, root: Path) -> Path | None:
     """``auto`` -> the newest complete checkpoint under root that verifies (None if there is none;
     corrupted ones are reported and passed over); else the given path, which must verify."""
@@ -239,29 +292,25 @@ class CheckpointStore:
         self.saved: list[int] = saved[0]
 
     def save(self, engine, state: TrainState) -> Path:
+        """Write ``state`` and the engine's state as the checkpoint of ``state.step``, always in full.
+
+        Written aside under ``incoming-<tag>`` and renamed into place once complete, so a directory
+        named ``step_*`` is never half-written and an existing checkpoint of the same step (a stale
+        one from an abandoned timeline, a torn one) is replaced only by a complete one. Never
+        "refresh" a directory in place: steps are not deterministic in general (GPU kernels, a changed
+        config), and recomputing a manifest over old files would launder a torn checkpoint."""
         tag = tag_for(state.step)
-        path = self.root / tag
+        path, incoming = self.root / tag, self.root / f"{INCOMING}{tag}"
         rank = _rank()
-        # Collective: one rank seeing a stale complete directory must not send it down another path.
-        complete = all_ok(is_complete(path))  # also: every rank has looked before rank 0 touches it
-        if complete:
-            # Steps are deterministic and newer checkpoints are dropped on rollback, so a complete
-            # checkpoint of this step holds this engine state: refresh only bigtrain's state (skip list,
-            # eps, ...). Never delete a complete checkpoint to rewrite it.
-            if rank == 0:
-                _atomic_write(path / STATE_FILE, json.dumps(state.to_json()))
-                _atomic_write(path / MARKER, _manifest(path, state.step))
-            _barrier()
-            return path
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            if path.exists():  # an incomplete leftover of an interrupted save of the same step
-                shutil.rmtree(path)
+            if incoming.exists():  # a leftover of an interrupted save of the same step
+                shutil.rmtree(incoming)
         _barrier()
         error = None
         try:
-            # Collective: every rank writes its partition.
-            engine.save_checkpoint(str(self.root), tag=tag, client_state={"bigtrain_step": state.step},
+            # Collective: every rank writes its partition (64 ranks: 64 files into one tag directory).
+            engine.save_checkpoint(str(self.root), tag=incoming.name, client_state={"bigtrain_step": state.step},
                                    save_latest=False)
         except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
             # DeepSpeed's save ends with a barrier that the other ranks are waiting in: meet them
@@ -270,11 +319,11 @@ class CheckpointStore:
             _barrier()
         try:
             if error is None:
-                _atomic_write(path / f"rng_rank{rank}.json", json.dumps(rng_state()))
+                _atomic_write(incoming / f"rng_rank{rank}.json", json.dumps(rng_state()))
                 if rank == 0:
-                    _atomic_write(path / STATE_FILE, json.dumps(state.to_json()))
+                    _atomic_write(incoming / STATE_FILE, json.dumps(state.to_json()))
                     for name, writer in self.hf_files.items():
-                        writer(path / name)
+                        writer(incoming / name)
         except OSError as exc:
             error = exc
         # Every rank has written (or failed): now, and only now, the checkpoint may exist.
@@ -287,10 +336,11 @@ class CheckpointStore:
                 f"disk); it is incomplete and will never be loaded. The previous complete checkpoint {where}: "
                 "free space (or fix the directory) and continue with --resume auto") from error
         if rank == 0:
-            _atomic_write(path / MARKER, _manifest(path, state.step))
+            _atomic_write(incoming / MARKER, _manifest(incoming, state.step))
+            _swap_in(incoming, path)
         self.saved = sorted(set(self.saved) | {state.step})
         self._prune()
-        _barrier()
+        _barrier()  # no rank returns (and may load or list) before the rename is done
         return path
 
     def _prune(self) -> None:
@@ -327,10 +377,74 @@ def load(engine, path: Path) -> TrainState:
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
     if load_path is None:  # DeepSpeed returns (None, ...) on failure instead of raising
         raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
-    rng_file = path / f"rng_rank{rank}.json"
-    if rng_file.is_file():
-        set_rng_state(json.loads(rng_file.read_text()))
+    _set_rng_from(path, rank)
     return TrainState.from_json(json.loads((path / STATE_FILE).read_text()))
+
+
+def _set_rng_from(path: Path, rank: int) -> None:
+    rng_file = path / f"rng_rank{rank}.json"
+    if rng_file.is_file():  # after a change of world size, new ranks keep their seeded state
+        set_rng_state(json.loads(rng_file.read_text()))
+
+
+def to_universal(path: Path, out_root: Path) -> Path:
+    """Rank 0: convert the ZeRO checkpoint at ``path`` with DeepSpeed's ``ds_to_universal`` (per
+    parameter fp32 weights and Adam moments, independent of the number of ranks) into
+    ``out_root/<tag>``; a complete earlier conversion is reused. Reads every partition once and
+    writes ~12 bytes per parameter (7B: ~84 GB) on the shared filesystem."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = out_root / path.name
+    if is_complete(out):
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    out_root.mkdir(parents=True, exist_ok=True)
+    # inject_missing_state: bigtrain's models carry no universal-checkpoint metadata (plain data
+    # parallelism, no tensor-parallel slices), which is what the injected default describes.
+    args = argparse.Namespace(input_folder=str(path), output_folder=str(out), num_extract_workers=4,
+                              num_merge_workers=2, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    ds_to_universal.main(args)
+    _atomic_write(out / MARKER, _manifest(out, read_state(path).step))
+    return out
+
+
+def load_resume(engine, path: Path, world: int, scratch: Path) -> TrainState:
+    """Collective load for a resume. Same number of ranks: ``load``. Another number: rank 0 converts
+    the checkpoint to DeepSpeed's universal format under ``scratch`` (the others wait), every rank
+    loads it with ``load_universal_checkpoint`` (its own slice of every parameter), and the
+    conversion is deleted. The data position and skip lists are sample indices in TrainState, so
+    they carry over exactly whatever the number of ranks."""
+    saved = read_state(path)
+    if saved.world_size == world:
+        return load(engine, path)
+    rank = _rank()
+    log.warning("resume: %s was saved by %d rank(s), this run has %d: converting it to a universal checkpoint "
+                "(deepspeed.checkpoint.ds_to_universal) under %s", path, saved.world_size, world, scratch)
+    universal, error = scratch / path.name, None
+    if rank == 0:
+        try:
+            universal = to_universal(path, scratch)
+        except Exception as exc:  # noqa: BLE001 - reported on every rank below
+            error = exc
+    if not all_ok(error is None):
+        raise RuntimeError(f"converting {path} to a universal checkpoint failed ({error or 'on rank 0'}); "
+                           f"relaunch with {saved.world_size} rank(s) to resume it as it is") from error
+    engine._config.load_universal_checkpoint = True  # read by DeepSpeed only inside load_checkpoint
+    try:
+        load_path, _ = engine.load_checkpoint(str(universal.parent), tag=universal.name,
+                                              load_lr_scheduler_states=False)
+    finally:
+        engine._config.load_universal_checkpoint = False  # later loads (rollbacks) are ordinary ones
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {universal}")
+    _set_rng_from(path, rank)
+    _barrier()  # every rank has read it
+    if rank == 0:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return saved
 
 
 def read_state(path: Path) -> TrainState:

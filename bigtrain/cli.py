@@ -1,4 +1,4 @@
-"""Command line: ``bigtrain train | export | report``."""
+"""Command line: ``bigtrain train | prepare | export | report``."""
 
 from __future__ import annotations
 
@@ -26,6 +26,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and DeepSpeed JSON, then exit")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 optim.lr=3e-4")
     t.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    d = sub.add_parser("prepare", help="tokenize and pack the data of a config into its cache ahead of a job, "
+                                       "report what it holds, --show N blocks with their loss mask")
+    d.add_argument("config", help="YAML config file (as for train), or a first dotted override")
+    d.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.format=chat data.files=[a.jsonl]")
+    d.add_argument("--show", type=int, default=0, metavar="N",
+                   help="print the first N train blocks: loss-bearing tokens in [[...]], | where an example starts")
     e = sub.add_parser("export", help="write a Hugging Face model directory from a checkpoint")
     e.add_argument("checkpoint", type=Path)
     e.add_argument("out_dir", type=Path)
@@ -50,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# DeepSpeed config (resolved for {world} rank(s))")
                 print(json.dumps(resolve_ds_config(cfg, world), indent=2))
                 return 0
+            from bigtrain.preflight import preflight
+
+            # Before importing DeepSpeed/transformers/datasets: config-only errors in seconds.
+            preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")), args.resume)
             from bigtrain.distributed import shutdown
             from bigtrain.train import train
 
@@ -60,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 shutdown(barrier=finished)
             return rc
+        if args.command == "prepare":
+            return _prepare(args)
         if args.command == "export":
             from bigtrain.export import export
 
@@ -77,6 +89,22 @@ def main(argv: list[str] | None = None) -> int:
         _error(exc)
         return 4
     return 1
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    """Run the data preparation train would run (same config, same cache entry) and report it."""
+    from bigtrain.data import build_dataset, build_tokenizer, show_examples
+
+    config, overrides = (None, [args.config, *args.overrides]) if "=" in args.config else (args.config, args.overrides)
+    cfg = load_config(config, overrides)
+    tokenizer = build_tokenizer(cfg.model.path)
+    data = build_dataset(cfg.data, tokenizer, cfg.train.seed, cfg.model.path)
+    entry = cfg.data.resolved_cache_dir() / data.fingerprint
+    print(f"# {'cached' if data.from_cache else 'prepared'}: {entry if cfg.data.source != 'modadd' else 'in memory'}")
+    print(json.dumps({"fingerprint": data.fingerprint, "seq_len": int(data.train.shape[1]), **data.stats}, indent=1))
+    if args.show:
+        print(show_examples(data, tokenizer, args.show))
+    return 0
 
 
 def _error(exc: Exception) -> None:

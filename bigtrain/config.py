@@ -205,11 +205,9 @@ class Config:
     def fingerprint(self) -> str:
         """Hash of what defines the model being trained (architecture, data, seed). A resume from a
         checkpoint with another fingerprint is refused."""
-        key = {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
+        key = {"model": dataclasses.asdict(self.model), "data": self.data.identity(),  # location-independent
                "seed": self.train.seed}
         key["model"].pop("activation_checkpointing")
-        key["data"].pop("cache_dir", None)
-        key["data"].pop("num_proc", None)
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

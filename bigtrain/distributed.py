@@ -22,28 +22,67 @@ def init_distributed() -> tuple[int, int, int]:
     """Join (or create) the process group; returns (rank, world_size, local_world_size).
 
     torchrun and the deepspeed launcher set RANK/WORLD_SIZE/MASTER_ADDR; under plain ``srun`` we map
-    SLURM's variables; a plain process becomes a group of one on a free local port.
+    SLURM's variables; a plain process becomes a group of one on a free local port. The accelerator
+    device ``LOCAL_RANK`` is selected before the group exists, so no collective (bigtrain's first is a
+    ``broadcast_object_list`` in ``prepare_run_dir``) ever runs with every local rank on device 0:
+    NCCL refuses two ranks on one GPU, and object tensors go to the *current* device.
     """
     import deepspeed
 
     env = os.environ
     if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        env["RANK"] = env["SLURM_PROCID"]
-        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
-        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        env.setdefault("MASTER_PORT", "29500")
-        if "MASTER_ADDR" not in env:
-            raise RuntimeError("under srun set MASTER_ADDR to the first node's hostname (launch/slurm.sbatch does)")
+        map_slurm_env(env)
     if "RANK" not in env:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    select_device(int(env.get("LOCAL_RANK", "0")))
     if not dist.is_initialized() and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         _init_elastic_round(env)
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, verbose=False)
+    # Also after the elastic join: DeepSpeed's comm layer must know the group before zero.Init (under
+    # ZeRO-3 the model is built before deepspeed.initialize), or it sizes batches for a world of 1.
+    deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, verbose=False)
     world = dist.get_world_size()
+    # torchrun: LOCAL_WORLD_SIZE; deepspeed launcher: LOCAL_SIZE; srun: mapped by map_slurm_env.
     local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world)))
     return dist.get_rank(), world, local_world
+
+
+def select_device(local_rank: int) -> None:
+    """``cuda:LOCAL_RANK`` (through DeepSpeed's accelerator, so other accelerators work too) as this
+    process's current device; a no-op on CPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().set_device(local_rank)
+
+
+def slurm_tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """This node's task count from SLURM_TASKS_PER_NODE, e.g. ``"4(x2),3"`` = 4, 4, 3 on nodes 0, 1, 2."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        n, _, times = part.partition("(x")
+        counts += [int(n)] * (int(times.rstrip(")")) if times else 1)
+    if not 0 <= node_id < len(counts):
+        raise RuntimeError(f"SLURM_NODEID={node_id} is outside SLURM_TASKS_PER_NODE={tasks_per_node!r}")
+    return counts[node_id]
+
+
+def map_slurm_env(env) -> None:
+    """torch's variables from plain ``srun``'s. LOCAL_WORLD_SIZE matters: it tells whether every rank
+    is on this node (node-local /dev/shm snapshots are only usable then)."""
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if "SLURM_NTASKS_PER_NODE" in env:  # set when --ntasks-per-node was given
+        env["LOCAL_WORLD_SIZE"] = env["SLURM_NTASKS_PER_NODE"]
+    elif "SLURM_TASKS_PER_NODE" in env:  # always set by srun
+        env["LOCAL_WORLD_SIZE"] = str(slurm_tasks_on_node(env["SLURM_TASKS_PER_NODE"],
+                                                          int(env.get("SLURM_NODEID", "0"))))
+    else:
+        raise RuntimeError("under srun neither SLURM_NTASKS_PER_NODE nor SLURM_TASKS_PER_NODE is set: "
+                           "launch with srun --ntasks-per-node=N (launch/slurm.sbatch does)")
+    env.setdefault("MASTER_PORT", "29500")
+    if "MASTER_ADDR" not in env:
+        raise RuntimeError("under srun set MASTER_ADDR to the first node's hostname (launch/slurm.sbatch does)")
 
 
 def _init_elastic_round(env) -> None:
@@ -51,8 +90,11 @@ def _init_elastic_round(env) -> None:
 
     After torchrun restarts its workers (--max-restarts), the agent's store still holds the dead
     round's keys, and with torch 2.13 + gloo the new workers read a dead peer's address and fail
-    ("Gloo connectFullMesh failed ... Connection refused"; cf. pytorch#167288). A store counter that
-    every joining worker increments gives all ranks, on all nodes, the same fresh round number.
+    ("Gloo connectFullMesh failed ... Connection refused"; cf. pytorch#167288). The round is
+    torchrun's TORCHELASTIC_RESTART_COUNT, which the agents set identically for every worker of a
+    round on every node. A store counter incremented by each joining worker is not safe: a worker that
+    dies before joining (import error, CUDA init) leaves it off a multiple of the world size, and every
+    later round splits its ranks across two prefixes and hangs until the store timeout.
     """
     from datetime import timedelta
 
@@ -61,10 +103,14 @@ def _init_elastic_round(env) -> None:
     world = int(env["WORLD_SIZE"])
     base = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
                          timeout=timedelta(minutes=10))
-    joined = base.add("bigtrain/joined", 1)  # atomic: 1..world in round 0, world+1..2*world in round 1, ...
-    store = dist.PrefixStore(f"bigtrain/round{(joined - 1) // world}", base)
+    store = dist.PrefixStore(elastic_prefix(env), base)
     dist.init_process_group(get_accelerator().communication_backend_name(), store=store,
                             rank=int(env["RANK"]), world_size=world)
+
+
+def elastic_prefix(env) -> str:
+    """The store prefix of this elastic round: the same for every worker of the round."""
+    return f"bigtrain/round{int(env.get('TORCHELASTIC_RESTART_COUNT', '0'))}"
 
 
 def shutdown(barrier: bool) -> None:

@@ -12,7 +12,10 @@ import torch
 
 from bigtrain.config import Config, ConfigError, OptimConfig
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+# Installed from a wheel: bigtrain/ds_configs (package data); from a source checkout: the repo's ds_configs/.
+DS_CONFIG_DIR = next((d for d in (Path(__file__).resolve().parent / "ds_configs",
+                                  Path(__file__).resolve().parent.parent / "ds_configs") if d.is_dir()),
+                     Path(__file__).resolve().parent / "ds_configs")
 _AUTO = "auto"
 
 
@@ -30,7 +33,9 @@ def ds_config_path(name: str) -> Path:
 
 def use_torch_adam(optim: OptimConfig) -> bool:
     if optim.torch_adam == "auto":
-        return not torch.cuda.is_available()  # FusedAdam needs CUDA; on CPU it is a slow C++ JIT build
+        # torch's AdamW everywhere: DeepSpeed's FusedAdam is a JIT build that needs nvcc on the user's
+        # machine at run time (and a slow C++ build on CPU); on CUDA torch's own fused kernel is used.
+        return True
     return optim.torch_adam == "true"
 
 
@@ -75,6 +80,8 @@ def resolve_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     fill(params, "eps", o.eps, "optim.eps")
     fill(params, "weight_decay", o.weight_decay, "optim.weight_decay")
     fill(params, "torch_adam", use_torch_adam(o), "optim.torch_adam")
+    if params["torch_adam"] and torch.cuda.is_available():
+        params.setdefault("fused", True)  # torch.optim.AdamW(fused=True): prebuilt, no compiler
     if str(opt["type"]).lower() == "adamw":
         params.setdefault("adam_w_mode", True)
     for prec in ("bf16", "fp16"):
@@ -88,10 +95,11 @@ def zero_stage(ds_config: dict[str, Any]) -> int:
     return int(ds_config["zero_optimization"]["stage"])
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, world_size: int):
+def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, ds_config: dict[str, Any] | None = None):
+    """``ds_config``: the resolved config the model was built with (ZeRO-3 builds it partitioned)."""
     import deepspeed
 
-    ds_config = resolve_ds_config(cfg, world_size)
+    ds_config = ds_config if ds_config is not None else resolve_ds_config(cfg, world_size)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     return engine, ds_config
 
@@ -106,17 +114,46 @@ def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
     return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def set_hparams(engine, lr: float, eps: float, beta2: float) -> None:
-    """Set lr, eps and beta2 on the optimizer DeepSpeed actually steps. Called every step (lr) and after
-    every load: ``optimizer.load_state_dict`` restores the saved eps/betas (OPT-175B lost a betas change
-    this way, metaseq chronicles 27_percent_update.md)."""
+def set_hparams(engine, lr: float, eps: float, beta2: float, *, beta1: float, weight_decay: float) -> None:
+    """Set every optimizer hyper-parameter on the optimizer DeepSpeed actually steps. Called every
+    step (lr) and after every load: ``optimizer.load_state_dict`` restores the saved lr, eps, betas and
+    weight decay (OPT-175B lost a betas change this way, metaseq chronicles 27_percent_update.md)."""
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
         group["eps"] = eps
-        group["betas"] = (group["betas"][0], beta2)
+        group["betas"] = (beta1, beta2)
+        group["weight_decay"] = weight_decay
 
 
-def check_hparams(engine, eps: float, beta2: float) -> None:
+def optimizer_hparams(engine) -> dict[str, float]:
+    """lr, eps, beta1, beta2, weight_decay as the optimizer DeepSpeed steps holds them (first group;
+    ``check_hparams`` proves all groups agree with the intended values)."""
+    group = engine.optimizer.param_groups[0]
+    return {"lr": group["lr"], "eps": group["eps"], "beta1": group["betas"][0], "beta2": group["betas"][1],
+            "weight_decay": group["weight_decay"]}
+
+
+def check_hparams(engine, eps: float, beta2: float, *, beta1: float, weight_decay: float) -> None:
+    intended = {"eps": eps, "beta1": beta1, "beta2": beta2, "weight_decay": weight_decay}
     for group in engine.optimizer.param_groups:
-        if group["eps"] != eps or group["betas"][1] != beta2:
-            raise RuntimeError(f"optimizer eps/beta2 {group['eps']}/{group['betas'][1]} != intended {eps}/{beta2}")
+        actual = {"eps": group["eps"], "beta1": group["betas"][0], "beta2": group["betas"][1],
+                  "weight_decay": group["weight_decay"]}
+        if actual != intended:
+            raise RuntimeError(f"optimizer hyper-parameters {actual} != intended {intended}")
+
+
+def loss_scale(engine) -> float | None:
+    """fp16's current dynamic loss scale (None without one: bf16/fp32 use a static scale of 1)."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    return float(scaler.cur_scale) if getattr(scaler, "dynamic", False) else None
+
+
+def keep_loss_scale(engine, scale: float | None) -> None:
+    """After a rollback's load: keep the loss scale found so far. DeepSpeed's load replaces the
+    scaler with the saved one (runtime/zero/stage_1_and_2.py ``load_state_dict``: ``loss_scaler``),
+    so a rollback to step 0 of an fp16 run would redo the same overflows that calibrated the scale,
+    and meet the same "DeepSpeed skipped N consecutive steps" incident again. The scale is what was
+    learned about the run, like eps, not progress."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scale is not None and getattr(scaler, "dynamic", False):
+        scaler.cur_scale = scale

@@ -28,7 +28,26 @@ def export(ckpt: Path, out_dir: Path, dtype: str = "float32") -> Path:
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model = model.to(getattr(torch, dtype))
+    model.config.use_cache = model_use_cache(ckpt, config)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(hf_dir).save_pretrained(out_dir)
     return out_dir
+
+
+def model_use_cache(ckpt: Path, config) -> bool:
+    """The model's own ``use_cache``: training turns the KV cache off (build_model), and the config
+    saved with the checkpoint says so, which would make generation after export recompute every
+    position. Taken from the original model directory when the run started from one, else the
+    architecture's default."""
+    import json
+
+    try:
+        source = json.loads((ckpt / checkpoint.STATE_FILE).read_text())["config"]["model"]["path"]
+    except (OSError, KeyError, TypeError, ValueError):
+        source = None
+    if source and (Path(source) / "config.json").is_file():
+        original = json.loads((Path(source) / "config.json").read_text())
+        if "use_cache" in original:
+            return bool(original["use_cache"])
+    return bool(getattr(type(config)(), "use_cache", True))

@@ -150,7 +150,8 @@ class SpikeConfig:
     falling (a per-run cap of 10 gave up at step 971 of 1000 with held-out loss 0.0036)."""
 
     max_wasted_fraction: float = 0.5
-    """Stop when steps discarded by rollbacks exceed this share of all steps run: plain
+    """Stop when steps discarded by rollbacks exceed this share of all steps run (counted over at
+    least ``region_steps`` steps, so an incident early in the run rolls back like any other): plain
     rewind-and-skip threw away 1,902 of 2,500 steps in spike-anchors.md 6.2."""
 
     escalate_lr_factor: float = 0.5
@@ -822,7 +823,9 @@ class Escalation:
         multiplier = min(2 ** max(level, 0), cfg.max_skip_multiplier)
         wasted = step - rollback_to_step
         total_wasted = self.wasted + wasted
-        fraction = total_wasted / max(1, steps_executed + total_wasted)
+        # Judged over at least region_steps steps: in the first steps of a run one rollback is "all
+        # of the compute" (7 of 7), and a run that keeps failing early is stopped by max_rollbacks.
+        fraction = total_wasted / max(1, cfg.region_steps, steps_executed + total_wasted)
 
         new_eps, new_lr, new_beta2 = eps, lr_scale, beta2
         if cause == OPTIMIZER:

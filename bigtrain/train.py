@@ -11,24 +11,27 @@ import json
 import logging
 import math
 import os
-import resource
 import shutil
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
 
-from bigtrain import checkpoint
+from bigtrain import checkpoint, snapshot
 from bigtrain.checkpoint import CheckpointStore, TrainState
 from bigtrain.config import Config, ConfigError
-from bigtrain.data import PackedData, build_dataset, build_tokenizer
+from bigtrain.data import LABEL, PackedData, build_dataset, build_tokenizer
 from bigtrain.distributed import init_distributed, setup_logging
-from bigtrain.engine import build_engine, check_hparams, lr_at, set_hparams, zero_stage
+from bigtrain.engine import (build_engine, check_hparams, keep_loss_scale, loss_scale, lr_at, optimizer_hparams,
+                             resolve_ds_config, set_hparams, zero_stage)
 from bigtrain.faults import FaultInjector, poison_rows
+from bigtrain.memory import MemoryReport, format_mb
+from bigtrain.preflight import check_resume, preflight
 from bigtrain.metrics import Recorder
 from bigtrain.model import build_model
 from bigtrain.sampler import Sampler, SkipSet, blocks_of_documents, implicated_documents
@@ -164,24 +167,36 @@ def lr_multiplier(cfg: Config, state: TrainState) -> float:
     return state.lr_scale + (1.0 - state.lr_scale) * progress
 
 
+def apply_hparams(cfg: Config, engine, lr: float, state: TrainState) -> None:
+    """Every optimizer hyper-parameter: lr/eps/beta2 from the run's state (recovery changes them),
+    beta1 and weight decay from the config (a resume with a new value applies it)."""
+    set_hparams(engine, lr, state.eps, state.beta2, beta1=cfg.optim.beta1, weight_decay=cfg.optim.weight_decay)
+
+
+def assert_hparams(cfg: Config, engine, state: TrainState) -> None:
+    check_hparams(engine, state.eps, state.beta2, beta1=cfg.optim.beta1, weight_decay=cfg.optim.weight_decay)
+
+
 def lr_for(cfg: Config, state: TrainState) -> float:
     """The LR of the next update: the schedule (a pure function of the step) x the rollback multiplier."""
     return lr_at(state.step, cfg.optim, cfg.train.steps) * lr_multiplier(cfg, state)
 
 
 def build_data(cfg: Config, tokenizer, local_rank: int) -> PackedData:
-    """Local rank 0 tokenizes and fills the cache first; the others then read it (no 2x tokenizing)."""
-    if local_rank != 0:
-        dist.barrier()
-    data = build_dataset(cfg.data, tokenizer, cfg.train.seed)
-    if local_rank == 0:
-        dist.barrier()
-    return data
+    """Every rank calls build_dataset. The first process to take the cache entry's file lock prepares
+    it; the others block on that lock, not in a collective, so no distributed timeout can kill a long
+    preparation; then every rank memory-maps the same read-only files. ``local_rank`` is unused and
+    kept for callers."""
+    return build_dataset(cfg.data, tokenizer, cfg.train.seed, cfg.model.path)
 
 
 def prepare_run_dir(cfg: Config, run_dir: Path, resume: str | None, rank: int) -> Path | None:
-    """Resolve --resume, refuse to mix two runs in one directory, write the resolved config."""
+    """Resolve --resume, refuse to mix two runs in one directory, write the resolved config. On
+    resume, checkpoints newer than the resumed one (an abandoned timeline) are moved aside."""
     ckpt_root = run_dir / "checkpoints"
+    if rank == 0:  # rank 0 moves, the others wait: nobody lists a directory while it changes
+        checkpoint.finish_swaps(ckpt_root)
+    dist.barrier()
     resume_path = checkpoint.resolve_resume(resume, ckpt_root) if resume else None
     # Rank 0's choice for all: ranks must never resume from different checkpoints.
     choice = [str(resume_path) if resume_path else None]
@@ -192,22 +207,48 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: str | None, rank: int) -
                           "or choose another run_dir=...")
     if resume_path is not None:
         saved = checkpoint.read_state(resume_path)
-        if saved.fingerprint != cfg.fingerprint():
-            raise ConfigError(f"--resume {resume_path}: it belongs to another model/data/seed (fingerprint "
-                              f"{saved.fingerprint} != {cfg.fingerprint()}): resume with the config it was "
-                              "trained with (RUN_DIR/config.yaml)")
+        check_resume(cfg, saved, zero_stage(resolve_ds_config(cfg, dist.get_world_size())), resume_path)
+        if rank == 0:
+            checkpoint.set_aside_newer(ckpt_root, saved.step)
+        dist.barrier()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return resume_path
 
 
-def truncate_metrics(run_dir: Path, step: int) -> None:
-    """On resume, drop metrics rows the killed run wrote after its checkpoint: the run redoes them."""
-    path = run_dir / "metrics.jsonl"
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(r + "\n" for r in rows))
+def _truncate_jsonl(path: Path, keep) -> int:
+    """Keep the rows ``keep(row)`` accepts; drop unparseable lines (the torn last line of a killed
+    run or a full disk) with a warning instead of failing: rank 0 alone runs this, and an exception
+    on one rank ends the run for all. Returns the rows dropped."""
+    if not path.exists():
+        return 0
+    rows, torn = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            torn += 1
+            continue
+        if isinstance(row, dict) and keep(row):
+            rows.append(line)
+    if torn:
+        log.warning("%s: dropped %d unreadable line(s) (a torn write of the killed run)", path, torn)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    os.replace(tmp, path)
+    return torn
+
+
+def truncate_metrics(run_dir: Path, state: TrainState) -> None:
+    """On resume (rank 0), drop what the killed run logged after its checkpoint, since the resumed
+    run redoes it: metrics rows and events after the step, quarantine rows of rollbacks the
+    checkpoint does not hold. Otherwise `bigtrain report` counts them twice."""
+    _truncate_jsonl(run_dir / "metrics.jsonl", lambda r: r.get("step", 0) <= state.step)
+    _truncate_jsonl(run_dir / "spikes.jsonl", lambda r: r.get("step", 0) <= state.step)
+    _truncate_jsonl(run_dir / "quarantine.jsonl", lambda r: r.get("rollback", 0) <= state.rollbacks)
 
 
 def hf_writers(engine_model, tokenizer) -> dict:
@@ -229,26 +270,48 @@ def snapshot_root(cfg: Config, run_dir: Path, world: int, local_world: int) -> P
     return run_dir / "snapshots"
 
 
+def check_snapshot_budget(cfg: Config, root: Path, model, ds_config: dict, world: int, local_world: int) -> None:
+    """Print the snapshot ring's cost; refuse on every rank when any rank's filesystem cannot hold it.
+    Collective (one all-reduce). Node-local /dev/shm holds only its node's optimizer partitions; any
+    other directory is counted as holding them all (it may be shared)."""
+    local_fraction = local_world / world if str(root).startswith("/dev/shm") else 1.0
+    error = None
+    try:
+        snapshot.check_budget(cfg.checkpoint, root, snapshot.count_parameters(model), ds_config, local_fraction)
+    except ConfigError as exc:
+        error = exc
+    if not checkpoint.all_ok(error is None):
+        raise error or ConfigError("the snapshot ring does not fit on another rank's filesystem (see its log): "
+                                   "set checkpoint.snapshot_dir=, checkpoint.snapshot_keep= or "
+                                   "checkpoint.snapshot_interval=0")
+
+
 def micro_batch(data: PackedData, sampler: Sampler, stream: list[int], poisoned: list[list[int]],
-                vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, labels) of the samples at these stream positions."""
-    ids = torch.tensor(sampler.sample_ids(stream), dtype=torch.long)
-    x = poison_rows(data.train[ids].clone(), ids.tolist(), poisoned, vocab)  # injected bad data, if any
-    labels = x if data.train_labels is None else data.train_labels[ids]
-    return x, labels
+                vocab: int) -> dict[str, torch.Tensor]:
+    """Model inputs (input_ids, labels, and position_ids for packed examples) of the samples at these
+    stream positions, copied out of the memory-mapped blocks."""
+    ids = sampler.sample_ids(stream)
+    batch = data.batch(ids)
+    x = poison_rows(batch["input_ids"], list(ids), poisoned, vocab)  # injected bad data, if any
+    if batch["labels"] is batch["input_ids"]:
+        batch["labels"] = x
+    else:  # masked labels follow the poisoned tokens where they carry a loss
+        batch["labels"] = torch.where(batch["labels"] != -100, x, -100)
+    batch["input_ids"] = x
+    return batch
 
 
 def label_counts(data: PackedData, ids: list[int]) -> list[float]:
     """Tokens that carry a loss in each sample of the global batch (their sum normalises the step's
     loss; each one turns a sample's loss sum into its mean for the attribution). Every rank computes
-    them from the sample ids it already knows: no communication, one gather of the batch's labels per
-    step (GB x T int64 read from the host tensor: 32 MB at GB 1,024 x 4,096 tokens, the same gather the
-    global token count always cost; counted once for both uses). Without a labels tensor every
-    position but the last carries a loss: nothing is read."""
-    if data.train_labels is None:
+    them from the sample ids it already knows: no communication, one read of the batch's label flags
+    per step (GB x T uint8 from the memory-mapped flags: 4 MB at GB 1,024 x 4,096 tokens, the read the
+    global token count always cost; done once for both uses). Without flags every position but the
+    last carries a loss: nothing is read. The same rule as ``PackedData.label_count``, per row."""
+    if data.train_flags is None:
         return [float(data.train.shape[1] - 1)] * len(ids)
-    labels = data.train_labels[torch.tensor(ids, dtype=torch.long)]
-    return (labels[:, 1:] != -100).sum(1).float().tolist()
+    flags = data.train_flags[np.asarray(ids, dtype=np.int64)][:, 1:]
+    return ((flags & LABEL) != 0).sum(1).astype(np.float64).tolist()
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -288,7 +351,14 @@ def aux_loss_coef(engine) -> float:
                  getattr(getattr(model, "config", None), "router_aux_loss_coef", 0.0) or 0.0)
 
 
-def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], norm: float,
+def train_mode(engine) -> None:
+    """Put the model in train mode. ``from_pretrained`` returns it in eval mode, and HF turns dropout and
+    activation checkpointing off unless ``module.training``: called before the loop, after every load
+    (resume, rollback); ``evaluate`` restores it itself."""
+    engine.train()
+
+
+def train_step(engine, batches: list[dict[str, torch.Tensor]], norm: float,
                faults: FaultInjector, first_slot: int = 0, global_batch: int = 0) -> torch.Tensor:
     """Forward/backward over the micro-batches and one optimizer step. Returns the *local* tensor
     [loss_sum, nonfinite, grad_norm / world, stop, per-sample loss sums of the global batch] for one
@@ -308,8 +378,9 @@ def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], norm: f
     per_sample = torch.zeros(global_batch, dtype=torch.float32, device=device)
     slot = first_slot
     coef = aux_loss_coef(engine)
-    for x, labels in batches:
-        out = engine(input_ids=x.to(device))
+    for batch in batches:  # input_ids, labels and, for packed examples, position_ids (see micro_batch)
+        x, labels = batch["input_ids"], batch["labels"]
+        out = engine(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
         sums = token_losses(out.logits, labels).sum(1)
         ce = faults.scale_loss(sums.sum() / norm)
         loss = ce
@@ -341,10 +412,9 @@ def evaluate(engine, data: PackedData, layout: Layout, batches: int) -> float:
     for b in range(batches):
         start = (b * layout.world + layout.rank) * layout.micro
         rows = [(start + j) % m for j in range(layout.micro)]
-        x = data.eval[rows].to(engine.device)
-        labels = x if data.eval_labels is None else data.eval_labels[rows].to(engine.device)
-        out = engine(input_ids=x, labels=labels)
-        n = int((labels[:, 1:] != -100).sum())
+        batch = {k: v.to(engine.device) for k, v in data.batch(rows, "eval").items()}
+        out = engine(**batch)
+        n = int((batch["labels"][:, 1:] != -100).sum())
         total += torch.stack([out.loss.double() * n, torch.tensor(n, dtype=torch.float64, device=engine.device)])
     dist.all_reduce(total)
     engine.train()
@@ -377,6 +447,7 @@ class StopRequest:
 def train(cfg: Config, resume: str | None = None) -> int:
     rank, world, local_world = init_distributed()
     setup_logging(rank)
+    preflight(cfg, world, resume)  # config-only checks (bigtrain.cli runs them before heavy imports too)
     run_dir = Path(cfg.run_dir)
     resume_path = prepare_run_dir(cfg, run_dir, resume, rank)
     t, sc = cfg.train, cfg.spike
@@ -384,9 +455,16 @@ def train(cfg: Config, resume: str | None = None) -> int:
 
     tokenizer = build_tokenizer(cfg.model.path)
     data = build_data(cfg, tokenizer, int(os.environ.get("LOCAL_RANK", 0)))
-    model = build_model(cfg.model, tokenizer, cfg.data.seq_len, t.seed)
+    ds_config = resolve_ds_config(cfg, world)
+    memory = MemoryReport()
+    model = build_model(cfg.model, tokenizer, cfg.data.seq_len, t.seed, ds_config)
+    memory.mark("after_model_load")
     check_loss_function(model)
-    engine, ds_config = build_engine(cfg, model, world)
+    snap_root = snapshot_root(cfg, run_dir, world, local_world)
+    check_snapshot_budget(cfg, snap_root, model, ds_config, world, local_world)  # before the optimizer exists
+    engine, ds_config = build_engine(cfg, model, world, ds_config)
+    memory.mark("after_engine_init")
+    log.info("memory (host RSS, max over ranks): %s", format_mb(memory.reduce(engine.device)))  # collective
     if rank == 0:
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
     vocab = model.config.get_text_config().vocab_size
@@ -394,9 +472,11 @@ def train(cfg: Config, resume: str | None = None) -> int:
     monitor, escalation = build_monitor(sc, t.steps), Escalation(sc)
     faults = FaultInjector(cfg.faults, rank, data.train_docs)
     durable = CheckpointStore(run_dir / "checkpoints", cfg.checkpoint.keep, hf_writers(model, tokenizer))
-    snaps = CheckpointStore(snapshot_root(cfg, run_dir, world, local_world), cfg.checkpoint.snapshot_keep)
+    snaps = CheckpointStore(snap_root, cfg.checkpoint.snapshot_keep)
     if rank == 0:
         shutil.rmtree(snaps.root, ignore_errors=True)  # snapshots of an earlier process are not ours
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        snapshot.clean_on_exit(snaps.root)  # every exit path: done, gave up, preempted, exception
     dist.barrier()  # no rank may look at the snapshot directory before it is clean
     snaps.saved = []
     stores = [snaps, durable] if cfg.checkpoint.snapshot_interval else [durable]
@@ -404,16 +484,17 @@ def train(cfg: Config, resume: str | None = None) -> int:
     state = TrainState(eps=cfg.optim.eps, beta2=cfg.optim.beta2, fingerprint=cfg.fingerprint(), world_size=world,
                        zero_stage=zero_stage(ds_config), config=cfg.to_dict())
     if resume_path is not None:
-        check_world(checkpoint.read_state(resume_path), world, resume_path)
-        state = checkpoint.load(engine, resume_path)
-        state.config = cfg.to_dict()
+        state = checkpoint.load_resume(engine, resume_path, world, run_dir / "checkpoints" / "universal")
+        apply_changes(cfg, state, resume_path)
+        state.config, state.world_size, state.zero_stage = cfg.to_dict(), world, zero_stage(ds_config)
         monitor.load_state_dict(state.monitor)
         escalation.load_state_dict(state.escalation)
         log.info("resumed from %s at step %d (samples %d)", resume_path, state.step, state.cursor)
         if rank == 0:
-            truncate_metrics(run_dir, state.step)
-    set_hparams(engine, lr_for(cfg, state), state.eps, state.beta2)
-    check_hparams(engine, state.eps, state.beta2)
+            truncate_metrics(run_dir, state)
+    apply_hparams(cfg, engine, lr_for(cfg, state), state)
+    assert_hparams(cfg, engine, state)
+    train_mode(engine)
 
     rec = Recorder(run_dir, rank == 0, t.steps, state.step)
     log.info("run_dir %s | %d rank(s) | ZeRO-%d %s | global batch %d x %d tokens | %d train / %d eval blocks",
@@ -421,6 +502,11 @@ def train(cfg: Config, resume: str | None = None) -> int:
              data.train.shape[0], data.eval.shape[0])
     if cfg.checkpoint.snapshot_interval:
         save(snaps, engine, state, monitor, escalation)
+    elif not durable.saved:
+        # The initial state is a rollback target too: without it an incident before the first
+        # checkpoint could only end the run. Without snapshots it goes to the durable store
+        # (one checkpoint's bytes, pruned by checkpoint.keep like any other).
+        save(durable, engine, state, monitor, escalation)
     t_start, eval_loss, last = time.time(), None, {}
     skips = SkipSet(state.skipped_samples)  # rebuilt after each recovery, the only place it grows
     samples = getattr(monitor, "samples", None)  # per-sample reference (bigtrain's monitor only)
@@ -435,19 +521,23 @@ def train(cfg: Config, resume: str | None = None) -> int:
         counts = label_counts(data, ids)
         global_tokens = int(sum(counts))
         lr = lr_for(cfg, state)
-        set_hparams(engine, lr, state.eps, state.beta2)
+        apply_hparams(cfg, engine, lr, state)
+        stepped = optimizer_hparams(engine)  # what DeepSpeed steps with, read back (not bigtrain's own state)
+        del stepped["lr"]
         local = train_step(engine, batches, global_tokens / (t.grad_accum * world), faults,
                            rank * t.micro_batch * t.grad_accum, layout.global_batch)
         dist.all_reduce(local)  # the one collective of the step: every rank sees the same numbers
         loss_sum, nonfinite, grad_norm, stop, *sample_sums = local.tolist()  # the one host sync of the step
         applied = engine.was_step_applied()
+        if "after_first_step" not in memory.readings:
+            memory.mark("after_first_step")
         state.advance(cursor, layout.global_batch * cfg.data.seq_len, applied)
         verdict = monitor.observe(state.step, loss_sum / global_tokens, grad_norm, nonfinite > 0, not applied)
         if samples is not None:
             samples.observe(state.step, ids, sample_sums, counts, verdict.kind == "ok")
         last = {"step": state.step, "loss": loss_sum / global_tokens, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_sec": layout.global_batch * cfg.data.seq_len / (time.perf_counter() - t0),
-                "samples": state.cursor, "tokens": state.tokens, "eps": state.eps, "step_applied": applied,
+                "samples": state.cursor, "tokens": state.tokens, **stepped, "step_applied": applied,
                 "verdict": verdict.kind}
 
         if verdict.recover or verdict.kind == SKIP_UPDATE:
@@ -457,9 +547,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
                              faults)
             skips = SkipSet(state.skipped_samples)
             if reason is not None:
-                path = save(durable, engine, state, monitor, escalation)
+                give_up(reason, durable, engine, state, monitor, escalation)
                 rec.close()
-                log.error("gave up: %s. The last healthy state is saved at %s; see spikes.jsonl", reason, path)
                 return EXIT_GAVE_UP
             continue
         if verdict.kind == "stop":  # a kill-the-run policy (llm-foundry's rule, for comparison)
@@ -492,9 +581,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
     t_save = time.perf_counter()
     final = save(durable, engine, state, monitor, escalation)
     save_seconds = time.perf_counter() - t_save
-    peak_rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0],  # KiB on Linux
-                            device=engine.device)
-    dist.all_reduce(peak_rss, op=dist.ReduceOp.MAX)
+    memory_mb = memory.reduce(engine.device)  # collective: every rank reaches the end of the loop
+    log.info("memory (host RSS, max over ranks): %s", format_mb(memory_mb))
     if rank == 0:
         shutil.rmtree(snaps.root, ignore_errors=True)
     rec.close()
@@ -503,19 +591,69 @@ def train(cfg: Config, resume: str | None = None) -> int:
                "ds_skipped_steps": state.ds_skipped_steps, "skipped_ranges": state.skipped,
                "skipped_samples": len(state.skipped_samples), "skipped_docs": len(state.skipped_docs),
                "checkpoint": str(final), "final_save_seconds": round(save_seconds, 3),
-               "peak_rss_mb_max_rank": round(peak_rss.item(), 1)}
+               "peak_rss_mb_max_rank": memory_mb["peak"], "memory_mb": memory_mb}
     log.info("done: %s", json.dumps(summary))
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return 0
 
 
-def check_world(saved: TrainState, world: int, path: Path) -> None:
-    if saved.world_size != world:
-        raise ConfigError(
-            f"--resume {path}: saved with {saved.world_size} rank(s), now {world}. ZeRO partitions are per "
-            f"rank: convert first with `python -m deepspeed.checkpoint.ds_to_universal --input_folder {path} "
-            f"--output_folder {path}_universal`, or relaunch with {saved.world_size} rank(s)")
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def apply_changes(cfg: Config, state: TrainState, path: Path) -> None:
+    """After a resume's load: log every config value that differs from the checkpoint's, and apply
+    the deliberate ones. lr, beta1 and weight decay are set from the config after every load anyway;
+    eps and beta2 are the run's state (recovery lowers them), so a changed config value replaces them
+    here. A new train.steps reshapes the cosine schedule: its effect on the next LR is logged."""
+    before, after = _flat(state.config), _flat(cfg.to_dict())
+    changed = {k: (before.get(k), v) for k, v in after.items() if k in before and before[k] != v}
+    for key, (old, new) in sorted(changed.items()):
+        log.warning("resume from %s: %s changed %r -> %r (applied)", path, key, old, new)
+    if "optim.eps" in changed:
+        log.warning("resume: optim.eps replaces the run's eps %g (recovery may have lowered it) with %g",
+                    state.eps, cfg.optim.eps)
+        state.eps = cfg.optim.eps
+    if "optim.beta2" in changed:
+        log.warning("resume: optim.beta2 replaces the run's beta2 %g with %g", state.beta2, cfg.optim.beta2)
+        state.beta2 = cfg.optim.beta2
+    if "train.steps" in changed and before.get("optim.lr") is not None:
+        old_steps = changed["train.steps"][0]
+        old_lr = lr_at(state.step, cfg.optim, old_steps)
+        log.warning("resume: train.steps %d -> %d stretches the LR schedule: the LR of step %d is %.4g, was %.4g",
+                    old_steps, cfg.train.steps, state.step + 1, lr_at(state.step, cfg.optim, cfg.train.steps), old_lr)
+
+
+@dataclass
+class GiveUp:
+    """Why recovery stopped. ``restored``: the state was rolled back to a healthy target (safe to
+    save); otherwise it still holds the spiked weights. ``onset``: the first bad step."""
+
+    reason: str
+    restored: bool
+    onset: int
+
+
+def give_up(reason: GiveUp, durable: CheckpointStore, engine, state: TrainState, monitor, escalation) -> None:
+    """Save the state only when it is healthy (rolled back); never save spiked weights as the last
+    healthy state (collective: every rank reaches here with the same ``reason``)."""
+    if reason.restored:
+        path = save(durable, engine, state, monitor, escalation)
+        log.error("gave up: %s. The last healthy state (step %d) is saved at %s; see spikes.jsonl",
+                  reason.reason, state.step, path)
+        return
+    healthy = durable.latest_before(reason.onset)
+    where = (f"{durable.root / checkpoint.tag_for(healthy)} (step {healthy})" if healthy is not None
+             else "none: no checkpoint predates the incident; restart the run")
+    log.error("gave up: %s. No checkpoint was written: the weights at step %d are not healthy. The last healthy "
+              "checkpoint is %s; see spikes.jsonl", reason.reason, state.step, where)
 
 
 def save(store: CheckpointStore, engine, state: TrainState, monitor, escalation) -> Path:
@@ -542,7 +680,7 @@ def pick_target(stores: list[CheckpointStore], onset: int) -> tuple[int, Checkpo
 
 def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainState, verdict: Verdict,
             signals: dict, monitor, escalation: Escalation, sampler: Sampler, data: PackedData,
-            rec: Recorder, faults: FaultInjector) -> str | None:
+            rec: Recorder, faults: FaultInjector) -> GiveUp | None:
     """Roll back to the newest checkpoint before the spike's onset and treat the cause the per-sample
     losses point to (``attribute_spike``): data -> skip the offending samples and their documents,
     hyper-parameters unchanged; optimizer -> skip the window from there to the spike and climb the
@@ -557,7 +695,7 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
     if target is None:
         reason = f"no intact checkpoint before the onset step {onset} to roll back to"
         rec.event({**event, "event": "give_up", "action": "stop", "reason": reason})
-        return reason
+        return GiveUp(reason, restored=False, onset=onset)
     target_step, store = target
     if verdict.kind == SKIP_UPDATE:
         # OLMo-core's rule skips one update and changes nothing else; with snapshots every step this
@@ -568,11 +706,17 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
     attribution = attribute_spike(monitor, verdict, cfg.spike, cfg.train.micro_batch * cfg.train.grad_accum)
     suspects = monitor.samples.suspects(onset) if attribution is not None else ([], [], [])
     if verdict.kind != SKIP_UPDATE:
-        plan = escalation.decide(state.step, onset, target_step, target_step, state.eps, lr_multiplier(cfg, state),
+        # Budgets count steps run: progress kept so far (every executed step not already discarded);
+        # the restored step would call the first interval's incident "7 of 7 steps discarded".
+        kept = state.executed_steps - state.wasted_steps - (state.step - target_step)
+        plan = escalation.decide(state.step, onset, target_step, kept, state.eps, lr_multiplier(cfg, state),
                                  state.beta2, attribution.cause if attribution else OPTIMIZER)
     spike_step = state.step
     persistent = {k: getattr(state, k) for k in TrainState.PERSISTENT}
+    scale = loss_scale(engine)
     old = checkpoint.load(engine, store.root / checkpoint.tag_for(target_step))  # collective
+    keep_loss_scale(engine, scale)
+    train_mode(engine)
     faults.maybe_crash()
     for k, v in persistent.items():
         setattr(state, k, v)
@@ -589,8 +733,8 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
         rec.event({**event, "event": "give_up", "action": "stop", "restored_step": target_step,
                    "reason": plan.reason, "level": plan.level})
         state.escalation = escalation.state_dict()
-        set_hparams(engine, lr_for(cfg, state), state.eps, state.beta2)
-        return plan.reason
+        apply_hparams(cfg, engine, lr_for(cfg, state), state)
+        return GiveUp(plan.reason, restored=True, onset=onset)
     global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dist.get_world_size()
     margin = cfg.spike.skip_margin_batches if verdict.kind != SKIP_UPDATE else 0
     window = (old.cursor, spike_step - target_step, global_batch, plan.skip_multiplier, margin)
@@ -601,8 +745,8 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
     state.lr_scale_step = target_step
     state.rollbacks += 1
     state.wasted_steps += spike_step - target_step
-    set_hparams(engine, lr_for(cfg, state), state.eps, state.beta2)
-    check_hparams(engine, state.eps, state.beta2)  # DeepSpeed's load restored the old eps: prove it is set
+    apply_hparams(cfg, engine, lr_for(cfg, state), state)
+    assert_hparams(cfg, engine, state)  # DeepSpeed's load restored the old eps: prove it is set
     for s in stores:
         s.drop_after(target_step)
     rec.quarantine({**row, "sources": data.sources(row["sample_id"]), "rollback": state.rollbacks}

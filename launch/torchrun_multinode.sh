@@ -22,11 +22,27 @@ set -euo pipefail
 : "${NNODES:?set NNODES (number of nodes)}"
 : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT (host:port of the rendezvous node)}"
 
-exec torchrun \
+# torchrun in the background, not exec'd: SLURM's warning signal (USR1, forwarded here by srun) must
+# reach the ranks, which save a checkpoint and exit. torchrun has no USR1 handler (it would die of it
+# and leave the ranks to be killed), so USR1 goes to its children, the ranks; TERM and INT go to
+# torchrun, which passes them on to the ranks itself.
+torchrun \
   --nnodes "${NNODES}" \
   --nproc_per_node "${NPROC_PER_NODE:-1}" \
   --rdzv_backend c10d \
   --rdzv_endpoint "${RDZV_ENDPOINT}" \
   --rdzv_id "${RDZV_ID:-bigtrain}" \
   --max-restarts "${MAX_RESTARTS:-0}" \
-  -m bigtrain train "$@"
+  -m bigtrain train "$@" &
+agent=$!
+trap 'pkill -USR1 -P "${agent}" || true' USR1
+trap 'kill -TERM "${agent}" 2>/dev/null || true' TERM
+trap 'kill -INT "${agent}" 2>/dev/null || true' INT
+status=0
+wait "${agent}" || status=$?
+# A trapped signal interrupts wait (status > 128); keep waiting for torchrun's own exit status.
+while kill -0 "${agent}" 2>/dev/null; do
+  status=0
+  wait "${agent}" || status=$?
+done
+exit "${status}"

@@ -26,14 +26,17 @@ def free_port() -> int:
 
 
 def run_bigtrain(args: list[str], nproc: int = 2, timeout: int = 300, check: bool = True,
-                 extra_env: dict | None = None) -> subprocess.CompletedProcess:
+                 extra_env: dict | None = None, script: str | None = None) -> subprocess.CompletedProcess:
+    """``bigtrain train ARGS`` on ``nproc`` ranks; ``script``: a Python file run instead of
+    ``-m bigtrain`` that takes ``train ARGS`` the same way (a test's patched entry point)."""
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "PATH": f"{BIN}:{os.environ['PATH']}",
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    entry = [script] if script else ["-m", "bigtrain"]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "bigtrain", "train", *args]
+        cmd = [sys.executable, *entry, "train", *args]
     else:
         cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-               "-m", "bigtrain", "train", *args]
+               *entry, "train", *args]
     # A session of its own, so a timeout kills torchrun's workers too, never leaving them behind.
     with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as popen:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from bigtrain.checkpoint import (MARKER, STATE_FILE, CheckpointStore, TrainState, complete_checkpoints, resolve_resume,
+from bigtrain.checkpoint import (MARKER, STATE_FILE, CheckpointStore, TrainState, complete_checkpoints, is_complete,
+                                 resolve_resume,
                                  rng_state, set_rng_state, tag_for)
 
 
@@ -62,3 +64,71 @@ def test_rng_state_round_trips_through_json():
 def test_train_state_is_plain_json():
     state = TrainState(step=3, skipped=[[1, 5]], eps=1e-9)
     assert TrainState.from_json(json.loads(json.dumps(state.to_json()))) == state
+
+
+class FakeEngine:
+    """Writes one file per save whose content is the engine's weights, as DeepSpeed writes its partitions."""
+
+    def __init__(self, weights: bytes):
+        self.weights = weights
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+        (Path(root) / tag / "mp_rank_00_model_states.pt").write_bytes(self.weights)
+
+
+def test_a_save_over_a_torn_checkpoint_writes_the_new_state(tmp_path):
+    """Issue 11.1: saving a step whose complete directory exists (torn here) must write the state it
+    is given, never recompute the manifest over the old files."""
+    from bigtrain.checkpoint import verify
+
+    store = CheckpointStore(tmp_path, keep=3)
+    path = store.save(FakeEngine(b"old" * 100), TrainState(step=10, eps=1e-8))
+    assert verify(path) is None
+    weights = path / "mp_rank_00_model_states.pt"
+    weights.write_bytes(weights.read_bytes()[:50])  # truncated after the save
+    assert verify(path) is not None
+    path = store.save(FakeEngine(b"new" * 200), TrainState(step=10, eps=1e-9))
+    assert verify(path) is None
+    assert weights.read_bytes() == b"new" * 200
+    assert json.loads((path / STATE_FILE).read_text())["eps"] == 1e-9
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tag_for(10)], "no leftover of the swap"
+
+
+def test_an_interrupted_swap_is_finished_and_never_loses_the_checkpoint(tmp_path):
+    """A crash between the two renames of a replacement leaves replaced-step_N and incoming-step_N;
+    the next start puts a complete one back under step_N."""
+    from bigtrain.checkpoint import INCOMING, REPLACED, finish_swaps
+
+    import shutil
+
+    store = CheckpointStore(tmp_path, keep=3)
+    path = store.save(FakeEngine(b"a" * 10), TrainState(step=10))
+    shutil.copytree(path, tmp_path / "old")
+    store.save(FakeEngine(b"b" * 10), TrainState(step=10))
+    path.rename(tmp_path / (INCOMING + path.name))  # the new copy, complete, not yet renamed ...
+    (tmp_path / "old").rename(tmp_path / (REPLACED + path.name))  # ... the old one already aside
+    finish_swaps(tmp_path)
+    assert (path / "mp_rank_00_model_states.pt").read_bytes() == b"b" * 10
+    assert [p.name for p in tmp_path.iterdir()] == [tag_for(10)]
+    # Died before the new copy was complete: the old one comes back.
+    path.rename(tmp_path / (REPLACED + path.name))
+    (tmp_path / (INCOMING + tag_for(10))).mkdir()
+    finish_swaps(tmp_path)
+    assert (path / "mp_rank_00_model_states.pt").read_bytes() == b"b" * 10 and is_complete(path)
+    assert [p.name for p in tmp_path.iterdir()] == [tag_for(10)]
+
+
+def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog):
+    from bigtrain.checkpoint import set_aside_newer
+
+    for step in (10, 20, 30):
+        fake_ckpt(tmp_path, step)
+    fake_ckpt(tmp_path, 40, complete=False)
+    with caplog.at_level("WARNING", logger="bigtrain"):
+        dest = set_aside_newer(tmp_path, 20)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == [tag_for(10), tag_for(20)]
+    assert sorted(p.name for p in dest.iterdir()) == [tag_for(30), tag_for(40)]  # kept, not deleted
+    assert "abandoned timeline" in caplog.text and str(dest) in caplog.text
+    assert resolve_resume("auto", tmp_path).name == tag_for(20)
+    assert set_aside_newer(tmp_path, 20) is None

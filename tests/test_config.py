@@ -87,10 +87,56 @@ def test_fp16_on_cpu_is_refused_with_the_fix():
         resolve_ds_config(load_config(None, ["train.precision=fp16"]), 1)
 
 
-def test_fp16_config_enables_dynamic_loss_scaling():
-    """The fp16 path's logic, checked without a GPU: dynamic scaling (loss_scale 0) is configured."""
-    ds = json.loads((DS_CONFIG_DIR / "zero2.json").read_text())
-    assert ds["fp16"]["loss_scale"] == 0 and ds["fp16"]["enabled"] == "auto"
+def test_fp16_overflow_calibration_is_survived_by_one_rollback(monkeypatch):
+    """The fp16 path's logic without a GPU, with DeepSpeed's own config parser and loss scaler: the
+    resolved config gives dynamic scaling from 2^16; calibrating down to a scale that fits takes 6
+    consecutive overflow-skipped steps, which the monitor calls an incident at the 5th (issue 11.3:
+    the run used to die there with "5 of 5 steps discarded"). The rollback to step 0 is within budget
+    and keeps the calibrated scale, so the replay does not meet the same incident again."""
+    import pickle
+
+    import torch
+    from deepspeed.runtime.fp16 import loss_scaler as ds_scaler
+    from deepspeed.runtime.precision_config import get_float16_config
+
+    from bigtrain.engine import keep_loss_scale, loss_scale
+    from bigtrain.spike import Escalation, SpikeConfig, build_monitor
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ds = resolve_ds_config(load_config(None, ["train.precision=fp16"]), 2)
+    assert ds["fp16"]["enabled"] is True and ds["bf16"]["enabled"] is False
+    fp16 = get_float16_config(ds)  # DeepSpeed's parser, as deepspeed.initialize runs it
+    monkeypatch.setattr(ds_scaler.dist, "get_rank", lambda: 0)
+
+    class Engine:  # what keep_loss_scale/loss_scale read: engine.optimizer.loss_scaler
+        class optimizer:
+            loss_scaler = ds_scaler.CreateLossScaler(torch.half, fp16.loss_scale, True, fp16.dynamic_loss_scale_args())
+
+    fits = 2.0 ** 11  # gradients overflow at any larger scale
+    spike_cfg = SpikeConfig()
+
+    def run(steps):
+        monitor, skipped = build_monitor(spike_cfg, 100), 0
+        for step in range(1, steps + 1):
+            overflow = Engine.optimizer.loss_scaler.cur_scale > fits
+            Engine.optimizer.loss_scaler.update_scale(overflow)
+            skipped += overflow
+            verdict = monitor.observe(step, 5.0, 1.0, False, overflow)
+            if verdict.recover:
+                return step, verdict, skipped
+        return None, None, skipped
+
+    saved = pickle.dumps(Engine.optimizer.loss_scaler)  # the step-0 state in the checkpoint
+    step, verdict, _ = run(20)
+    assert step == spike_cfg.max_ds_skipped_run and verdict.onset_step == 1
+    plan = Escalation(spike_cfg).decide(step, verdict.onset_step, 0, 0, 1e-8, 1.0, 0.95)
+    assert not plan.stop, plan.reason
+    scale = loss_scale(Engine)
+    Engine.optimizer.loss_scaler = pickle.loads(saved)  # what DeepSpeed's load does to the scaler
+    keep_loss_scale(Engine, scale)
+    assert Engine.optimizer.loss_scaler.cur_scale == scale < 2.0 ** 16
+    step, verdict, skipped = run(20)
+    assert step is None and skipped < spike_cfg.max_ds_skipped_run, "the replay met the incident again"
 
 
 def test_lr_schedule_is_warmup_then_cosine():

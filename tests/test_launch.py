@@ -158,14 +158,40 @@ def test_slurm_sbatch_hands_srun_the_torchrun_script(tmp_path: Path) -> None:
     assert srun_env["PWD"] == str(REPO), "the script must cd to SLURM_SUBMIT_DIR"
 
 
-def test_slurm_sbatch_requeues_on_usr1(tmp_path: Path) -> None:
-    _, env = _stub_slurm(tmp_path)
-    env["STUB_HOLD"] = "1"
+def test_slurm_preemption_reaches_the_ranks_and_requeues_after_their_save(tmp_path: Path) -> None:
+    """Issue 11.8: USR1 (SLURM's warning, 120 s before the limit) used to requeue at once while the
+    ranks never heard of it. Now it goes srun -> launch/torchrun_multinode.sh -> the ranks (never to
+    torchrun itself, which has no USR1 handler), and the requeue waits until the ranks saved and
+    exited. Stubs: srun forwards signals to its task as the real one does; torchrun runs one "rank"
+    that saves on USR1."""
+    bin_dir, env = _stub_slurm(tmp_path)
+    (bin_dir / "srun").write_text(
+        '#!/usr/bin/env bash\n'
+        '"$@" & task=$!\n'
+        'trap \'kill -USR1 $task\' USR1\n'
+        'trap \'kill -TERM $task\' TERM\n'
+        'rc=0; wait $task || rc=$?\n'
+        'while kill -0 $task 2>/dev/null; do rc=0; wait $task || rc=$?; done\n'
+        'exit $rc\n'
+    )
+    (bin_dir / "torchrun").write_text(
+        '#!/usr/bin/env bash\n'
+        'bash -c \'trap "echo saved >> $STUB_DIR/log; sleep 1; echo exited >> $STUB_DIR/log; exit 143" USR1\n'
+        '         echo ready > $STUB_DIR/ready; for _ in $(seq 300); do sleep 0.1; done; exit 3\' &\n'
+        'wait $!\n'
+    )
+    (bin_dir / "scontrol").write_text(
+        '#!/usr/bin/env bash\n'
+        'if [[ "$1 $2" == "show hostnames" ]]; then printf "node-a\\nnode-b\\n"; fi\n'
+        'if [[ "$1" == requeue ]]; then echo "requeued $2" >> "$STUB_DIR/log"; fi\n'
+    )
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
     proc = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), "run_dir=runs/x"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 20
-        while not (tmp_path / "srun_args").exists():  # the trap is set before srun starts
+        while not (tmp_path / "ready").exists():  # the rank is up (the traps are set before srun starts)
             assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0]
             time.sleep(0.05)
         proc.send_signal(signal.SIGUSR1)  # what SLURM sends 120 s before the time limit
@@ -174,7 +200,7 @@ def test_slurm_sbatch_requeues_on_usr1(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out
-    assert (tmp_path / "requeued").read_text().strip() == "4242", out
+    assert (tmp_path / "log").read_text().split("\n")[:3] == ["saved", "exited", "requeued 4242"], out
 
 
 # ---------------------------------------------------------------- slow tier: real 2-rank runs

@@ -127,11 +127,11 @@ def test_partial_batch_garbage_is_quarantined_by_sample_and_lr_left_alone(tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_in_process_rollback_equals_a_fresh_engine(tmp_path, data_cache, stage):
     """DeepSpeed warns that a ZeRO-3 in-process load "wants a pristine model". Proof that ours is
-    fine: the steps after an in-process rollback equal those of a fresh process resumed from the same
-    checkpoint with the same skip list and eps."""
+    fine, for every stage (ZeRO-2 is the default): the steps after an in-process rollback equal those
+    of a fresh process resumed from the same checkpoint with the same skip list and eps."""
     import shutil
 
     common = [*TINY, f"data.cache_dir={data_cache}", f"train.deepspeed=zero{stage}", "train.steps=16",
@@ -204,6 +204,79 @@ def test_crash_during_recovery_leaves_a_resumable_run(tmp_path, data_cache):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fault,snapshots", [("faults.corrupt_weights_step=7", 0), ("faults.nan_steps=[7]", 10)])
+def test_an_early_incident_rolls_back_to_the_initial_state(tmp_path, data_cache, fault, snapshots):
+    """Issue 11.2/11.3: an incident in the first interval rolls back to step 0 like any other (it
+    used to end the run with "7 of 7 steps discarded", or, without snapshots, save the spiked weights
+    as a COMPLETE checkpoint that --resume auto then continued from)."""
+    from bigtrain.checkpoint import complete_checkpoints
+
+    run_dir = tmp_path / "run"
+    proc = run_bigtrain([*TINY, f"data.cache_dir={data_cache}", f"run_dir={run_dir}", "train.steps=10",
+                         "checkpoint.interval=0", f"checkpoint.snapshot_interval={snapshots}", "spike.warmup=4", fault],
+                        check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (event,) = read_jsonl(run_dir / "spikes.jsonl")
+    assert event["event"] == "rollback" and event["onset_step"] == 7 and event["restored_step"] == 0, event
+    path = surviving(read_jsonl(run_dir / "metrics.jsonl"))
+    assert [r["step"] for r in path] == list(range(1, 11))
+    assert all(r["loss"] < 10 for r in path)
+    for ckpt in complete_checkpoints(run_dir / "checkpoints"):
+        assert read_state(ckpt).rollbacks == (ckpt.name != "step_00000000"), ckpt
+
+
+def test_giving_up_without_a_healthy_state_saves_nothing_and_names_the_last_healthy_checkpoint(tmp_path, caplog):
+    """Issue 11.2: with no rollback target the state still holds the spiked weights: never save them."""
+    from bigtrain.checkpoint import CheckpointStore, TrainState, complete_checkpoints
+    from bigtrain.train import GiveUp, give_up
+    from test_checkpoint import FakeEngine
+
+    class Nothing:
+        def state_dict(self):
+            return {}
+
+    store = CheckpointStore(tmp_path, keep=5)
+    store.save(FakeEngine(b"healthy"), TrainState(step=4))
+    spiked = TrainState(step=9)
+    with caplog.at_level("ERROR", logger="bigtrain"):
+        give_up(GiveUp("no intact checkpoint before the onset step 3", restored=False, onset=3), store,
+                FakeEngine(b"spiked"), spiked, Nothing(), Nothing())
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000004"]
+    assert "No checkpoint was written" in caplog.text and "none: no checkpoint predates" in caplog.text
+    caplog.clear()
+    with caplog.at_level("ERROR", logger="bigtrain"):
+        give_up(GiveUp("budget", restored=False, onset=7), store, FakeEngine(b"spiked"), spiked, Nothing(), Nothing())
+    assert "step_00000004 (step 4)" in caplog.text
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000004"]
+    # Rolled back: the state is healthy and is saved.
+    give_up(GiveUp("budget", restored=True, onset=7), store, FakeEngine(b"healthy"), TrainState(step=4), Nothing(),
+            Nothing())
+    assert (tmp_path / "step_00000004" / "mp_rank_00_model_states.pt").read_bytes() == b"healthy"
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_fp16_run_on_a_gpu_recovers_an_early_incident(tmp_path, data_cache):
+    """The real fp16 path (DeepSpeed refuses fp16 on CPU): dynamic loss scaling, a NaN at step 7 rolled
+    back to the initial state, the run finishes with finite losses and the loss scale's skipped steps
+    counted."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    run_dir = tmp_path / "run"
+    run_bigtrain([*TINY, f"data.cache_dir={data_cache}", f"run_dir={run_dir}", "train.steps=16",
+                  "train.precision=fp16", "checkpoint.interval=0", "checkpoint.snapshot_interval=0",
+                  "spike.warmup=4", "faults.nan_steps=[7]"], nproc=1)
+    events = read_jsonl(run_dir / "spikes.jsonl")
+    assert events and events[0]["event"] == "rollback" and events[0]["restored_step"] == 0, events
+    path = surviving(read_jsonl(run_dir / "metrics.jsonl"))
+    assert [r["step"] for r in path] == list(range(1, 17))
+    assert all(r["loss"] == r["loss"] and r["loss"] < 10 for r in path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["ds_skipped_steps"] == sum(not r["step_applied"] for r in read_jsonl(run_dir / "metrics.jsonl"))
+
+
 def test_quarantined_samples_stay_out_in_every_epoch(tmp_path, data_cache):
     """Issue 11 item 4: a skip is a sample id, not a stream range, so the next epoch's permutation
     cannot bring a quarantined sample back. A ~240-block corpus runs 2.5 epochs; every step after the

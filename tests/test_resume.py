@@ -35,3 +35,106 @@ def test_resume_is_bit_exact(tmp_path, data_cache, stage):
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.mark.slow
+def test_resume_past_a_torn_checkpoint_replaces_it_and_keeps_logs_exact(tmp_path, data_cache):
+    """Issue 11.1 and 11.5, the scenario of the issue: the newest checkpoint is truncated, --resume auto
+    falls back to the older one and trains forward; the save at the torn checkpoint's step must write
+    the new state (it used to refresh the manifest over the truncated file, which then verified). A
+    torn last line in metrics.jsonl must not stop the resume, and events the killed run logged after
+    the checkpoint must not be counted twice."""
+    import json
+
+    from bigtrain.checkpoint import verify
+
+    run_dir = tmp_path / "run"
+    common = [*TINY, f"data.cache_dir={data_cache}", f"run_dir={run_dir}", "train.steps=8", "checkpoint.interval=4",
+              "checkpoint.snapshot_interval=0"]
+    run_bigtrain(common)
+    newest = run_dir / "checkpoints" / "step_00000008"
+    victim = max((p for p in newest.rglob("*.pt")), key=lambda p: p.stat().st_size)
+    size = victim.stat().st_size
+    with open(victim, "r+b") as f:
+        f.truncate(size // 2)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "loss": 4.')  # a kill mid-write
+    with open(run_dir / "spikes.jsonl", "a") as f:
+        f.write(json.dumps({"event": "rollback", "step": 6, "onset_step": 6, "restored_step": 4}) + "\n")
+    with open(run_dir / "quarantine.jsonl", "a") as f:
+        f.write(json.dumps({"stream_index": 17, "rollback": 1}) + "\n")
+
+    proc = run_bigtrain([*common, "--resume", "auto"])
+    assert "skipping checkpoint" in proc.stderr and "abandoned timeline" in proc.stderr
+    assert verify(newest) is None and victim.stat().st_size == size, "the torn file was laundered"
+    (aside,) = (run_dir / "checkpoints").glob("abandoned-*")
+    assert (aside / "step_00000008" / victim.relative_to(newest)).stat().st_size == size // 2  # kept, not deleted
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 9))
+    assert read_jsonl(run_dir / "spikes.jsonl") == [] and read_jsonl(run_dir / "quarantine.jsonl") == []
+
+
+@pytest.mark.slow
+def test_resume_applies_every_changed_hyperparameter_and_logs_it(tmp_path, data_cache):
+    """Issue 11.6: DeepSpeed's load restores the saved lr, eps, betas and weight decay; every one the
+    config changes must be applied, read back from the optimizer, and logged as a change."""
+    run_dir = tmp_path / "run"
+    common = [*TINY, f"data.cache_dir={data_cache}", f"run_dir={run_dir}", "checkpoint.interval=4",
+              "checkpoint.snapshot_interval=0"]
+    run_bigtrain([*common, "train.steps=4"])
+    changed = ["train.steps=8", "optim.eps=1e-9", "optim.beta1=0.8", "optim.beta2=0.99", "optim.weight_decay=0.05"]
+    proc = run_bigtrain([*common, *changed, "--resume", "auto"])
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["step"] > 4]
+    assert [r["step"] for r in rows] == [5, 6, 7, 8]
+    for r in rows:
+        assert (r["eps"], r["beta1"], r["beta2"], r["weight_decay"]) == (1e-9, 0.8, 0.99, 0.05), r
+    for key in ("train.steps", "optim.eps", "optim.beta1", "optim.beta2", "optim.weight_decay"):
+        assert f"{key} changed" in proc.stderr, key
+    assert "stretches the LR schedule" in proc.stderr
+    other = run_bigtrain([*common, "train.steps=8", "train.deepspeed=zero3", "--resume", "auto"], nproc=1, check=False)
+    assert other.returncode == 2 and "saved with ZeRO-2, now ZeRO-3" in other.stderr
+
+
+def test_truncate_metrics_survives_a_torn_line_and_drops_what_the_checkpoint_does_not_hold(tmp_path):
+    """Issue 11.5: a torn last line made truncate_metrics raise on rank 0 only (exit 2 for the run);
+    events and quarantine rows the killed run wrote after its checkpoint were counted again."""
+    import json
+
+    from bigtrain.checkpoint import TrainState
+    from bigtrain.train import truncate_metrics
+
+    rows = [{"step": s, "loss": 1.0} for s in range(1, 9)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9, "lo')
+    events = [{"event": "rollback", "step": 3, "restored_step": 2}, {"event": "rollback", "step": 7, "restored_step": 6}]
+    (tmp_path / "spikes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    quarantine = [{"stream_index": 4, "rollback": 1}, {"stream_index": 12, "rollback": 2}]
+    (tmp_path / "quarantine.jsonl").write_text("".join(json.dumps(q) + "\n" for q in quarantine) + '{"stream')
+    truncate_metrics(tmp_path, TrainState(step=5, rollbacks=1))
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    assert read_jsonl(tmp_path / "spikes.jsonl") == events[:1]
+    assert read_jsonl(tmp_path / "quarantine.jsonl") == quarantine[:1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # four trainings; each rank-count change rebuilds DeepSpeed's shm op here
+def test_resume_on_another_number_of_ranks_goes_through_a_universal_checkpoint(tmp_path, data_cache):
+    """Issue 11.7: 2 ranks -> 1 rank -> 2 ranks (the same global batch: grad_accum makes up for the
+    ranks). The steps equal those of a straight 2-rank run, so weights and Adam moments were carried
+    over, and the data position and the skip list of a rollback are exact."""
+    from bigtrain.checkpoint import read_state
+
+    common = [*TINY, f"data.cache_dir={data_cache}", "train.precision=fp32", "checkpoint.interval=4",
+              "checkpoint.snapshot_interval=2", "spike.warmup=4", "faults.nan_steps=[3]"]
+    straight, hop = tmp_path / "straight", tmp_path / "hop"
+    run_bigtrain([*common, f"run_dir={straight}", "train.steps=12"])
+    run_bigtrain([*common, f"run_dir={hop}", "train.steps=4"])
+    one = run_bigtrain([*common, f"run_dir={hop}", "train.steps=8", "train.grad_accum=2", "--resume", "auto"], nproc=1)
+    assert "converting it to a universal checkpoint" in one.stderr
+    run_bigtrain([*common, f"run_dir={hop}", "train.steps=12", "--resume", "auto"])
+    a, b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(hop / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b]  # the rollback at step 3 included
+    assert [r["samples"] for r in a] == [r["samples"] for r in b]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, nan_ok=True), (ra, rb)
+    sa, sb = read_state(straight / "checkpoints" / "step_00000012"), read_state(hop / "checkpoints" / "step_00000012")
+    assert sb.skipped == sa.skipped and sb.skipped and (sb.cursor, sb.world_size) == (sa.cursor, 2)
+    assert not (hop / "checkpoints" / "universal").exists(), "the conversion is removed after the load"

@@ -413,6 +413,15 @@ def test_config_message_format():
         SpikeConfig(window=3)
 
 
+def test_an_incident_in_the_first_interval_is_within_the_waste_budget():
+    """Issue 11.3: a NaN at step 7 restored to step 0 used to give "7 of 7 steps discarded" and stop."""
+    esc = Escalation(SpikeConfig())
+    plan = esc.decide(7, 7, 0, 0, 1e-8, 1.0, 0.95)
+    assert not plan.stop, plan.reason
+    plan = esc.decide(5, 1, 0, 0, 1e-8, 1.0, 0.95)  # fp16: five overflows calibrating the loss scale
+    assert not plan.stop, plan.reason
+
+
 # ------------------------------------------------------------------------------------------------
 # Attribution (issue 14): which samples caused a spike, and what that says about the cause.
 

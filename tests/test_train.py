@@ -39,17 +39,25 @@ def test_single_process_run_writes_everything_and_resume_auto_adds_no_step(tmp_p
 
 @pytest.mark.slow
 def test_loss_is_normalised_over_the_global_batch(tmp_path, data_cache):
-    """1 rank x 4 micro-batches and 2 ranks x 2 micro-batches see the same global batch: the loss and
-    the global grad norm must agree (a per-rank or per-micro-batch mean would scale the gradient)."""
+    """1 rank x 4 micro-batches, 2 ranks x 2 and 2 ranks x 1 micro-batch of twice the size see the
+    same global batch: the loss and the global grad norm must agree. The samples carry uneven label
+    counts (tests/uneven_labels_entry.py), so a per-rank or per-micro-batch mean would differ from the
+    token-weighted loss; the reference is computed here from the labels, independently of bigtrain."""
+    from pathlib import Path
+
+    entry = str(Path(__file__).parent / "uneven_labels_entry.py")
     common = [*TINY, f"data.cache_dir={data_cache}", "train.steps=4", "train.precision=fp32",
               "checkpoint.snapshot_interval=0", "checkpoint.interval=0"]
-    run_bigtrain([*common, f"run_dir={tmp_path / 'one'}", "train.grad_accum=4"], nproc=1)
-    run_bigtrain([*common, f"run_dir={tmp_path / 'two'}", "train.grad_accum=2"], nproc=2)
-    a, b = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
-    assert [r["samples"] for r in a] == [r["samples"] for r in b] == [8, 16, 24, 32]
-    for ra, rb in zip(a, b):
-        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
-        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
+    run_bigtrain([*common, f"run_dir={tmp_path / 'one'}", "train.grad_accum=4"], nproc=1, script=entry)
+    run_bigtrain([*common, f"run_dir={tmp_path / 'two'}", "train.grad_accum=2"], nproc=2, script=entry)
+    run_bigtrain([*[a for a in common if a != "train.micro_batch=2"], f"run_dir={tmp_path / 'big'}",
+                  "train.micro_batch=4", "train.grad_accum=1"], nproc=2, script=entry)
+    runs = [read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("one", "two", "big")]
+    assert [r["samples"] for r in runs[0]] == [r["samples"] for r in runs[1]] == [8, 16, 24, 32]
+    for rows in runs[1:]:
+        for ra, rb in zip(runs[0], rows):
+            assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+            assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
 
 
 @pytest.mark.slow
@@ -67,6 +75,7 @@ def test_export_gives_a_loadable_model_with_the_trained_eval_loss(tmp_path, data
     assert main(["export", str(run_dir / "checkpoints" / "step_00000006"), str(out)]) == 0
     assert list(out.glob("*.safetensors")) and (out / "tokenizer.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.config.use_cache is True, "issue 11.12: the export kept training's use_cache=False"
     tokenizer = AutoTokenizer.from_pretrained(out)
     cfg = load_config(None, [a for a in args if not a.startswith("run_dir")])
     data = build_dataset(cfg.data, tokenizer, cfg.train.seed)
@@ -77,7 +86,7 @@ def test_export_gives_a_loadable_model_with_the_trained_eval_loss(tmp_path, data
         for b in range(3):
             for rank in range(2):
                 start = (b * 2 + rank) * 2
-                x = data.eval[[(start + j) % m for j in range(2)]]
+                x = data.batch([(start + j) % m for j in range(2)], "eval")["input_ids"]
                 tokens = x.shape[0] * (x.shape[1] - 1)
                 total += model(input_ids=x, labels=x).loss.item() * tokens
                 n += tokens

@@ -59,7 +59,7 @@ class FakeEngine:
         self.module = types.SimpleNamespace(config=types.SimpleNamespace(router_aux_loss_coef=coef))
         self.w = torch.zeros((), requires_grad=True)
 
-    def __call__(self, input_ids):
+    def __call__(self, input_ids, **kwargs):
         # Row r's logits are uniform scaled by its first token: sample loss depends on its own tokens only.
         b, t = input_ids.shape
         logits = (input_ids[:, :1, None].float() * 0.1 + self.w) * torch.arange(self.vocab).float()
@@ -82,7 +82,7 @@ def test_train_step_puts_each_sample_loss_in_its_slot(one_rank):
     # Rank 1 of 3 (slots 4..7 of a global batch of 12), 2 micro-batches of 2 samples each.
     engine = FakeEngine()
     xs = [torch.tensor([[1, 2, 3], [5, 1, 1]]), torch.tensor([[7, 0, 0], [3, 3, 3]])]
-    batches = [(x, x) for x in xs]
+    batches = [{"input_ids": x, "labels": x} for x in xs]
     out = train_step(engine, batches, 4.0, FaultInjector(FaultConfig(), 0), first_slot=4, global_batch=12)
     per_sample = out[4:]
     expected = torch.cat([token_losses(engine(x).logits, x).sum(1) for x in xs])
@@ -95,8 +95,8 @@ def test_train_step_adds_the_moe_aux_loss_to_the_gradient_not_the_reported_loss(
     x = torch.tensor([[1, 2, 3], [5, 1, 1]])
     dense = FakeEngine()
     moe = FakeEngine(aux=2.5, coef=0.02)
-    a = train_step(dense, [(x, x)], 4.0, FaultInjector(FaultConfig(), 0), global_batch=2)
-    b = train_step(moe, [(x, x)], 4.0, FaultInjector(FaultConfig(), 0), global_batch=2)
+    a = train_step(dense, [{"input_ids": x, "labels": x}], 4.0, FaultInjector(FaultConfig(), 0), global_batch=2)
+    b = train_step(moe, [{"input_ids": x, "labels": x}], 4.0, FaultInjector(FaultConfig(), 0), global_batch=2)
     assert moe.backwards[0] == pytest.approx(dense.backwards[0] + 0.02 * 2.5)
     assert torch.equal(a, b)  # loss sums and per-sample losses: cross-entropy only
 

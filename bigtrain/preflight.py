@@ -1,0 +1,50 @@
+"""Checks that need neither the model nor the data, run before any heavy import or work.
+
+``bigtrain train`` calls ``preflight`` right after parsing the config, before importing DeepSpeed,
+transformers or datasets, so a bad DeepSpeed JSON, fp16 on a CPU machine, a ``model.path`` that
+is not a model or a resume that cannot work fails in seconds, not after minutes of tokenizing and
+model building (docs/bad_inputs.md has the timings).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bigtrain import checkpoint
+from bigtrain.config import Config, ConfigError
+from bigtrain.engine import resolve_ds_config, zero_stage
+
+
+def check_stage(saved: checkpoint.TrainState, stage: int, path: Path) -> None:
+    """What a resume cannot change: the ZeRO stage (another number of ranks is converted through
+    DeepSpeed's universal checkpoint, see checkpoint.load_resume)."""
+    if saved.zero_stage and saved.zero_stage != stage:
+        raise ConfigError(
+            f"--resume {path}: saved with ZeRO-{saved.zero_stage}, now ZeRO-{stage}: the optimizer partitions of "
+            f"one stage cannot be loaded by another: relaunch with train.deepspeed=zero{saved.zero_stage} "
+            "(or a JSON with that stage)")
+
+
+def check_resume(cfg: Config, saved: checkpoint.TrainState, stage: int, path: Path) -> None:
+    if saved.fingerprint != cfg.fingerprint():
+        raise ConfigError(f"--resume {path}: it belongs to another model/data/seed (fingerprint "
+                          f"{saved.fingerprint} != {cfg.fingerprint()}): resume with the config it was "
+                          "trained with (RUN_DIR/config.yaml)")
+    check_stage(saved, stage, path)
+
+
+def preflight(cfg: Config, world: int, resume: str | None) -> None:
+    """Raise ConfigError/ValueError naming the problem and the fix; reads only small files."""
+    stage = zero_stage(resolve_ds_config(cfg, world))  # JSON validity, contradictions, fp16 without a GPU
+    if cfg.model.path is not None and not (Path(cfg.model.path) / "config.json").is_file():
+        raise ConfigError(f"model.path={cfg.model.path!r} is not a Hugging Face model directory (no config.json): "
+                          "point it at a save_pretrained folder or set model.path=null to use a preset")
+    if resume is None:
+        return
+    root = Path(cfg.run_dir) / "checkpoints"
+    if resume == "auto":  # quietly: prepare_run_dir reports the checkpoints it passes over
+        path = next((p for p in reversed(checkpoint.complete_checkpoints(root)) if checkpoint.verify(p) is None), None)
+    else:
+        path = checkpoint.resolve_resume(resume, root)
+    if path is not None:
+        check_resume(cfg, checkpoint.read_state(path), stage, path)

@@ -1,0 +1,74 @@
+"""The snapshot ring's budget and lifetime: what it costs (bytes per parameter x parameters x copies),
+whether its filesystem can hold it, and its removal on every exit path."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bigtrain.config import CheckpointConfig, ConfigError
+
+log = logging.getLogger("bigtrain")
+
+# Adam's fp32 master weights + exp_avg + exp_avg_sq, which every ZeRO stage saves (partitioned).
+OPTIMIZER_BYTES_PER_PARAM = 12
+# Headroom for DeepSpeed's per-file overhead, the RNG/state JSON and tmpfs rounding.
+SLACK = 1.05
+
+
+def module_bytes_per_param(ds_config: dict[str, Any]) -> int:
+    """The module weights DeepSpeed saves, in the training dtype (2 bytes in bf16/fp16, 4 in fp32)."""
+    half = ds_config.get("bf16", {}).get("enabled") or ds_config.get("fp16", {}).get("enabled")
+    return 2 if half else 4
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """All parameters, also when ZeRO-3 has partitioned them (``ds_numel`` is the full count)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def ring_bytes(n_params: int, ds_config: dict[str, Any], copies: int, local_fraction: float = 1.0) -> int:
+    """Bytes the ring needs on one filesystem: ``copies`` snapshots of (module + optimizer) bytes per
+    parameter; ``local_fraction`` is the share of ranks writing to it (node-local storage holds only
+    its own node's partitions; ZeRO-1/2 write the whole module from rank 0 alone, counted in full)."""
+    per_param = module_bytes_per_param(ds_config) + OPTIMIZER_BYTES_PER_PARAM * local_fraction
+    return int(n_params * per_param * copies * SLACK)
+
+
+def check_budget(cfg: CheckpointConfig, root: Path, n_params: int, ds_config: dict[str, Any],
+                 local_fraction: float, free_bytes: int | None = None) -> int:
+    """Print the ring's cost and refuse (ConfigError naming the fixes) when ``root``'s filesystem
+    cannot hold it. ``snapshot_keep`` + 1 copies: the newest is written before the oldest is pruned.
+    Returns the bytes needed (0 when snapshots are off)."""
+    if not cfg.snapshot_interval:
+        return 0
+    copies = cfg.snapshot_keep + 1
+    need = ring_bytes(n_params, ds_config, copies, local_fraction)
+    if free_bytes is None:
+        existing = root
+        while not existing.exists():
+            existing = existing.parent
+        free_bytes = shutil.disk_usage(existing).free
+    per_param = need / max(1, n_params * copies)
+    log.info("snapshot ring: %d copies x %.1f bytes/param x %.3g params = %.2f GB in %s (%.2f GB free)",
+             copies, per_param, n_params, need / 1e9, root, free_bytes / 1e9)
+    if need > free_bytes:
+        raise ConfigError(
+            f"the snapshot ring needs {need / 1e9:.2f} GB in {root} ({copies} copies x {per_param:.1f} bytes/param "
+            f"x {n_params:,} params) but only {free_bytes / 1e9:.2f} GB is free there: point "
+            "checkpoint.snapshot_dir= at a larger (node-local) disk, lower checkpoint.snapshot_keep= "
+            f"(now {cfg.snapshot_keep}), or turn snapshots off with checkpoint.snapshot_interval=0")
+    return need
+
+
+def clean_on_exit(root: Path) -> None:
+    """Remove the snapshot directory when this process exits, however it exits (return, exception,
+    SIGTERM handled into a return): snapshots in tmpfs would otherwise hold RAM for the next job on the
+    node. Only SIGKILL (and a second, fatal signal) escape; the next run of the same run_dir removes
+    those at start-up."""
+    atexit.register(shutil.rmtree, root, ignore_errors=True)

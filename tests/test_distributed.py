@@ -1,0 +1,113 @@
+"""Rank layout under every launcher: the device is selected before the first collective, srun's
+per-node task count is mapped, and torchrun restarts agree on one store prefix."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import BIN, free_port
+from bigtrain.distributed import map_slurm_env, slurm_tasks_on_node
+
+# Records the accelerator's set_device and the process group's creation/first collective in order,
+# through a fake accelerator (no GPU needed), then runs bigtrain's real init_distributed.
+ORDER_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import deepspeed.accelerator, torch.distributed as dist
+    calls = []
+    real = deepspeed.accelerator.get_accelerator()
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(real, name)
+        def set_device(self, index):
+            calls.append(("set_device", index))
+
+    deepspeed.accelerator.get_accelerator = lambda: Recording()
+    for name in ("init_process_group", "broadcast_object_list", "barrier", "all_reduce"):
+        orig = getattr(dist, name)
+        def wrapped(*a, _orig=orig, _name=name, **k):
+            calls.append((_name,))
+            return _orig(*a, **k)
+        setattr(dist, name, wrapped)
+    if sys.argv[1] == "elastic":  # torchrun's agent store: a TCPStore server the workers join as clients
+        server = dist.TCPStore("127.0.0.1", int(os.environ["MASTER_PORT"]), is_master=True)
+    from bigtrain.distributed import init_distributed
+    init_distributed()
+    dist.barrier()
+    print(calls)
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "elastic", "deepspeed"])
+def test_device_is_selected_before_the_first_collective(launcher):
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "3", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo"}
+    if launcher == "elastic":  # the restart path: join through the agent store under a round prefix
+        env.update(TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="2")
+    if launcher == "deepspeed":
+        env.update(LOCAL_SIZE="1")
+    out = subprocess.run([sys.executable, "-c", ORDER_SCRIPT, launcher], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    calls = eval(out.stdout.strip().splitlines()[-1])
+    assert ("set_device", 3) in calls, f"cuda:LOCAL_RANK never selected: {calls}"
+    first_group_call = min(i for i, c in enumerate(calls) if c[0] != "set_device")
+    assert calls.index(("set_device", 3)) < first_group_call, calls
+
+
+def test_srun_maps_the_per_node_task_count():
+    assert slurm_tasks_on_node("8", 0) == 8
+    assert [slurm_tasks_on_node("4(x2),3", n) for n in range(3)] == [4, 4, 3]
+    env = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+           "SLURM_TASKS_PER_NODE": "8(x2)", "MASTER_ADDR": "node-a"}
+    map_slurm_env(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == ("9", "16", "1", "8")
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8", "MASTER_ADDR": "node-a"}
+    map_slurm_env(env)
+    assert env["LOCAL_WORLD_SIZE"] == "8"
+
+
+# Round 0: rank 1 dies after rank 0 has joined (as a worker crashing in import or CUDA init would);
+# torchrun restarts both. Round 1 must form one group and all-reduce.
+RESTART_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and os.environ["RANK"] == "1":
+        time.sleep(3)
+        sys.exit(1)
+    import torch, torch.distributed as dist
+    from bigtrain.distributed import init_distributed
+    init_distributed()
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    out = sys.argv[1] + "/rank" + os.environ["RANK"]
+    open(out, "w").write(f"round {os.environ['TORCHELASTIC_RESTART_COUNT']} sum {int(t.item())}")
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.slow
+def test_a_worker_dead_before_joining_does_not_split_the_next_round(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(RESTART_SCRIPT)
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--max-restarts", "1", "--master_port",
+           str(free_port()), str(script), str(tmp_path)]
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as popen:
+        try:
+            stdout, stderr = popen.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            popen.terminate()  # torchrun stops its workers (they run in sessions of their own)
+            try:
+                stdout, stderr = popen.communicate(timeout=60)
+            finally:
+                os.killpg(popen.pid, 9)
+            raise AssertionError(f"round 1 hung (ranks split across store prefixes)\n{stderr[-3000:]}")
+    assert popen.returncode == 0, stderr[-3000:]
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["round 1 sum 2"] * 2
