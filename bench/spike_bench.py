@@ -55,7 +55,7 @@ NOTES_MARKER = "<!-- notes -->"
 STDLIB = ["data.seq_len=64", "train.micro_batch=8", "train.precision=fp32", "train.deepspeed=zero2",
           "optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_steps=20", "optim.grad_clip=0",
           "train.eval_interval=50", "train.eval_batches=16", "checkpoint.interval=0"]
-# The low-loss Adam spike recipe (research/spike-anchors.md 6.2) through bigtrain's own pipeline:
+# The low-loss Adam spike recipe (docs/design.md sec. 3) through bigtrain's own pipeline:
 # global batch 512 (256 x 2 ranks), constant LR after a 10-step warmup, no weight decay, no clipping.
 # bf16, not fp32: with the Llama preset's N(0, 0.02) init the fp32 loss glides to ~1e-7 without a
 # spike, while in bf16 it bottoms out near 1e-3 and spikes 10-100x every ~50 steps, as the research
@@ -289,7 +289,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 def research_spikes(rows: list[dict], factor: float = 10.0, floor: float = 1e-3, after: int = 200,
                     gap: int = 50, lookback: int = 100) -> list[int]:
-    """Steps of spikes by the research rule (spike-anchors.md 6.2): loss > max(floor, factor x min of
+    """Steps of spikes by the rule of docs/design.md sec. 3: loss > max(floor, factor x min of
     the previous ``lookback`` executed steps), >= ``gap`` executed steps apart, after step ``after``.
     ``rows`` in execution order, including steps a rollback later undid."""
     losses = [r["loss"] for r in rows]
@@ -507,7 +507,7 @@ DEFINITIONS = """\
   under that policy; with no event on the clean run it equals plain training), for `modadd` and the
   clean controls the policy `none` run.
 - **train loss, last 50 steps**: mean training loss of the last 50 steps of the surviving path.
-- **spikes (10x rule)**: the research rule of spike-anchors.md 6.2, loss > max(1e-3, 10 x the
+- **spikes (10x rule)**: the rule of docs/design.md sec. 3, loss > max(1e-3, 10 x the
   minimum of the previous 100 executed steps), >= 50 executed steps apart, after step 200;
   *run*: over every executed step, including those a rollback later undid; *kept*: over the
   surviving path only.

@@ -8,7 +8,7 @@ Detection is a small object with a ``state_dict``; recovery stays in the trainer
 
 Three competitors are reproduced next to bigtrain's own monitor so a benchmark can run them under
 the same trainer: OLMo-core's skip-step rule, llm-foundry's KillLossSpike and plain DeepSpeed.
-Sources and line numbers: /work/shared/research/spike-anchors.md sections 1.6, 1.7 and 2.
+Their rules and upstream files (allenai/OLMo-core, mosaicml/llm-foundry) are in docs/design.md sec. 2.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class SpikeConfig:
     min_spike_loss: float = 1e-3
     """A loss below this is never anomalous, whatever its ratio to the level, and below it only a
     grad-norm blow-up (``grad_blowup_ratio`` x the run's max) counts: the research rule
-    (spike-anchors.md 6.2) is loss > max(1e-3, 10 x the recent minimum). Without it, a memorised
+    (docs/design.md sec. 3) is loss > max(1e-3, 10 x the recent minimum). Without it, a memorised
     task at loss ~1e-5 (modadd, bf16) showed loss "spikes" to 1e-4 and runs of 3 grad-norm
     anomalies every few steps, and the rollbacks they triggered spent the budget. Language-model
     losses are far above it."""
@@ -97,7 +97,7 @@ class SpikeConfig:
     loss_blowup_ratio: float = 4.0
     """Loss this many times the median (and z above threshold) is a spike at once: waiting for
     `patience` steps of a 4x loss lets Adam's moments absorb the burst (the 10-50x spikes of
-    spike-anchors.md 6.2 are caught on their first step)."""
+    docs/design.md sec. 3 are caught on their first step)."""
 
     max_ds_skipped_run: int = 5
     """Consecutive steps DeepSpeed itself skipped (fp16 overflow, bf16 non-finite grads) that count
@@ -121,7 +121,7 @@ class SpikeConfig:
     """Smallest eps ever set: 1e-15 is the lowest value Wortsman et al. 2023 report as stable."""
 
     lower_eps: bool = True
-    """Lower eps on rollback. A measured lever, not a cure: spike-anchors.md 6.2 saw no change in
+    """Lower eps on rollback. A measured lever, not a cure: docs/design.md sec. 3 saw no change in
     spike count for eps in 1e-15..1e-6, so it is cheap to turn off."""
 
     lr_factor: float = 1.0
@@ -130,7 +130,7 @@ class SpikeConfig:
 
     lr_floor_scale: float = 0.01
     """Never scale the LR below this fraction of the schedule: halving on every rollback drove the
-    LR to 2^-20 and stalled training in spike-anchors.md 6.2."""
+    LR to 2^-20 and stalled training in docs/design.md sec. 3."""
 
     lr_cooldown_steps: int = 200
     """A lowered LR returns linearly to the schedule over this many steps after the rollback (a
@@ -140,7 +140,7 @@ class SpikeConfig:
     region_steps: int = 200
     """A spike whose onset lies within this many steps of the previous rollback's onset is "the
     same region" and escalates: optimizer-driven spikes came back 100-250 steps after each
-    rollback in spike-anchors.md 6.2."""
+    rollback in docs/design.md sec. 3."""
 
     max_rollbacks: int = 10
     """Rollbacks allowed with onsets within ``region_steps`` steps of each other before stopping
@@ -152,7 +152,7 @@ class SpikeConfig:
     max_wasted_fraction: float = 0.5
     """Stop when steps discarded by rollbacks exceed this share of all steps run (counted over at
     least ``region_steps`` steps, so an incident early in the run rolls back like any other): plain
-    rewind-and-skip threw away 1,902 of 2,500 steps in spike-anchors.md 6.2."""
+    rewind-and-skip threw away 1,902 of 2,500 steps in docs/design.md sec. 3."""
 
     escalate_lr_factor: float = 0.5
     """Extra LR multiplier from escalation level 1 on: a recurring spike in the same region is
@@ -300,7 +300,7 @@ class SpikeMonitor:
     """bigtrain's detector: robust z-scores of log loss / log grad norm, severity plus persistence.
 
     Unlike OLMo-core and llm-foundry, values flagged anomalous never enter the baseline
-    (spike-anchors.md 4.2), and the whole state is checkpointed (4.3).
+    (docs/design.md sec. 2), and the whole state is checkpointed.
     """
 
     def __init__(self, cfg: SpikeConfig) -> None:
@@ -459,7 +459,7 @@ class OlmoSkipStepMonitor:
     current one (``len(self._losses) < max(20, 128 // 2)``); mean and unbiased std
     (``torch.std_mean``) of the previous values; skip iff ``loss - mu > 6 sigma`` or
     ``gnorm - mu > 6 sigma`` (one-sided). Every value enters the lists, flagged or not.
-    Upstream does not checkpoint the lists (spike-anchors.md 1.7 caveat b); the state_dict here
+    Upstream does not checkpoint the lists (docs/design.md sec. 2); the state_dict here
     exists for the common interface, and a faithful benchmark does not restore it.
     """
 
@@ -784,7 +784,7 @@ class Escalation:
     then beta2; budgets on rollbacks and wasted compute end the run instead of looping.
 
     Motivation: rewind-and-skip alone only moved optimizer-driven spikes and discarded most of the
-    compute (spike-anchors.md 6.2); no published system has such a ladder (section 5, items 4, 11).
+    compute (docs/design.md sec. 3); none of the trainers in docs/design.md sec. 2 has such a ladder.
     """
 
     def __init__(self, cfg: SpikeConfig) -> None:
@@ -812,7 +812,7 @@ class Escalation:
             raise ValueError(f"need rollback_to_step <= onset_step <= step, got "
                              f"{rollback_to_step}, {onset_step}, {step}")
         # Chain on the previous rollback (not the first of the region): spikes that drift a
-        # little later after each rollback still escalate, as in spike-anchors.md 6.2.
+        # little later after each rollback still escalate, as in docs/design.md sec. 3.
         # The ladder counts optimizer rollbacks only: a data or incident rollback in between (level
         # -1) neither resets nor raises it.
         opt = [(o, lv) for o, lv in zip(self.onsets, self.levels) if lv >= 0]

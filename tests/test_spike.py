@@ -113,7 +113,7 @@ def test_grad_norm_burst_after_it_decayed_is_measured_against_the_runs_max():
 
 def test_loss_jumps_below_the_absolute_floor_are_not_spikes():
     """A memorised task at loss ~1e-6 (modadd in bf16): a 100x jump to 1e-4 is noise, a jump to
-    0.05 is a spike (spike-anchors.md 6.2: loss > max(1e-3, 10 x the recent minimum))."""
+    0.05 is a spike (docs/design.md sec. 3: loss > max(1e-3, 10 x the recent minimum))."""
     mon = SpikeMonitor(SpikeConfig())
     for t in range(60):
         mon.observe(t, 1e-6 * (1 + 0.05 * (t % 3)), 1e-3)
