@@ -550,7 +550,7 @@ def test_prepare_command_reports_and_shows_the_loss_mask(tmp_path, capsys, chat_
 def test_micro_batch_carries_position_ids_and_poison_reaches_masked_labels(tmp_path, tok):
     """train.micro_batch: the dict train_step forwards to the model as is."""
     from bigtrain.sampler import Sampler
-    from bigtrain.train import label_count, micro_batch
+    from bigtrain.train import label_counts, micro_batch
 
     path = tmp_path / "pc.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"answer {i}"}) + "\n" for i in range(30)))
@@ -560,7 +560,7 @@ def test_micro_batch_carries_position_ids_and_poison_reaches_masked_labels(tmp_p
     batch = micro_batch(packed, sampler, [0, 1], [], len(tok))
     assert set(batch) == {"input_ids", "labels", "position_ids"}
     assert batch["position_ids"][0].tolist() == position_ids_of(packed.train_flags[0])
-    assert label_count(packed, sampler, [0, 1]) == int((batch["labels"][:, 1:] != -100).sum())
+    assert sum(label_counts(packed, sampler.sample_ids([0, 1]))) == int((batch["labels"][:, 1:] != -100).sum())
     poisoned = micro_batch(packed, sampler, [0, 1], [[1, 2]], len(tok))
     mask = batch["labels"][1] != -100
     assert torch.equal(poisoned["labels"][1][mask], poisoned["input_ids"][1][mask])

@@ -38,24 +38,27 @@ def test_single_process_run_writes_everything_and_resume_auto_adds_no_step(tmp_p
 
 
 @pytest.mark.slow
-def test_loss_is_normalised_over_the_global_batch(tmp_path, data_cache):
+def test_loss_is_normalised_over_the_global_batch(tmp_path):
     """1 rank x 4 micro-batches, 2 ranks x 2 and 2 ranks x 1 micro-batch of twice the size see the
-    same global batch: the loss and the global grad norm must agree. The samples carry uneven label
-    counts (tests/uneven_labels_entry.py), so a per-rank or per-micro-batch mean would differ from the
-    token-weighted loss; the reference is computed here from the labels, independently of bigtrain."""
-    from pathlib import Path
+    same global batch: the loss and the global grad norm must agree. The data is prompt/completion
+    rows with completions of 1 to 23 tokens, unpacked, so every sample carries a different number of
+    label tokens: a per-rank or per-micro-batch mean would differ from the token-weighted loss."""
+    import json
 
-    entry = str(Path(__file__).parent / "uneven_labels_entry.py")
-    common = [*TINY, f"data.cache_dir={data_cache}", "train.steps=4", "train.precision=fp32",
+    rows = tmp_path / "pc.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"Q{i}:", "completion": "ab" * (1 + (i * 7) % 11)}) + "\n"
+                            for i in range(120)))
+    common = ["data.source=files", f"data.files=[{rows}]", "data.format=prompt_completion", "data.packing=false",
+              "data.seq_len=32", "train.eval_interval=0", "train.eval_batches=1", "optim.warmup_steps=2",
+              f"data.cache_dir={tmp_path / 'cache'}", "train.steps=4", "train.precision=fp32",
               "checkpoint.snapshot_interval=0", "checkpoint.interval=0"]
-    run_bigtrain([*common, f"run_dir={tmp_path / 'one'}", "train.grad_accum=4"], nproc=1, script=entry)
-    run_bigtrain([*common, f"run_dir={tmp_path / 'two'}", "train.grad_accum=2"], nproc=2, script=entry)
-    run_bigtrain([*[a for a in common if a != "train.micro_batch=2"], f"run_dir={tmp_path / 'big'}",
-                  "train.micro_batch=4", "train.grad_accum=1"], nproc=2, script=entry)
+    run_bigtrain([*common, f"run_dir={tmp_path / 'one'}", "train.micro_batch=2", "train.grad_accum=4"], nproc=1)
+    run_bigtrain([*common, f"run_dir={tmp_path / 'two'}", "train.micro_batch=2", "train.grad_accum=2"], nproc=2)
+    run_bigtrain([*common, f"run_dir={tmp_path / 'big'}", "train.micro_batch=4", "train.grad_accum=1"], nproc=2)
     runs = [read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("one", "two", "big")]
     assert [r["samples"] for r in runs[0]] == [r["samples"] for r in runs[1]] == [8, 16, 24, 32]
-    for rows in runs[1:]:
-        for ra, rb in zip(runs[0], rows):
+    for rows_b in runs[1:]:
+        for ra, rb in zip(runs[0], rows_b, strict=True):
             assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
             assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
 
