@@ -54,9 +54,13 @@ class OptimConfig:
     lr: float = 1e-3
     """Peak learning rate, reached at the end of warmup."""
     min_lr: float = 1e-4
-    """Learning rate at the end of the cosine decay (the last step)."""
+    """Learning rate at the end of the cosine decay (``decay_steps``), held after it."""
     warmup_steps: int = 20
     """Linear warmup from 0 to ``lr`` over this many optimizer steps."""
+    decay_steps: int = 0
+    """The step where the cosine reaches ``min_lr``; 0 = ``train.steps``. Set it when a run is trained
+    in legs (``train.steps=1000``, resume with ``train.steps=2000``): a fixed value keeps every leg on
+    one schedule, where a growing ``train.steps`` stretches it (Megatron's ``--lr-decay-iters``)."""
     beta1: float = 0.9
     """Adam beta1."""
     beta2: float = 0.95
@@ -78,6 +82,8 @@ class OptimConfig:
             raise ConfigError(f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.decay_steps < 0:
+            raise ConfigError(f"optim.decay_steps must be >= 0 (0 = train.steps), got {self.decay_steps}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -198,6 +204,10 @@ class Config:
             raise ConfigError(
                 f"optim.warmup_steps={self.optim.warmup_steps} exceeds train.steps={self.train.steps}: "
                 "lower the warmup or train longer")
+        if self.optim.decay_steps and self.optim.decay_steps < self.optim.warmup_steps:
+            raise ConfigError(
+                f"optim.decay_steps={self.optim.decay_steps} ends the schedule before optim.warmup_steps="
+                f"{self.optim.warmup_steps}: set decay_steps >= warmup_steps, or 0 for train.steps")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -105,11 +105,12 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, ds_config
 
 
 def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
-    """Warmup then cosine to ``min_lr``: a pure function of the step, so resume and rollback need no
-    scheduler state. ``step`` counts optimizer steps already taken (the LR of the next update)."""
+    """Warmup then cosine to ``min_lr`` at ``optim.decay_steps`` (0: ``total_steps``), then flat: a
+    pure function of the step, so resume and rollback need no scheduler state. ``step`` counts
+    optimizer steps already taken (the LR of the next update)."""
     if step < optim.warmup_steps:
         return optim.lr * (step + 1) / (optim.warmup_steps + 1)
-    decay_steps = max(1, total_steps - optim.warmup_steps)
+    decay_steps = max(1, (optim.decay_steps or total_steps) - optim.warmup_steps)
     progress = min(1.0, (step - optim.warmup_steps) / decay_steps)
     return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1 + math.cos(math.pi * progress))
 

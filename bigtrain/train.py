@@ -624,10 +624,11 @@ def apply_changes(cfg: Config, state: TrainState, path: Path) -> None:
     if "optim.beta2" in changed:
         log.warning("resume: optim.beta2 replaces the run's beta2 %g with %g", state.beta2, cfg.optim.beta2)
         state.beta2 = cfg.optim.beta2
-    if "train.steps" in changed and before.get("optim.lr") is not None:
+    if "train.steps" in changed and before.get("optim.lr") is not None and not cfg.optim.decay_steps:
         old_steps = changed["train.steps"][0]
         old_lr = lr_at(state.step, cfg.optim, old_steps)
-        log.warning("resume: train.steps %d -> %d stretches the LR schedule: the LR of step %d is %.4g, was %.4g",
+        log.warning("resume: train.steps %d -> %d stretches the LR schedule: the LR of step %d is %.4g, was %.4g "
+                    "(set optim.decay_steps to keep one schedule across legs)",
                     old_steps, cfg.train.steps, state.step + 1, lr_at(state.step, cfg.optim, cfg.train.steps), old_lr)
 
 

@@ -149,6 +149,21 @@ def test_lr_schedule_is_warmup_then_cosine():
     assert lr_at(55, cfg.optim, 100) == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 0.5)))
 
 
+def test_decay_steps_keeps_one_schedule_when_a_run_is_trained_in_legs():
+    """A run trained to step 50, then resumed with train.steps=100: with optim.decay_steps=100 every
+    step's LR is the straight 100-step run's; without it the first leg decays to min_lr by step 50."""
+    base = ["optim.warmup_steps=10", "optim.lr=1e-3", "optim.min_lr=1e-4"]
+    straight = load_config(None, ["train.steps=100", *base])
+    leg = load_config(None, ["train.steps=50", "optim.decay_steps=100", *base])
+    assert [lr_at(s, leg.optim, 50) for s in range(50)] == [lr_at(s, straight.optim, 100) for s in range(50)]
+    stretched = load_config(None, ["train.steps=50", *base])
+    assert lr_at(50, stretched.optim, 50) == pytest.approx(1e-4)
+    assert lr_at(50, leg.optim, 50) > 5e-4
+    assert lr_at(150, leg.optim, 150) == pytest.approx(1e-4), "flat at min_lr after decay_steps"
+    with pytest.raises(ConfigError, match="decay_steps"):
+        load_config(None, ["train.steps=100", "optim.warmup_steps=10", "optim.decay_steps=5"])
+
+
 def test_dry_run_prints_config_and_resolved_deepspeed_json(capsys):
     assert main(["train", "--dry-run", "train.micro_batch=3", "train.deepspeed=zero3"]) == 0
     out = capsys.readouterr().out

@@ -119,11 +119,12 @@ def test_truncate_metrics_survives_a_torn_line_and_drops_what_the_checkpoint_doe
 def test_resume_on_another_number_of_ranks_goes_through_a_universal_checkpoint(tmp_path, data_cache):
     """Issue 11.7: 2 ranks -> 1 rank -> 2 ranks (the same global batch: grad_accum makes up for the
     ranks). The steps equal those of a straight 2-rank run, so weights and Adam moments were carried
-    over, and the data position and the skip list of a rollback are exact."""
+    over, and the data position and the skip list of a rollback are exact. The legs grow train.steps;
+    optim.decay_steps keeps them on the straight run's LR schedule."""
     from bigtrain.checkpoint import read_state
 
     common = [*TINY, f"data.cache_dir={data_cache}", "train.precision=fp32", "checkpoint.interval=4",
-              "checkpoint.snapshot_interval=2", "spike.warmup=4", "faults.nan_steps=[3]"]
+              "checkpoint.snapshot_interval=2", "spike.warmup=4", "faults.nan_steps=[3]", "optim.decay_steps=12"]
     straight, hop = tmp_path / "straight", tmp_path / "hop"
     run_bigtrain([*common, f"run_dir={straight}", "train.steps=12"])
     run_bigtrain([*common, f"run_dir={hop}", "train.steps=4"])
@@ -134,6 +135,7 @@ def test_resume_on_another_number_of_ranks_goes_through_a_universal_checkpoint(t
     assert [r["step"] for r in a] == [r["step"] for r in b]  # the rollback at step 3 included
     assert [r["samples"] for r in a] == [r["samples"] for r in b]
     for ra, rb in zip(a, b):
+        assert rb["lr"] == pytest.approx(ra["lr"], rel=1e-9), (ra, rb)
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, nan_ok=True), (ra, rb)
     sa, sb = read_state(straight / "checkpoints" / "step_00000012"), read_state(hop / "checkpoints" / "step_00000012")
     assert sb.skipped == sa.skipped and sb.skipped and (sb.cursor, sb.world_size) == (sa.cursor, 2)
