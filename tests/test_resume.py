@@ -119,24 +119,27 @@ def test_truncate_metrics_survives_a_torn_line_and_drops_what_the_checkpoint_doe
 def test_resume_on_another_number_of_ranks_goes_through_a_universal_checkpoint(tmp_path, data_cache):
     """Issue 11.7: 2 ranks -> 1 rank -> 2 ranks (the same global batch: grad_accum makes up for the
     ranks). The steps equal those of a straight 2-rank run, so weights and Adam moments were carried
-    over, and the data position and the skip list of a rollback are exact. The legs grow train.steps;
-    optim.decay_steps keeps them on the straight run's LR schedule."""
+    over, and the data position and the samples a rollback skipped (poisoned at 40-43, caught in the
+    first leg) are exact. The legs grow train.steps; optim.decay_steps keeps them on the straight
+    run's LR schedule."""
     from bigtrain.checkpoint import read_state
 
     common = [*TINY, f"data.cache_dir={data_cache}", "train.precision=fp32", "checkpoint.interval=4",
-              "checkpoint.snapshot_interval=2", "spike.warmup=4", "faults.nan_steps=[3]", "optim.decay_steps=12"]
+              "checkpoint.snapshot_interval=4", "spike.warmup=8", "faults.poison_steps=[40,41,42,43]",
+              "faults.poison_fraction=0.3", "optim.decay_steps=56"]
     straight, hop = tmp_path / "straight", tmp_path / "hop"
-    run_bigtrain([*common, f"run_dir={straight}", "train.steps=12"])
-    run_bigtrain([*common, f"run_dir={hop}", "train.steps=4"])
-    one = run_bigtrain([*common, f"run_dir={hop}", "train.steps=8", "train.grad_accum=2", "--resume", "auto"], nproc=1)
+    run_bigtrain([*common, f"run_dir={straight}", "train.steps=56"])
+    run_bigtrain([*common, f"run_dir={hop}", "train.steps=48"])  # the poison is caught and skipped here
+    one = run_bigtrain([*common, f"run_dir={hop}", "train.steps=52", "train.grad_accum=2", "--resume", "auto"], nproc=1)
     assert "converting it to a universal checkpoint" in one.stderr
-    run_bigtrain([*common, f"run_dir={hop}", "train.steps=12", "--resume", "auto"])
+    run_bigtrain([*common, f"run_dir={hop}", "train.steps=56", "--resume", "auto"])
     a, b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(hop / "metrics.jsonl")
-    assert [r["step"] for r in a] == [r["step"] for r in b]  # the rollback at step 3 included
+    assert [r["step"] for r in a] == [r["step"] for r in b]  # the rollback included
     assert [r["samples"] for r in a] == [r["samples"] for r in b]
     for ra, rb in zip(a, b):
         assert rb["lr"] == pytest.approx(ra["lr"], rel=1e-9), (ra, rb)
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, nan_ok=True), (ra, rb)
-    sa, sb = read_state(straight / "checkpoints" / "step_00000012"), read_state(hop / "checkpoints" / "step_00000012")
-    assert sb.skipped == sa.skipped and sb.skipped and (sb.cursor, sb.world_size) == (sa.cursor, 2)
+    sa, sb = read_state(straight / "checkpoints" / "step_00000056"), read_state(hop / "checkpoints" / "step_00000056")
+    assert sb.skipped_samples == sa.skipped_samples and sb.skipped_samples and sb.rollbacks == sa.rollbacks >= 1
+    assert (sb.cursor, sb.world_size) == (sa.cursor, 2)
     assert not (hop / "checkpoints" / "universal").exists(), "the conversion is removed after the load"
