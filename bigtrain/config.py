@@ -26,6 +26,9 @@ class ConfigError(ValueError):
     """A config problem a user must fix; the message names the key and the fix."""
 
 
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
 @dataclass
 class ModelConfig:
     path: str | None = None
@@ -39,14 +42,17 @@ class ModelConfig:
     """Recompute activations in the backward pass (``gradient_checkpointing_enable``): less memory,
     ~30% more compute."""
     attn_implementation: str = "sdpa"
-    """Attention kernel passed to transformers: ``sdpa`` or ``eager``."""
+    """Attention kernel passed to transformers: ``sdpa``, ``eager`` or ``flash_attention_2`` (CUDA,
+    bf16/fp16 and the ``flash_attn`` package; packed chat/prompt_completion examples then need
+    ``train.micro_batch=1``, the only shape transformers runs as variable-length sequences)."""
 
     def __post_init__(self) -> None:
         presets = ("tiny-llama", "small-llama", "llama-1b", "modadd")
         if self.path is None and self.preset not in presets:
             raise ConfigError(f"model.preset must be one of {list(presets)}, got {self.preset!r}")
-        if self.attn_implementation not in ("sdpa", "eager"):
-            raise ConfigError(f"model.attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ConfigError(f"model.attn_implementation must be one of {list(ATTN_IMPLEMENTATIONS)}, "
+                              f"got {self.attn_implementation!r}")
 
 
 @dataclass
@@ -208,6 +214,17 @@ class Config:
             raise ConfigError(
                 f"optim.decay_steps={self.optim.decay_steps} ends the schedule before optim.warmup_steps="
                 f"{self.optim.warmup_steps}: set decay_steps >= warmup_steps, or 0 for train.steps")
+        if (self.model.attn_implementation == "flash_attention_2" and self.data.format != "text"
+                and self.data.packing and self.train.micro_batch > 1):
+            # transformers reads packed sequences out of position_ids for flash-attention only when the
+            # batch holds one row (modeling_flash_attention_utils._is_packed_sequence); with more rows
+            # every block runs as one causal sequence and packed examples attend to each other.
+            raise ConfigError(
+                f"model.attn_implementation=flash_attention_2 with packed data.format={self.data.format} and "
+                f"train.micro_batch={self.train.micro_batch}: transformers separates packed examples for "
+                "flash-attention only in a micro-batch of one row, so they would attend to each other: set "
+                "train.micro_batch=1 (raise train.grad_accum to keep the batch), data.packing=false, or "
+                "model.attn_implementation=sdpa")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

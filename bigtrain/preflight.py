@@ -8,6 +8,7 @@ model building (docs/bad_inputs.md has the timings).
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from bigtrain import checkpoint
@@ -33,9 +34,28 @@ def check_resume(cfg: Config, saved: checkpoint.TrainState, stage: int, path: Pa
     check_stage(saved, stage, path)
 
 
+def check_attention(cfg: Config) -> None:
+    """flash_attention_2 needs CUDA, a 16-bit dtype and the flash_attn package; transformers would
+    otherwise fail inside from_pretrained, after the data was prepared."""
+    if cfg.model.attn_implementation != "flash_attention_2":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("model.attn_implementation=flash_attention_2 needs a CUDA GPU and none is visible: "
+                          "use model.attn_implementation=sdpa on this machine")
+    if cfg.train.precision not in ("bf16", "fp16"):
+        raise ConfigError(f"model.attn_implementation=flash_attention_2 runs in bf16 or fp16, not "
+                          f"train.precision={cfg.train.precision}: set train.precision=bf16, or use sdpa")
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash_attn package: "
+                          "pip install flash-attn --no-build-isolation, or use model.attn_implementation=sdpa")
+
+
 def preflight(cfg: Config, world: int, resume: str | None) -> None:
     """Raise ConfigError/ValueError naming the problem and the fix; reads only small files."""
     stage = zero_stage(resolve_ds_config(cfg, world))  # JSON validity, contradictions, fp16 without a GPU
+    check_attention(cfg)
     if cfg.model.path is not None and not (Path(cfg.model.path) / "config.json").is_file():
         raise ConfigError(f"model.path={cfg.model.path!r} is not a Hugging Face model directory (no config.json): "
                           "point it at a save_pretrained folder or set model.path=null to use a preset")

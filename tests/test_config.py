@@ -191,3 +191,26 @@ def test_rollback_lr_cut_cools_down_back_to_the_schedule():
     assert lr_multiplier(cfg, state) == 1.0
     permanent = load_config(None, ["spike.lr_cooldown_steps=0"])
     assert lr_multiplier(permanent, state) == 0.5
+
+
+def test_flash_attention_with_packed_examples_needs_micro_batch_one():
+    """transformers separates packed examples for flash-attention only in a one-row micro-batch; with
+    more rows they would attend to each other, so the config is refused with the fix."""
+    fa = ["model.attn_implementation=flash_attention_2", "data.format=chat", "data.source=files", "data.files=[chat.jsonl]"]
+    with pytest.raises(ConfigError, match="set train.micro_batch=1"):
+        load_config(None, [*fa, "train.micro_batch=4"])
+    assert load_config(None, [*fa, "train.micro_batch=1"]).model.attn_implementation == "flash_attention_2"
+    load_config(None, [*fa, "train.micro_batch=4", "data.packing=false"])  # padded: nothing to separate
+    load_config(None, ["model.attn_implementation=flash_attention_2", "train.micro_batch=4"])  # text
+    with pytest.raises(ConfigError, match="flash_attention_2"):
+        load_config(None, ["model.attn_implementation=flash_attn"])
+
+
+def test_flash_attention_is_refused_before_any_work_on_a_machine_without_cuda(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    rc = main(["train", f"run_dir={tmp_path / 'run'}", "model.attn_implementation=flash_attention_2"])
+    assert rc == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
