@@ -19,7 +19,11 @@ memory does not grow with the corpus. The fingerprint hashes everything that cha
 fingerprint, format, columns, seq_len, split, tokenizer, chat template). Preparation holds an
 exclusive ``fcntl`` lock on ``<fingerprint>.lock``; other processes block on the lock (not in a
 collective, so no distributed timeout applies), then map the finished directory, which appears by
-one atomic rename. The synthetic ``modadd`` source is built in memory instead.
+one atomic rename. On a shared filesystem that refuses ``flock`` (NFS mounted ``nolock``, some FUSE
+mounts) every process prepares in its own work directory (host, pid and a random suffix in the name,
+as pids repeat across the containers of a job) and the first rename wins; the others map that
+entry, with a warning that says to run ``bigtrain prepare`` ahead of the job. The synthetic
+``modadd`` source is built in memory instead.
 """
 
 from __future__ import annotations
@@ -28,12 +32,15 @@ import fcntl
 import glob
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
+import socket
 import sys
 import sysconfig
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +52,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 import transformers
+
+log = logging.getLogger("bigtrain")
 
 __all__ = ["DataConfig", "PackedData", "build_tokenizer", "build_dataset", "show_examples", "EOS_TOKEN"]
 
@@ -867,8 +876,8 @@ def _prepare(cfg: DataConfig, tokenizer, plan: _Plan, fingerprint: str, dest: Pa
     """Tokenize, split and pack into a temporary directory beside ``dest``, then rename it there
     (atomic): a reader sees no entry or a complete one."""
     t0 = time.time()
-    work = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
+    # Unique per process on any node: pids repeat across the containers of a multi-node job.
+    work = dest.parent / f".{dest.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     (work / "tokenized").mkdir(parents=True)
     try:
         ds = _tokenize(cfg, tokenizer, plan, work / "tokenized")
@@ -928,7 +937,14 @@ def _prepare(cfg: DataConfig, tokenizer, plan: _Plan, fingerprint: str, dest: Pa
         meta = {"fingerprint": fingerprint, "format": _FORMAT_VERSION, "flags": cfg.format != "text",
                 "files": len(plan.prefixes), "stats": stats}
         (work / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks the entry complete
-        os.replace(work, dest)
+        try:
+            os.replace(work, dest)
+        except OSError:
+            # Another process renamed its entry first (only without a working lock): use it.
+            if not (dest / "meta.json").is_file():
+                raise ValueError(f"data.cache_dir: cannot put the prepared data at {dest} (a damaged entry is in the "
+                                 "way): remove that directory and run again") from None
+            log.warning("data: %s was prepared by another process meanwhile; using it", dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -972,11 +988,19 @@ class _Lock:
 
     def __enter__(self) -> _Lock:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            self.locked = True
+        except OSError as exc:  # ENOLCK / EOPNOTSUPP: NFS without a lock daemon, some FUSE mounts
+            self.locked = False
+            log.warning("data: %s does not support flock (%s): every process prepares this entry itself and the "
+                        "first to finish wins; run `bigtrain prepare` with the job's config once before the job "
+                        "to prepare it a single time", self.path.parent, exc.strerror or exc)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        if self.locked:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
 
 
@@ -1011,11 +1035,14 @@ def build_dataset(
     if packed is not None:
         return packed
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with _Lock(cache_dir / f"{fingerprint}.lock"):
+    with _Lock(cache_dir / f"{fingerprint}.lock") as lock:
         packed = _read_cache(entry, fingerprint, plan)  # another process may have prepared it meanwhile
         if packed is not None:
             return packed
-        shutil.rmtree(entry, ignore_errors=True)  # a damaged entry
+        if lock.locked:  # unlocked, these may be other processes' live work
+            shutil.rmtree(entry, ignore_errors=True)  # a damaged entry
+            for stale in cache_dir.glob(f".{fingerprint}.tmp-*"):  # left by killed preparations
+                shutil.rmtree(stale, ignore_errors=True)
         _prepare(cfg, tokenizer, plan, fingerprint, entry)
     packed = _read_cache(entry, fingerprint, plan)
     if packed is None:

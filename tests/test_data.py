@@ -526,6 +526,42 @@ def test_concurrent_builders_prepare_once(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "c").iterdir() if p.is_dir() and p.name != "hf"] == [results[0][1]]
 
 
+def test_cache_without_working_locks_lets_the_first_preparation_win(tmp_path, monkeypatch):
+    """A shared filesystem that refuses flock (ENOLCK: NFS without a lock daemon): both processes
+    prepare, in work directories of their own, the first rename wins and the other maps it; one
+    entry, no work directory left, the same blocks for both. Old code: OSError out of the lock."""
+    import errno
+    import multiprocessing as mp
+    import types
+
+    import bigtrain.data as data
+
+    for i in range(8):
+        (tmp_path / f"d{i}.txt").write_text(f"document {i} " * 200)
+    cfg = DataConfig(source="files", files=[str(tmp_path / "*.txt")], seq_len=SEQ, cache_dir=str(tmp_path / "c"))
+    ctx = mp.get_context("fork")
+    both_missed_the_cache = ctx.Barrier(2)
+
+    def no_flock(fd, op):  # both processes get here after finding no entry: both must prepare
+        both_missed_the_cache.wait(timeout=60)
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    # Only bigtrain's lock: datasets' own file locks (its cache) keep the real fcntl.
+    monkeypatch.setattr(data, "fcntl", types.SimpleNamespace(flock=no_flock, LOCK_EX=0, LOCK_UN=0))
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_build_in_child, args=((cfg, queue),)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert [r[0] for r in results] == [False, False]  # both prepared
+    assert results[0][1:] == results[1][1:]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir() if p.is_dir() and p.name != "hf") == [results[0][1]]
+    assert not list((tmp_path / "c").glob(".*.tmp-*"))
+
+
 def test_prepare_command_reports_and_shows_the_loss_mask(tmp_path, capsys, chat_model):
     from bigtrain.cli import main
 
