@@ -221,20 +221,21 @@ def finish_swaps(root: Path) -> None:
             shutil.rmtree(aside, ignore_errors=True)
 
 
-def set_aside_newer(root: Path, step: int) -> Path | None:
-    """Rank 0, on resume from ``step``: move every checkpoint of ``root`` newer than ``step`` into
-    ``root/abandoned-<time>/``. They belong to the timeline this resume abandons (a later save of the
-    same step must not meet them, and ``--resume auto`` must not pick them); kept, not deleted, so a
-    person can still go back to them. Returns the folder, or None when there was nothing to move."""
+def set_aside_newer(root: Path, step: int, why: str = "") -> Path | None:
+    """Rank 0, on resume from ``step`` (or on giving up, back to the last healthy ``step``): move every
+    checkpoint of ``root`` newer than ``step`` into ``root/abandoned-<time>/``. They belong to a
+    timeline that is abandoned (a later save of the same step must not meet them, and ``--resume auto``
+    must not pick them); kept, not deleted, so a person can still go back to them. Returns the folder,
+    or None when there was nothing to move."""
     newer = [p for p in root.glob("step_*") if p.is_dir() and int(p.name[5:]) > step] if root.is_dir() else []
     if not newer:
         return None
     dest = root / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}-from-{tag_for(step)}"
-    dest.mkdir()
+    dest.mkdir(exist_ok=True)
     for p in sorted(newer):
         os.rename(p, dest / p.name)
-    log.warning("resuming from step %d: moved the %d newer checkpoint(s) of the abandoned timeline (%s) to %s",
-                step, len(newer), ", ".join(p.name for p in sorted(newer)), dest)
+    log.warning("%s: moved the %d newer checkpoint(s) of the abandoned timeline (%s) to %s",
+                why or f"resuming from step {step}", len(newer), ", ".join(p.name for p in sorted(newer)), dest)
     return dest
 
 

@@ -644,7 +644,14 @@ class GiveUp:
 
 def give_up(reason: GiveUp, durable: CheckpointStore, engine, state: TrainState, monitor, escalation) -> None:
     """Save the state only when it is healthy (rolled back); never save spiked weights as the last
-    healthy state (collective: every rank reaches here with the same ``reason``)."""
+    healthy state (collective: every rank reaches here with the same ``reason``). Durable checkpoints
+    from the onset on hold the spike (the onset can precede the detection by several steps): they are
+    moved aside, so ``--resume auto`` continues from a healthy one."""
+    if checkpoint._rank() == 0:
+        checkpoint.set_aside_newer(durable.root, reason.onset - 1,
+                                   f"giving up: the spike's onset is step {reason.onset}")
+    durable.saved = [s for s in durable.saved if s < reason.onset]
+    checkpoint._barrier()  # no rank saves or lists the directory while it changes
     if reason.restored:
         path = save(durable, engine, state, monitor, escalation)
         log.error("gave up: %s. The last healthy state (step %d) is saved at %s; see spikes.jsonl",

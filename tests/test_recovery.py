@@ -239,12 +239,6 @@ def test_giving_up_without_a_healthy_state_saves_nothing_and_names_the_last_heal
     store.save(FakeEngine(b"healthy"), TrainState(step=4))
     spiked = TrainState(step=9)
     with caplog.at_level("ERROR", logger="bigtrain"):
-        give_up(GiveUp("no intact checkpoint before the onset step 3", restored=False, onset=3), store,
-                FakeEngine(b"spiked"), spiked, Nothing(), Nothing())
-    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000004"]
-    assert "No checkpoint was written" in caplog.text and "none: no checkpoint predates" in caplog.text
-    caplog.clear()
-    with caplog.at_level("ERROR", logger="bigtrain"):
         give_up(GiveUp("budget", restored=False, onset=7), store, FakeEngine(b"spiked"), spiked, Nothing(), Nothing())
     assert "step_00000004 (step 4)" in caplog.text
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000004"]
@@ -252,6 +246,22 @@ def test_giving_up_without_a_healthy_state_saves_nothing_and_names_the_last_heal
     give_up(GiveUp("budget", restored=True, onset=7), store, FakeEngine(b"healthy"), TrainState(step=4), Nothing(),
             Nothing())
     assert (tmp_path / "step_00000004" / "mp_rank_00_model_states.pt").read_bytes() == b"healthy"
+    # A checkpoint saved after the onset but before the detection holds the spike: --resume auto must
+    # not continue from it. It is moved aside (kept for a person to inspect), not deleted.
+    store.save(FakeEngine(b"after the onset"), TrainState(step=8))
+    with caplog.at_level("ERROR", logger="bigtrain"):
+        give_up(GiveUp("budget", restored=False, onset=7), store, FakeEngine(b"spiked"), TrainState(step=10),
+                Nothing(), Nothing())
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000004"] and store.saved == [4]
+    assert "step_00000004 (step 4)" in caplog.text
+    (aside,) = tmp_path.glob("abandoned-*/step_00000008")
+    assert (aside / "mp_rank_00_model_states.pt").read_bytes() == b"after the onset"
+    caplog.clear()
+    with caplog.at_level("ERROR", logger="bigtrain"):  # an onset before every checkpoint
+        give_up(GiveUp("no intact checkpoint before the onset step 3", restored=False, onset=3), store,
+                FakeEngine(b"spiked"), spiked, Nothing(), Nothing())
+    assert "No checkpoint was written" in caplog.text and "none: no checkpoint predates" in caplog.text
+    assert complete_checkpoints(tmp_path) == [] and store.saved == []
 
 
 @pytest.mark.gpu
