@@ -52,7 +52,21 @@ def select_device(local_rank: int) -> None:
     process's current device; a no-op on CPU."""
     from deepspeed.accelerator import get_accelerator
 
-    get_accelerator().set_device(local_rank)
+    acc = get_accelerator()
+    acc.set_device(device_index(local_rank, acc.device_count() if acc.device_name() != "cpu" else 0))
+
+
+def device_index(local_rank: int, visible: int) -> int:
+    """This local rank's device among the ``visible`` ones (0: no accelerator to count). Under srun
+    with ``--gpus-per-task=1`` (or GPUs bound per task by cgroups) each task sees only its own GPU, as
+    device 0, while SLURM_LOCALID still counts 0..7: ``set_device(LOCAL_RANK)`` would fail with
+    "invalid device ordinal" on every task but the first of each node."""
+    if visible <= 0 or local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise RuntimeError(f"LOCAL_RANK={local_rank} but this process sees only {visible} devices: start one rank per "
+                       "visible device (srun --ntasks-per-node=<GPUs per node>, or --gpus-per-task=1)")
 
 
 def slurm_tasks_on_node(tasks_per_node: str, node_id: int) -> int:

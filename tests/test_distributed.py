@@ -61,6 +61,33 @@ def test_device_is_selected_before_the_first_collective(launcher):
     assert calls.index(("set_device", 3)) < first_group_call, calls
 
 
+def test_a_task_that_sees_only_its_own_gpu_uses_device_0(monkeypatch):
+    """srun --gpus-per-task=1: every task sees one GPU (device 0) while LOCAL_RANK runs 0..7."""
+    import deepspeed.accelerator
+
+    from bigtrain.distributed import device_index, select_device
+
+    calls = []
+
+    class OneVisibleGpu:
+        def device_name(self, index=None):
+            return "cuda"
+
+        def device_count(self):
+            return 1
+
+        def set_device(self, index):
+            calls.append(index)
+
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: OneVisibleGpu())
+    select_device(3)
+    assert calls == [0]
+    assert [device_index(r, 8) for r in range(8)] == list(range(8))  # one process per node sees all 8
+    assert device_index(3, 0) == 3  # CPU: nothing to count, the index is passed through
+    with pytest.raises(RuntimeError, match="sees only 4 devices"):
+        device_index(5, 4)
+
+
 def test_srun_maps_the_per_node_task_count():
     assert slurm_tasks_on_node("8", 0) == 8
     assert [slurm_tasks_on_node("4(x2),3", n) for n in range(3)] == [4, 4, 3]
