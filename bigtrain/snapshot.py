@@ -49,21 +49,60 @@ def check_budget(cfg: CheckpointConfig, root: Path, n_params: int, ds_config: di
         return 0
     copies = cfg.snapshot_keep + 1
     need = ring_bytes(n_params, ds_config, copies, local_fraction)
+    note = ""
     if free_bytes is None:
         existing = root
         while not existing.exists():
             existing = existing.parent
         free_bytes = shutil.disk_usage(existing).free
+        if ram_backed(existing):
+            # tmpfs pages are RAM: its size (half the RAM by default) promises more than the node has once
+            # the ranks' own memory is counted, and an offloaded optimizer is allocated after this check.
+            offloaded = int(n_params * OPTIMIZER_BYTES_PER_PARAM * local_fraction) if offloads_optimizer(ds_config) else 0
+            room = mem_available() - offloaded
+            if room < free_bytes:
+                free_bytes = max(0, room)
+                note = (" (the node's available RAM" + (f" less {offloaded / 1e9:.2f} GB of offloaded optimizer state"
+                                                        if offloaded else "") + ": tmpfs lives in RAM)")
     per_param = need / max(1, n_params * copies)
-    log.info("snapshot ring: %d copies x %.1f bytes/param x %.3g params = %.2f GB in %s (%.2f GB free)",
-             copies, per_param, n_params, need / 1e9, root, free_bytes / 1e9)
+    log.info("snapshot ring: %d copies x %.1f bytes/param x %.3g params = %.2f GB in %s (%.2f GB free%s)",
+             copies, per_param, n_params, need / 1e9, root, free_bytes / 1e9, note)
     if need > free_bytes:
         raise ConfigError(
             f"the snapshot ring needs {need / 1e9:.2f} GB in {root} ({copies} copies x {per_param:.1f} bytes/param "
-            f"x {n_params:,} params) but only {free_bytes / 1e9:.2f} GB is free there: point "
+            f"x {n_params:,} params) but only {free_bytes / 1e9:.2f} GB is free there{note}: point "
             "checkpoint.snapshot_dir= at a larger (node-local) disk, lower checkpoint.snapshot_keep= "
             f"(now {cfg.snapshot_keep}), or turn snapshots off with checkpoint.snapshot_interval=0")
     return need
+
+
+def ram_backed(path: Path) -> bool:
+    """Whether ``path`` lies on a tmpfs/ramfs mount (the longest mount point above it in /proc/mounts)."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return False
+    path = path.resolve()
+    best, fstype = "", ""
+    for point, kind in mounts:
+        point = point.replace("\\040", " ")
+        if (path == Path(point) or Path(point) in path.parents) and len(point) > len(best):
+            best, fstype = point, kind
+    return fstype in ("tmpfs", "ramfs")
+
+
+def mem_available() -> int:
+    """The kernel's estimate of RAM available without swapping (MemAvailable, bytes)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("/proc/meminfo has no MemAvailable line")
+
+
+def offloads_optimizer(ds_config: dict[str, Any]) -> bool:
+    """ZeRO-Offload/Infinity with the optimizer state in host memory."""
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device") == "cpu"
 
 
 def clean_on_exit(root: Path) -> None:

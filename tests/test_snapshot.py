@@ -37,6 +37,26 @@ def test_a_ring_that_does_not_fit_is_refused_with_the_fixes(tmp_path):
     assert check_budget(CheckpointConfig(snapshot_interval=0), tmp_path, 7 * 10**9, BF16, 1.0, free_bytes=0) == 0
 
 
+def test_a_ring_in_tmpfs_is_bounded_by_the_ram_the_node_has(tmp_path, monkeypatch):
+    """tmpfs reports half the RAM as free whatever the ranks use; its pages are RAM. The ring is
+    checked against MemAvailable, less the optimizer state ZeRO-Offload will put in host memory."""
+    import bigtrain.snapshot as snapshot
+
+    cfg = CheckpointConfig(snapshot_interval=10, snapshot_keep=1)  # 2 copies of 100M params: 2.94 GB
+    monkeypatch.setattr(snapshot, "ram_backed", lambda path: True)
+    monkeypatch.setattr(snapshot, "mem_available", lambda: int(2.5e9))
+    with pytest.raises(ConfigError, match="available RAM"):
+        check_budget(cfg, tmp_path / "snaps", 10**8, BF16, 1.0)
+    monkeypatch.setattr(snapshot, "mem_available", lambda: int(4e9))
+    if __import__("shutil").disk_usage(tmp_path).free > 3e9:
+        assert check_budget(cfg, tmp_path / "snaps", 10**8, BF16, 1.0) > 0
+    offload = {**BF16, "zero_optimization": {"offload_optimizer": {"device": "cpu"}}}
+    with pytest.raises(ConfigError, match="1.20 GB of offloaded optimizer state"):  # 4 - 1.2 < 2.94
+        check_budget(cfg, tmp_path / "snaps", 10**8, offload, 1.0)
+    if Path("/dev/shm").is_dir() and " /dev/shm tmpfs " in Path("/proc/mounts").read_text():
+        assert snapshot.ram_backed(Path("/dev/shm") / "bigtrain-x" / "y")
+
+
 @pytest.mark.parametrize("ending", ["return", "raise"])
 def test_the_snapshot_directory_is_removed_on_exit(tmp_path, ending):
     root = tmp_path / "snaps"
