@@ -283,10 +283,11 @@ class CheckpointStore:
     snapshot ring alike; ``saved`` (steps, same on every rank) is the rollback catalogue, so no rank
     ever decides from a directory listing another rank may be pruning."""
 
-    def __init__(self, root: Path, keep: int, hf_files: dict[str, Any] | None = None):
+    def __init__(self, root: Path, keep: int, hf_files: dict[str, Any] | None = None, log_saves: bool = False):
         self.root = root
         self.keep = keep
         self.hf_files = hf_files or {}
+        self.log_saves = log_saves  # durable checkpoints: one INFO line per save (snapshots are too frequent)
         saved = [[int(p.name[5:]) for p in complete_checkpoints(root)]]
         if dist.is_initialized():  # rank 0's listing for all: the catalogue must be identical everywhere
             dist.broadcast_object_list(saved, src=0)
@@ -302,7 +303,7 @@ class CheckpointStore:
         config), and recomputing a manifest over old files would launder a torn checkpoint."""
         tag = tag_for(state.step)
         path, incoming = self.root / tag, self.root / f"{INCOMING}{tag}"
-        rank = _rank()
+        rank, t0 = _rank(), time.perf_counter()
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             if incoming.exists():  # a leftover of an interrupted save of the same step
@@ -342,6 +343,8 @@ class CheckpointStore:
         self.saved = sorted(set(self.saved) | {state.step})
         self._prune()
         _barrier()  # no rank returns (and may load or list) before the rename is done
+        if self.log_saves:
+            log.info("checkpoint %s saved in %.1f s", path, time.perf_counter() - t0)
         return path
 
     def _prune(self) -> None:

@@ -194,17 +194,24 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: str | None, rank: int) -
     """Resolve --resume, refuse to mix two runs in one directory, write the resolved config. On
     resume, checkpoints newer than the resumed one (an abandoned timeline) are moved aside."""
     ckpt_root = run_dir / "checkpoints"
-    if rank == 0:  # rank 0 moves, the others wait: nobody lists a directory while it changes
-        checkpoint.finish_swaps(ckpt_root)
-    dist.barrier()
-    resume_path = checkpoint.resolve_resume(resume, ckpt_root) if resume else None
-    # Rank 0's choice for all: ranks must never resume from different checkpoints.
-    choice = [str(resume_path) if resume_path else None]
+    # Rank 0 alone finishes interrupted swaps and resolves --resume; its choice (or its error) goes to
+    # every rank: ranks must never resume from different checkpoints, and an error raised on one rank
+    # only would leave the others waiting in the next collective until its timeout.
+    choice: list = [None, None]
+    if rank == 0:
+        try:
+            checkpoint.finish_swaps(ckpt_root)
+            path = checkpoint.resolve_resume(resume, ckpt_root) if resume else None
+            choice[0] = str(path) if path else None
+            if resume is None and (checkpoint.complete_checkpoints(ckpt_root) or (run_dir / "metrics.jsonl").exists()):
+                raise ConfigError(f"run_dir {run_dir} already holds a run: continue it with --resume auto, "
+                                  "or choose another run_dir=...")
+        except (ValueError, OSError) as exc:
+            choice[1] = str(exc)
     dist.broadcast_object_list(choice, src=0)
+    if choice[1] is not None:
+        raise ConfigError(choice[1])
     resume_path = Path(choice[0]) if choice[0] else None
-    if resume is None and (checkpoint.complete_checkpoints(ckpt_root) or (run_dir / "metrics.jsonl").exists()):
-        raise ConfigError(f"run_dir {run_dir} already holds a run: continue it with --resume auto, "
-                          "or choose another run_dir=...")
     if resume_path is not None:
         saved = checkpoint.read_state(resume_path)
         check_resume(cfg, saved, zero_stage(resolve_ds_config(cfg, dist.get_world_size())), resume_path)
@@ -247,8 +254,18 @@ def truncate_metrics(run_dir: Path, state: TrainState) -> None:
     run redoes it: metrics rows and events after the step, quarantine rows of rollbacks the
     checkpoint does not hold. Otherwise `bigtrain report` counts them twice."""
     _truncate_jsonl(run_dir / "metrics.jsonl", lambda r: r.get("step", 0) <= state.step)
-    _truncate_jsonl(run_dir / "spikes.jsonl", lambda r: r.get("step", 0) <= state.step)
+    _truncate_jsonl(run_dir / "spikes.jsonl", lambda r: keep_event(r, state))
     _truncate_jsonl(run_dir / "quarantine.jsonl", lambda r: r.get("rollback", 0) <= state.rollbacks)
+
+
+def keep_event(row: dict, state: TrainState) -> bool:
+    """Whether a spikes.jsonl event belongs to the history a checkpoint continues. A rollback is
+    identified by its ordinal (``rollback``), not its step: a checkpoint saved after a rollback to an
+    earlier step holds that rollback although the event's step is later than the checkpoint's. A
+    give-up or stop ended a process: never redone, always kept. Other rows: by step."""
+    if "rollback" in row:
+        return row["rollback"] <= state.rollbacks
+    return row.get("event") in ("give_up", "stop") or row.get("step", 0) <= state.step
 
 
 def hf_writers(engine_model, tokenizer) -> dict:
@@ -471,7 +488,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
     sampler = Sampler(data.train.shape[0], t.seed, cfg.data.shuffle)
     monitor, escalation = build_monitor(sc, t.steps), Escalation(sc)
     faults = FaultInjector(cfg.faults, rank, data.train_docs)
-    durable = CheckpointStore(run_dir / "checkpoints", cfg.checkpoint.keep, hf_writers(model, tokenizer))
+    durable = CheckpointStore(run_dir / "checkpoints", cfg.checkpoint.keep, hf_writers(model, tokenizer),
+                              log_saves=True)
     snaps = CheckpointStore(snap_root, cfg.checkpoint.snapshot_keep)
     if rank == 0:
         shutil.rmtree(snaps.root, ignore_errors=True)  # snapshots of an earlier process are not ours
@@ -565,14 +583,16 @@ def train(cfg: Config, resume: str | None = None) -> int:
             t_save = time.perf_counter()
             save(snaps, engine, state, monitor, escalation)
             last["snapshot_seconds"] = round(time.perf_counter() - t_save, 4)
+        saved_now = None
         if cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0 and state.step != t.steps:
             t_save = time.perf_counter()
-            save(durable, engine, state, monitor, escalation)
+            saved_now = save(durable, engine, state, monitor, escalation)
             last["checkpoint_seconds"] = round(time.perf_counter() - t_save, 4)
         if state.step % t.log_interval == 0 or state.step == t.steps or extra_keys & last.keys():
             rec.step(last)
         if stop:
-            path = save(durable, engine, state, monitor, escalation)
+            # Not a second full write of the step just saved: at 70B that is minutes of a grace period.
+            path = saved_now or save(durable, engine, state, monitor, escalation)
             rec.close()
             log.warning("stop requested by a signal: saved %s at step %d; exiting with %d so a requeue or a "
                         "restart continues with --resume auto", path, state.step, EXIT_PREEMPTED)
@@ -761,7 +781,8 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
                    for row in skip.rows)
     rec.event({**event, "event": "rollback" if verdict.kind != SKIP_UPDATE else "skip_update", "action": "rollback+skip" + ("+eps" if plan.eps != before["eps"] else "")
                + ("+lr" if plan.lr_scale != before["lr_scale"] else "") + ("+beta2" if plan.beta2 != before["beta2"] else ""),
-               "level": plan.level, "restored_step": target_step, "restored_from": str(store.root),
+               "rollback": state.rollbacks, "level": plan.level, "restored_step": target_step,
+               "restored_from": str(store.root),
                **skip.event,
                "eps_before": before["eps"], "eps_after": state.eps, "lr_scale_before": before["lr_scale"],
                "lr_scale_after": state.lr_scale, "beta2_before": before["beta2"], "beta2_after": state.beta2,

@@ -61,10 +61,13 @@ def reference(tmp_path_factory, data_cache):
     return run_dir
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_stop_signal_on_one_rank_saves_on_all_and_resume_matches(tmp_path, data_cache, reference, sig):
+@pytest.mark.parametrize("sig,interval", [(signal.SIGTERM, 5), (signal.SIGUSR1, 1)])
+def test_stop_signal_on_one_rank_saves_on_all_and_resume_matches(tmp_path, data_cache, reference, sig, interval):
+    """interval=1: the stop lands on a step the interval just saved, which must not be written twice
+    (at 70B a second full save is minutes of SLURM's 120 s warning)."""
     run_dir = tmp_path / "run"
-    args = [*TINY, f"data.cache_dir={data_cache}", f"run_dir={run_dir}", "train.steps=40", "checkpoint.interval=5"]
+    args = [*TINY, f"data.cache_dir={data_cache}", f"run_dir={run_dir}", "train.steps=40",
+            f"checkpoint.interval={interval}"]
     proc = start(args)
     wait_for_step(run_dir, 12, proc)
     workers(proc)[-1].send_signal(sig)  # one rank only, like SLURM's warning to one task
@@ -75,6 +78,7 @@ def test_stop_signal_on_one_rank_saves_on_all_and_resume_matches(tmp_path, data_
     stopped = resolve_resume("auto", run_dir / "checkpoints")
     last = read_jsonl(run_dir / "metrics.jsonl")[-1]["step"]
     assert stopped.name == f"step_{last:08d}", "the stop checkpoint is the step the run stopped at"
+    assert out.count(f"checkpoint {stopped} saved in") == 1, out[-3000:]
     assert last < 40
     run_bigtrain([*args, "--resume", "auto"])
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 41))
