@@ -342,12 +342,7 @@ def build_tokenizer(model_dir: str | None) -> transformers.PreTrainedTokenizerBa
                 f"tokenizer dir {model_dir!r} does not exist: pass a local model directory or None"
             )
         if any((path / name).exists() for name in _TOKENIZER_FILES):
-            tok = transformers.AutoTokenizer.from_pretrained(str(path))
-            if tok.eos_token_id is None:
-                raise ValueError(
-                    f"tokenizer in {model_dir!r} has no eos token: packing needs one between documents"
-                )
-            return tok
+            return transformers.AutoTokenizer.from_pretrained(str(path))
     return _byte_level_tokenizer()
 
 
@@ -383,6 +378,13 @@ def _tokenizer_fingerprint(tokenizer: transformers.PreTrainedTokenizerBase) -> s
 
 def check_tokenizer(cfg: DataConfig, tokenizer: transformers.PreTrainedTokenizerBase, where: str | None) -> None:
     """Refuse a tokenizer that cannot render ``cfg.format`` before any data is read."""
+    if cfg.format in ("text", "prompt_completion") and tokenizer.eos_token_id is None:
+        ends = "between documents" if cfg.format == "text" else "after each completion, so the model learns to stop"
+        raise ValueError(
+            f"data.format={cfg.format!r} puts an eos token {ends}, but the tokenizer from "
+            f"{where or 'the built-in default'} has none: set eos_token in its tokenizer_config.json (or use "
+            "data.format=chat, whose template ends the turns)"
+        )
     if cfg.format == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"data.format='chat' renders conversations with the tokenizer's chat template, but the tokenizer "
@@ -906,7 +908,9 @@ def _prepare(cfg: DataConfig, tokenizer, plan: _Plan, fingerprint: str, dest: Pa
             train, eval_ = _split(lengths, coin, cfg)
         vocab = max(len(tokenizer), max(tokenizer.all_special_ids or [0]) + 1)
         dtype = np.uint16 if vocab <= 2**16 else np.uint32
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # Padding carries no label and causal attention never lets a real token see the padding after it:
+        # any id does; the pad token, else eos, else 0 (a chat tokenizer may have neither).
+        pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
         out = {}
         for split, rows, base in (("train", train, 0), ("eval", eval_, len(train))):
             if cfg.format == "text":

@@ -376,6 +376,27 @@ def test_bad_instruction_data_is_refused_with_the_key(tmp_path, tok, chat_model)
                       tok, 0)
 
 
+def test_a_chat_tokenizer_without_eos_or_pad_trains_chat_and_refuses_text(tmp_path):
+    """A chat template ends the turns itself: no eos or pad is needed (padding gets id 0, no label).
+    Text and prompt/completion put an eos after each document/completion: refused, with the fix.
+    Old code: refused every format when the tokenizer was loaded."""
+    tok = build_tokenizer(None)
+    tok.chat_template = CHATML
+    tok.eos_token = tok.pad_token = tok.bos_token = None
+    tok.save_pretrained(str(tmp_path / "model"))
+    tok = build_tokenizer(str(tmp_path / "model"))
+    assert tok.eos_token_id is None and tok.pad_token_id is None
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVS))
+    base = dict(source="files", files=[str(path)], seq_len=512, eval_fraction=0.2, cache_dir=str(tmp_path / "c"))
+    packed = build_dataset(DataConfig(format="chat", packing=False, **base), tok, 0)
+    assert packed.stats["train_documents"] >= 1 and packed.stats["padding_share"] > 0
+    assert (packed.train[0][np.nonzero(packed.train_flags[0])[0][-1] + 1:] == 0).all()
+    for fmt in ("text", "prompt_completion"):
+        with pytest.raises(ValueError, match=rf"data.format='{fmt}' puts an eos token .* has none: set eos_token"):
+            build_dataset(DataConfig(**{**base, "format": fmt}), tok, 0)
+
+
 def test_a_single_text_file_is_split_inside(tmp_path, tok):
     """Issue 11 item 10: one document used to fail every eval_fraction."""
     path = tmp_path / "book.txt"
