@@ -16,12 +16,15 @@ calls it alone).
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
 import random
 import shutil
+import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ MARKER = "COMPLETE"
 STATE_FILE = "bigtrain_state.json"
 INCOMING = "incoming-"  # a save in progress: complete only once renamed to step_*
 REPLACED = "replaced-"  # the checkpoint being replaced, for the moment between two renames
+TRASH = "trash-"  # a directory renamed out of the way, being deleted in the background
 
 
 @dataclass
@@ -187,6 +191,39 @@ def _manifest(path: Path, step: int) -> str:
     return json.dumps({"step": step, "time": time.time(), "files": files}, indent=1)
 
 
+_discards: list[threading.Thread] = []
+
+
+def _delete_in_background(path: Path) -> None:
+    thread = threading.Thread(target=shutil.rmtree, args=(path,), kwargs={"ignore_errors": True}, daemon=True,
+                              name="bigtrain-discard")
+    thread.start()
+    _discards.append(thread)
+
+
+def _discard(path: Path) -> None:
+    """Remove a checkpoint directory without making the ranks wait for it: one rename out of the way
+    (O(1) on any filesystem), then deletion in a background thread. A 70B checkpoint is ~1 TB in
+    thousands of files, minutes of unlinks on a shared filesystem, which rank 0 used to do while every
+    other rank waited in the save's closing barrier. A kill mid-deletion leaves a ``trash-*``
+    directory, which the next start removes (``finish_swaps``)."""
+    if not path.exists():
+        return
+    trash = path.with_name(f"{TRASH}{path.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(path, trash)
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    _delete_in_background(trash)
+
+
+def wait_for_discards() -> None:
+    """Join the background deletions (at the end of a run, so no trash outlives it)."""
+    while _discards:
+        _discards.pop().join()
+
+
 def _swap_in(incoming: Path, path: Path) -> None:
     """Rename a complete ``incoming`` into ``path``, replacing what is there. Two renames (atomic
     each, O(1) on a shared filesystem whatever the checkpoint size): if the process dies between
@@ -197,7 +234,7 @@ def _swap_in(incoming: Path, path: Path) -> None:
             shutil.rmtree(aside)
         os.rename(path, aside)
     os.rename(incoming, path)
-    shutil.rmtree(aside, ignore_errors=True)
+    _discard(aside)
 
 
 def finish_swaps(root: Path) -> None:
@@ -218,7 +255,9 @@ def finish_swaps(root: Path) -> None:
         if not path.exists():
             os.rename(aside, path)
         else:
-            shutil.rmtree(aside, ignore_errors=True)
+            _discard(aside)
+    for trash in root.glob(TRASH + "*"):  # deletions a killed process left unfinished
+        _delete_in_background(trash)
 
 
 def set_aside_newer(root: Path, step: int, why: str = "") -> Path | None:
@@ -306,8 +345,7 @@ class CheckpointStore:
         rank, t0 = _rank(), time.perf_counter()
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            if incoming.exists():  # a leftover of an interrupted save of the same step
-                shutil.rmtree(incoming)
+            _discard(incoming)  # a leftover of an interrupted save of the same step
         _barrier()
         error = None
         try:
@@ -354,11 +392,11 @@ class CheckpointStore:
         if _rank() != 0:
             return
         for step in drop:
-            shutil.rmtree(self.root / tag_for(step), ignore_errors=True)
+            _discard(self.root / tag_for(step))
         newest = self.saved[-1]
         for p in self.root.glob("step_*"):
             if not is_complete(p) and p.name < tag_for(newest):
-                shutil.rmtree(p, ignore_errors=True)
+                _discard(p)
 
     def latest_before(self, step: int) -> int | None:
         """Newest saved step strictly before ``step`` (a rollback target must predate the onset)."""
@@ -371,7 +409,7 @@ class CheckpointStore:
         self.saved = [s for s in self.saved if s <= step]
         if _rank() == 0:
             for s in newer:
-                shutil.rmtree(self.root / tag_for(s), ignore_errors=True)
+                _discard(self.root / tag_for(s))
 
 
 def load(engine, path: Path) -> TrainState:
@@ -391,28 +429,73 @@ def _set_rng_from(path: Path, rank: int) -> None:
         set_rng_state(json.loads(rng_file.read_text()))
 
 
-def to_universal(path: Path, out_root: Path) -> Path:
-    """Rank 0: convert the ZeRO checkpoint at ``path`` with DeepSpeed's ``ds_to_universal`` (per
-    parameter fp32 weights and Adam moments, independent of the number of ranks) into
-    ``out_root/<tag>``; a complete earlier conversion is reused. Reads every partition once and
-    writes ~12 bytes per parameter (7B: ~84 GB) on the shared filesystem."""
+UNIVERSAL = "universal"  # <checkpoints>/universal/<tag>: DeepSpeed universal conversions
+SOURCE_FILE = "bigtrain_source.txt"  # in a conversion: the key of the checkpoint it was made from
+
+
+def source_key(path: Path) -> str:
+    """Identity of a complete checkpoint: the hash of its manifest (file sizes and save time). Two
+    checkpoints of the same step from different timelines differ; a tag name alone does not."""
+    return hashlib.sha256((path / MARKER).read_bytes()).hexdigest()[:32]
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """Bytes of a complete checkpoint, from its manifest (no file is read)."""
+    return sum(json.loads((path / MARKER).read_text()).get("files", {}).values())
+
+
+def universal_for(path: Path, out_root: Path) -> Path | None:
+    """The complete conversion of exactly this checkpoint under ``out_root``, else None."""
+    out = out_root / path.name
+    try:
+        if is_complete(out) and (out / SOURCE_FILE).read_text() == source_key(path):
+            return out
+    except OSError:
+        pass
+    return None
+
+
+def to_universal(path: Path, out_root: Path, workers: int = 4) -> Path:
+    """Convert the ZeRO checkpoint at ``path`` with DeepSpeed's ``ds_to_universal`` (per parameter
+    fp32 weights and Adam moments, independent of the number of ranks) into ``out_root/<tag>``;
+    a complete conversion of this very checkpoint (same manifest) is reused, any other one replaced.
+    Reads every partition once and writes ~12 bytes per parameter (7B: ~84 GB)."""
     import argparse
 
     from deepspeed.checkpoint import ds_to_universal
 
+    done = universal_for(path, out_root)
+    if done is not None:
+        return done
     out = out_root / path.name
-    if is_complete(out):
-        return out
     if out.exists():
         shutil.rmtree(out)
     out_root.mkdir(parents=True, exist_ok=True)
     # inject_missing_state: bigtrain's models carry no universal-checkpoint metadata (plain data
     # parallelism, no tensor-parallel slices), which is what the injected default describes.
-    args = argparse.Namespace(input_folder=str(path), output_folder=str(out), num_extract_workers=4,
-                              num_merge_workers=2, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    args = argparse.Namespace(input_folder=str(path), output_folder=str(out), num_extract_workers=workers,
+                              num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
     ds_to_universal.main(args)
-    _atomic_write(out / MARKER, _manifest(out, read_state(path).step))
+    _atomic_write(out / SOURCE_FILE, source_key(path))
+    _atomic_write(out / MARKER, _manifest(out, read_state(path).step))  # last: marks it complete
     return out
+
+
+def check_inline_conversion(path: Path, world: int, max_gb: float) -> None:
+    """Refuse (on every rank alike: reads only small files) a resume on another number of ranks that
+    would convert a checkpoint too large to convert while the other ranks wait in a collective."""
+    saved = read_state(path)
+    if saved.world_size == world or universal_for(path, path.parent / UNIVERSAL) is not None:
+        return
+    size = checkpoint_bytes(path)
+    if size > max_gb * 1e9:
+        raise ValueError(
+            f"--resume {path}: saved by {saved.world_size} rank(s), this run has {world}, so it must be converted "
+            f"to a universal checkpoint, and at {size / 1e9:.1f} GB (> checkpoint.convert_inline_max_gb={max_gb:g}) "
+            f"that is too long for the other ranks to wait in a collective: run `bigtrain convert {path}` once "
+            f"first (it writes {path.parent / UNIVERSAL / path.name}, which the resume then loads), or relaunch "
+            f"with {saved.world_size} rank(s)")
 
 
 def load_resume(engine, path: Path, world: int, scratch: Path) -> TrainState:
@@ -425,14 +508,20 @@ def load_resume(engine, path: Path, world: int, scratch: Path) -> TrainState:
     if saved.world_size == world:
         return load(engine, path)
     rank = _rank()
-    log.warning("resume: %s was saved by %d rank(s), this run has %d: converting it to a universal checkpoint "
-                "(deepspeed.checkpoint.ds_to_universal) under %s", path, saved.world_size, world, scratch)
-    universal, error = scratch / path.name, None
-    if rank == 0:
-        try:
-            universal = to_universal(path, scratch)
-        except Exception as exc:  # noqa: BLE001 - reported on every rank below
-            error = exc
+    universal, error = universal_for(path, path.parent / UNIVERSAL), None  # `bigtrain convert` made it
+    converted_here = universal is None
+    if converted_here:
+        log.warning("resume: %s was saved by %d rank(s), this run has %d: converting it to a universal checkpoint "
+                    "(deepspeed.checkpoint.ds_to_universal) under %s", path, saved.world_size, world, scratch)
+        universal = scratch / path.name
+        if rank == 0:
+            try:
+                universal = to_universal(path, scratch)
+            except Exception as exc:  # noqa: BLE001 - reported on every rank below
+                error = exc
+    else:
+        log.warning("resume: %s was saved by %d rank(s), this run has %d: loading its universal conversion %s",
+                    path, saved.world_size, world, universal)
     if not all_ok(error is None):
         raise RuntimeError(f"converting {path} to a universal checkpoint failed ({error or 'on rank 0'}); "
                            f"relaunch with {saved.world_size} rank(s) to resume it as it is") from error
@@ -446,7 +535,7 @@ def load_resume(engine, path: Path, world: int, scratch: Path) -> TrainState:
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {universal}")
     _set_rng_from(path, rank)
     _barrier()  # every rank has read it
-    if rank == 0:
+    if rank == 0 and converted_here:  # a conversion the user made with `bigtrain convert` is theirs
         shutil.rmtree(scratch, ignore_errors=True)
     return saved
 

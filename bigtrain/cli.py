@@ -1,4 +1,4 @@
-"""Command line: ``bigtrain train | prepare | export | report``."""
+"""Command line: ``bigtrain train | prepare | export | convert | report``."""
 
 from __future__ import annotations
 
@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", type=Path)
     e.add_argument("out_dir", type=Path)
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c = sub.add_parser("convert", help="convert a checkpoint to DeepSpeed's universal format ahead of a resume on "
+                                       "another number of ranks (large checkpoints are not converted inline)")
+    c.add_argument("checkpoint", type=Path)
+    c.add_argument("--workers", type=int, default=4, help="extract workers of ds_to_universal (merge: half)")
     r = sub.add_parser("report", help="plot loss/grad norm with spikes and rollbacks; print a summary table")
     r.add_argument("run_dir", type=Path)
     r.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/report.png)")
@@ -76,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
             from bigtrain.export import export
 
             print(export(args.checkpoint, args.out_dir, args.dtype))
+            return 0
+        if args.command == "convert":
+            from bigtrain import checkpoint
+
+            path = checkpoint.resolve_resume(str(args.checkpoint), args.checkpoint.parent)
+            print(checkpoint.to_universal(path, path.parent / checkpoint.UNIVERSAL, args.workers))
             return 0
         if args.command == "report":
             from bigtrain.report import report

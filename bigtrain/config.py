@@ -148,10 +148,17 @@ class CheckpointConfig:
     snapshot_dir: str | None = None
     """Where snapshots live. None: /dev/shm/bigtrain-<run id> when /dev/shm exists, else
     RUN_DIR/snapshots."""
+    convert_inline_max_gb: float = 50.0
+    """A resume on another number of ranks goes through DeepSpeed's universal checkpoint. Rank 0
+    converts inline (the other ranks wait in a collective, whose timeout a long conversion can
+    exceed) only for checkpoints up to this size; a larger one is refused with the ``bigtrain
+    convert`` command to run first. 0 = never inline."""
 
     def __post_init__(self) -> None:
         if self.interval < 0 or self.snapshot_interval < 0:
             raise ConfigError("checkpoint.interval and checkpoint.snapshot_interval must be >= 0")
+        if not self.convert_inline_max_gb >= 0:
+            raise ConfigError(f"checkpoint.convert_inline_max_gb must be >= 0, got {self.convert_inline_max_gb}")
         if self.keep < 1 or self.snapshot_keep < 1:
             raise ConfigError("checkpoint.keep and checkpoint.snapshot_keep must be >= 1")
 

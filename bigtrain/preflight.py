@@ -68,3 +68,4 @@ def preflight(cfg: Config, world: int, resume: str | None) -> None:
         path = checkpoint.resolve_resume(resume, root)
     if path is not None:
         check_resume(cfg, checkpoint.read_state(path), stage, path)
+        checkpoint.check_inline_conversion(path, world, cfg.checkpoint.convert_inline_max_gb)

@@ -215,6 +215,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: str | None, rank: int) -
     if resume_path is not None:
         saved = checkpoint.read_state(resume_path)
         check_resume(cfg, saved, zero_stage(resolve_ds_config(cfg, dist.get_world_size())), resume_path)
+        checkpoint.check_inline_conversion(resume_path, dist.get_world_size(), cfg.checkpoint.convert_inline_max_gb)
         if rank == 0:
             checkpoint.set_aside_newer(ckpt_root, saved.step)
         dist.barrier()
@@ -502,7 +503,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
     state = TrainState(eps=cfg.optim.eps, beta2=cfg.optim.beta2, fingerprint=cfg.fingerprint(), world_size=world,
                        zero_stage=zero_stage(ds_config), config=cfg.to_dict())
     if resume_path is not None:
-        state = checkpoint.load_resume(engine, resume_path, world, run_dir / "checkpoints" / "universal")
+        state = checkpoint.load_resume(engine, resume_path, world, run_dir / "checkpoints" / checkpoint.UNIVERSAL)
         apply_changes(cfg, state, resume_path)
         state.config, state.world_size, state.zero_stage = cfg.to_dict(), world, zero_stage(ds_config)
         monitor.load_state_dict(state.monitor)
@@ -605,6 +606,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
     log.info("memory (host RSS, max over ranks): %s", format_mb(memory_mb))
     if rank == 0:
         shutil.rmtree(snaps.root, ignore_errors=True)
+        checkpoint.wait_for_discards()  # pruned checkpoints: no trash outlives a finished run
     rec.close()
     summary = {"steps": state.step, "seconds": round(time.time() - t_start, 1), "final_loss": last.get("loss"),
                "eval_loss": eval_loss, "rollbacks": state.rollbacks, "wasted_steps": state.wasted_steps,

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bigtrain.checkpoint import (MARKER, STATE_FILE, CheckpointStore, TrainState, complete_checkpoints, is_complete,
-                                 resolve_resume,
-                                 rng_state, set_rng_state, tag_for)
+from bigtrain.checkpoint import (MARKER, STATE_FILE, CheckpointStore, TrainState, complete_checkpoints, finish_swaps,
+                                 is_complete, resolve_resume, rng_state, set_rng_state, tag_for, wait_for_discards)
 
 
 def fake_ckpt(root, step, complete=True):
@@ -42,10 +41,39 @@ def test_prune_keeps_newest_complete_and_drops_stale_partials(tmp_path):
     store = CheckpointStore(tmp_path, keep=2)
     assert store.saved == [10, 20, 30]
     store._prune()
+    wait_for_discards()
     assert [p.name for p in sorted(tmp_path.iterdir())] == [tag_for(20), tag_for(30)]
     assert store.latest_before(30) == 20 and store.latest_before(20) is None
     store.drop_after(20)
     assert store.saved == [20] and not (tmp_path / tag_for(30)).exists()
+
+
+def test_pruned_checkpoints_are_deleted_without_making_the_ranks_wait(tmp_path, monkeypatch):
+    """A 70B checkpoint is ~1 TB of files: rank 0 deleted the pruned one inside the save, while every
+    other rank waited in the closing barrier. Now one rename, and the deletion runs in the background."""
+    import shutil as _shutil
+    import time
+
+    real = _shutil.rmtree
+
+    def slow_rmtree(path, *a, **k):  # a shared filesystem unlinking a large checkpoint
+        time.sleep(1.5)
+        return real(path, *a, **k)
+
+    store = CheckpointStore(tmp_path, keep=1)
+    store.save(FakeEngine(b"one"), TrainState(step=1))
+    monkeypatch.setattr(_shutil, "rmtree", slow_rmtree)
+    t0 = time.perf_counter()
+    store.save(FakeEngine(b"two"), TrainState(step=2))
+    assert time.perf_counter() - t0 < 1.0
+    assert [p.name for p in complete_checkpoints(tmp_path)] == [tag_for(2)] and store.saved == [2]
+    wait_for_discards()
+    assert [p.name for p in tmp_path.iterdir()] == [tag_for(2)]
+    # A kill mid-deletion leaves trash: the next start removes it.
+    (tmp_path / "trash-step_00000001-abcd").mkdir()
+    finish_swaps(tmp_path)
+    wait_for_discards()
+    assert [p.name for p in tmp_path.iterdir()] == [tag_for(2)]
 
 
 def test_rng_state_round_trips_through_json():
@@ -92,15 +120,16 @@ def test_a_save_over_a_torn_checkpoint_writes_the_new_state(tmp_path):
     assert verify(path) is None
     assert weights.read_bytes() == b"new" * 200
     assert json.loads((path / STATE_FILE).read_text())["eps"] == 1e-9
+    wait_for_discards()
     assert sorted(p.name for p in tmp_path.iterdir()) == [tag_for(10)], "no leftover of the swap"
 
 
 def test_an_interrupted_swap_is_finished_and_never_loses_the_checkpoint(tmp_path):
     """A crash between the two renames of a replacement leaves replaced-step_N and incoming-step_N;
     the next start puts a complete one back under step_N."""
-    from bigtrain.checkpoint import INCOMING, REPLACED, finish_swaps
-
     import shutil
+
+    from bigtrain.checkpoint import INCOMING, REPLACED
 
     store = CheckpointStore(tmp_path, keep=3)
     path = store.save(FakeEngine(b"a" * 10), TrainState(step=10))
@@ -109,12 +138,14 @@ def test_an_interrupted_swap_is_finished_and_never_loses_the_checkpoint(tmp_path
     path.rename(tmp_path / (INCOMING + path.name))  # the new copy, complete, not yet renamed ...
     (tmp_path / "old").rename(tmp_path / (REPLACED + path.name))  # ... the old one already aside
     finish_swaps(tmp_path)
+    wait_for_discards()
     assert (path / "mp_rank_00_model_states.pt").read_bytes() == b"b" * 10
     assert [p.name for p in tmp_path.iterdir()] == [tag_for(10)]
     # Died before the new copy was complete: the old one comes back.
     path.rename(tmp_path / (REPLACED + path.name))
     (tmp_path / (INCOMING + tag_for(10))).mkdir()
     finish_swaps(tmp_path)
+    wait_for_discards()
     assert (path / "mp_rank_00_model_states.pt").read_bytes() == b"b" * 10 and is_complete(path)
     assert [p.name for p in tmp_path.iterdir()] == [tag_for(10)]
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from conftest import TINY, read_jsonl, run_bigtrain
+from conftest import BIN, TINY, read_jsonl, run_bigtrain
 
 
 def fp32_weights(ckpt):
@@ -119,6 +123,26 @@ def test_truncate_metrics_survives_a_torn_line_and_drops_what_the_checkpoint_doe
     assert read_jsonl(tmp_path / "quarantine.jsonl") == quarantine[:1]
 
 
+def test_a_universal_conversion_is_reused_only_for_the_checkpoint_it_was_made_from(tmp_path):
+    """A conversion left under checkpoints/universal/step_N (by `bigtrain convert`, or a crash before
+    its removal) must not be loaded for another step_N of a later timeline: keyed by the manifest."""
+    import json
+
+    from bigtrain.checkpoint import MARKER, SOURCE_FILE, source_key, universal_for
+
+    ckpt = tmp_path / "step_00000052"
+    ckpt.mkdir()
+    (ckpt / MARKER).write_text(json.dumps({"step": 52, "time": 1.0, "files": {}}))
+    conv = tmp_path / "universal" / ckpt.name
+    conv.mkdir(parents=True)
+    (conv / SOURCE_FILE).write_text(source_key(ckpt))
+    assert universal_for(ckpt, tmp_path / "universal") is None  # not complete yet
+    (conv / MARKER).write_text("{}")
+    assert universal_for(ckpt, tmp_path / "universal") == conv
+    (ckpt / MARKER).write_text(json.dumps({"step": 52, "time": 2.0, "files": {}}))  # another timeline's step 52
+    assert universal_for(ckpt, tmp_path / "universal") is None
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # four trainings; each rank-count change rebuilds DeepSpeed's shm op here
 def test_resume_on_another_number_of_ranks_goes_through_a_universal_checkpoint(tmp_path, data_cache):
@@ -137,7 +161,19 @@ def test_resume_on_another_number_of_ranks_goes_through_a_universal_checkpoint(t
     run_bigtrain([*common, f"run_dir={hop}", "train.steps=48"])  # the poison is caught and skipped here
     one = run_bigtrain([*common, f"run_dir={hop}", "train.steps=52", "train.grad_accum=2", "--resume", "auto"], nproc=1)
     assert "converting it to a universal checkpoint" in one.stderr
-    run_bigtrain([*common, f"run_dir={hop}", "train.steps=56", "--resume", "auto"])
+    assert not (hop / "checkpoints" / "universal").exists(), "the inline conversion is removed after the load"
+    # Back to 2 ranks the way a large checkpoint goes: inline conversion refused before any work (as
+    # at 70B, where the other ranks would wait in a collective for it), `bigtrain convert` once, resume.
+    back = [*common, f"run_dir={hop}", "train.steps=56", "checkpoint.convert_inline_max_gb=0", "--resume", "auto"]
+    refused = run_bigtrain(back, check=False)
+    assert refused.returncode != 0 and "run `bigtrain convert" in refused.stderr, refused.stderr[-3000:]
+    ckpt = hop / "checkpoints" / "step_00000052"
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    out = subprocess.run([sys.executable, "-m", "bigtrain", "convert", str(ckpt)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("universal/step_00000052"), out.stderr[-3000:]
+    two = run_bigtrain(back)
+    assert "loading its universal conversion" in two.stderr and "converting it" not in two.stderr
     a, b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(hop / "metrics.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b]  # the rollback included
     assert [r["samples"] for r in a] == [r["samples"] for r in b]
@@ -147,4 +183,3 @@ def test_resume_on_another_number_of_ranks_goes_through_a_universal_checkpoint(t
     sa, sb = read_state(straight / "checkpoints" / "step_00000056"), read_state(hop / "checkpoints" / "step_00000056")
     assert sb.skipped_samples == sa.skipped_samples and sb.skipped_samples and sb.rollbacks == sa.rollbacks >= 1
     assert (sb.cursor, sb.world_size) == (sa.cursor, 2)
-    assert not (hop / "checkpoints" / "universal").exists(), "the conversion is removed after the load"
