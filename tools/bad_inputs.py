@@ -83,6 +83,12 @@ def cases(f: dict[str, str], tmp: Path) -> list[tuple[str, list[str]]]:
         ("model path that is not a model", [f"model.path={f['not_ckpt']}", run]),
         ("resume path that is not a checkpoint", ["--resume", f["not_ckpt"], run]),
         ("config file that does not exist", ["--config", str(tmp / "nope.yaml")]),
+        ("flash-attention without a GPU", ["model.attn_implementation=flash_attention_2", run]),
+        ("flash-attention with packed examples", ["model.attn_implementation=flash_attention_2", "data.format=chat",
+                                                  "data.source=files", f"data.files=[{f['rows.jsonl']}]", run]),
+        ("chat data, tokenizer without a chat template", ["data.format=chat", "data.source=files",
+                                                           f"data.files=[{f['rows.jsonl']}]", "train.micro_batch=1",
+                                                           run]),
     ]
 
 
