@@ -20,7 +20,6 @@ def export(ckpt: Path, out_dir: Path, dtype: str = "float32") -> Path:
     to ``dtype`` one at a time, then assigned into the skeleton. The values are those of the fp32
     consolidation cast to ``dtype``, bit for bit."""
     from accelerate import init_empty_weights
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     if not checkpoint.is_complete(ckpt):
         raise ValueError(f"{ckpt}: not a complete bigtrain checkpoint (no {checkpoint.MARKER} marker): "
@@ -31,7 +30,7 @@ def export(ckpt: Path, out_dir: Path, dtype: str = "float32") -> Path:
     # Parameters on meta, buffers (rotary inv_freq: non-persistent, not in the checkpoint) built for real.
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=out_dtype)
-    lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
+    lazy = read_lazily(ckpt)
     state_dict = consolidate(lazy, out_dtype)
     del lazy
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
@@ -50,6 +49,91 @@ def export(ckpt: Path, out_dir: Path, dtype: str = "float32") -> Path:
     model.save_pretrained(out_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(hf_dir).save_pretrained(out_dir)
     return out_dir
+
+
+def read_lazily(ckpt: Path) -> dict:
+    """DeepSpeed's consolidated state dict in ``lazy_mode``: values that gather one fp32 weight on
+    ``.contiguous()``, from the ``*_optim_states.pt`` files it opens memory-mapped.
+
+    ``lazy_mode`` alone is lazy for ZeRO-3 only: for ZeRO-1/2 (bigtrain's default) DeepSpeed first
+    ``torch.cat``s every rank's flat fp32 partition into one full fp32 vector (4 bytes/param) and hands
+    out views of it. While it builds the dict, its module's ``torch.cat`` along dim 0 is therefore a
+    :class:`_LazyCat` that records the parts instead of copying them, so DeepSpeed's own layout code
+    (offsets, alignment padding, shared params) places every weight and the copy happens per weight."""
+    import deepspeed.utils.zero_to_fp32 as z2f
+
+    real = z2f.torch
+    z2f.torch = _TorchWithLazyCat(real)
+    try:
+        return z2f.get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
+    finally:
+        z2f.torch = real
+
+
+class _TorchWithLazyCat:
+    """``torch`` with ``cat`` along dim 0 deferred (see :func:`read_lazily`); everything else is torch."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def cat(self, tensors, dim=0, **kwargs):
+        tensors = list(tensors)
+        if dim != 0 or kwargs or not tensors or any(t.dim() != 1 for t in tensors):
+            return self._real.cat(tensors, dim, **kwargs)
+        return _LazyCat(tensors)
+
+
+class _LazyCat:
+    """Stands for the 1-d ``torch.cat(parts)``: ``numel``, and ``narrow(0, ...)`` -> a :class:`_LazySlice`."""
+
+    def __init__(self, parts: list[torch.Tensor]):
+        self.parts = parts
+        self.starts = [0]
+        for p in parts:
+            self.starts.append(self.starts[-1] + p.numel())
+        self.dtype = parts[0].dtype
+
+    def numel(self) -> int:
+        return self.starts[-1]
+
+    def narrow(self, dim: int, start: int, length: int) -> _LazySlice:
+        if dim != 0 or start < 0 or start + length > self.numel():
+            raise IndexError(f"narrow({dim}, {start}, {length}) outside a lazy concatenation of {self.numel()}")
+        return _LazySlice(self, start, length, torch.Size([length]))
+
+
+class _LazySlice:
+    """Elements ``[start, start + length)`` of a :class:`_LazyCat`, shaped ``shape``; ``contiguous()``
+    copies just them into a tensor of its own."""
+
+    def __init__(self, cat: _LazyCat, start: int, length: int, shape: torch.Size):
+        self.cat, self.start, self.length, self.shape, self.dtype = cat, start, length, shape, cat.dtype
+
+    def numel(self) -> int:
+        return self.length
+
+    def narrow(self, dim: int, start: int, length: int) -> _LazySlice:
+        if dim != 0 or start < 0 or start + length > self.length:
+            raise IndexError(f"narrow({dim}, {start}, {length}) outside a lazy slice of {self.length}")
+        return _LazySlice(self.cat, self.start + start, length, torch.Size([length]))
+
+    def view(self, *shape) -> _LazySlice:
+        shape = torch.Size(shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape)
+        if shape.numel() != self.length:
+            raise ValueError(f"cannot view {self.length} elements as {tuple(shape)}")
+        return _LazySlice(self.cat, self.start, self.length, shape)
+
+    def contiguous(self) -> torch.Tensor:
+        end, chunks = self.start + self.length, []
+        for part, lo, hi in zip(self.cat.parts, self.cat.starts, self.cat.starts[1:]):
+            if lo < end and self.start < hi:
+                a, b = max(self.start, lo), min(end, hi)
+                chunks.append(part.narrow(0, a - lo, b - a))
+        out = torch.cat(chunks) if chunks else torch.empty(0, dtype=self.dtype)
+        return out.view(self.shape)
 
 
 def consolidate(lazy: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
