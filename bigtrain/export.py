@@ -59,7 +59,9 @@ def read_lazily(ckpt: Path) -> dict:
     ``torch.cat``s every rank's flat fp32 partition into one full fp32 vector (4 bytes/param) and hands
     out views of it. While it builds the dict, its module's ``torch.cat`` along dim 0 is therefore a
     :class:`_LazyCat` that records the parts instead of copying them, so DeepSpeed's own layout code
-    (offsets, alignment padding, shared params) places every weight and the copy happens per weight."""
+    (offsets, alignment padding, shared params) places every weight and the copy happens per weight.
+    Its ``torch.load`` is memory-mapped as well: the ZeRO-1/2 ``mp_rank_00_model_states.pt`` holds the
+    whole module in the training dtype, read in full only to pick out the buffers."""
     import deepspeed.utils.zero_to_fp32 as z2f
 
     real = z2f.torch
@@ -71,13 +73,18 @@ def read_lazily(ckpt: Path) -> dict:
 
 
 class _TorchWithLazyCat:
-    """``torch`` with ``cat`` along dim 0 deferred (see :func:`read_lazily`); everything else is torch."""
+    """``torch`` with ``cat`` along dim 0 deferred and ``load`` memory-mapped (see :func:`read_lazily`);
+    everything else is torch."""
 
     def __init__(self, real):
         self._real = real
 
     def __getattr__(self, name):
         return getattr(self._real, name)
+
+    def load(self, *args, **kwargs):
+        kwargs.setdefault("mmap", True)  # the model-states files too: their module weights are not needed
+        return self._real.load(*args, **kwargs)
 
     def cat(self, tensors, dim=0, **kwargs):
         tensors = list(tensors)

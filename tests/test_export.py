@@ -39,7 +39,7 @@ def test_export_bf16_is_the_cast_fp32_consolidation_built_on_meta_from_a_lazy_re
     model_dir = save_tied_tiny_model(tmp_path / "m")
     run_dir = tmp_path / "run"
     run_bigtrain([*TINY, f"data.cache_dir={data_cache}", f"run_dir={run_dir}", f"model.path={model_dir}",
-                  "train.steps=2", "train.precision=fp32", "checkpoint.snapshot_interval=0"], nproc=1)
+                  "train.deepspeed=zero2", "train.steps=2", "train.precision=fp32", "checkpoint.snapshot_interval=0"], nproc=1)
     ckpt = run_dir / "checkpoints" / "step_00000002"
     reference = z2f.get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
 
@@ -66,6 +66,12 @@ def test_export_bf16_is_the_cast_fp32_consolidation_built_on_meta_from_a_lazy_re
     # the old export built an fp32 model on the CPU and consolidated everything eagerly.
     assert skeletons == [({"meta"}, {torch.bfloat16}, {"cpu"})], skeletons
     assert reads == [True], "the checkpoint must be read lazily (lazy_mode=True), one tensor at a time"
+
+    # ZeRO-2 (the default stage, this checkpoint's) too: DeepSpeed's lazy_mode alone would hand out views
+    # of one full fp32 vector it concatenated from the partitions.
+    lazy = export_mod.read_lazily(ckpt)
+    assert set(lazy) == set(reference) and not [n for n, v in lazy.items() if isinstance(v, torch.Tensor)]
+    del lazy
 
     # (a) every exported tensor is the fp32 consolidation cast to bf16, bit for bit.
     exported = {}
