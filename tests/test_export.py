@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import TINY, run_bigtrain
@@ -28,6 +29,7 @@ def save_tied_tiny_model(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # ~30 s: a real 1-rank training run (data preparation included) before the export
 def test_export_bf16_is_the_cast_fp32_consolidation_built_on_meta_from_a_lazy_read(tmp_path, data_cache,
                                                                                     monkeypatch):
     import deepspeed.utils.zero_to_fp32 as z2f
