@@ -90,3 +90,26 @@ def test_export_bf16_is_the_cast_fp32_consolidation_built_on_meta_from_a_lazy_re
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert torch.equal(model.lm_head.weight, reference["model.embed_tokens.weight"].to(model.dtype))
     assert not [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+
+
+def test_lazy_concatenation_copies_out_exactly_the_slice_torch_cat_would_give():
+    """The deferred ``torch.cat`` that keeps a ZeRO-1/2 read from allocating the full fp32 vector:
+    slices that start, end and span anywhere across the rank partitions equal the real ones and own
+    exactly their storage."""
+    from bigtrain.export import _TorchWithLazyCat
+
+    parts = [torch.randn(n) for n in (7, 1, 12, 5)]
+    real = torch.cat(parts)
+    lazy = _TorchWithLazyCat(torch).cat(parts, 0)
+    assert lazy.numel() == real.numel()
+    for start in range(real.numel()):
+        for length in range(real.numel() - start + 1):
+            got = lazy.narrow(0, start, length).contiguous()
+            assert torch.equal(got, real.narrow(0, start, length))
+            assert got.untyped_storage().nbytes() == length * got.element_size()
+    assert torch.equal(lazy.narrow(0, 3, 12).view(3, 4).contiguous(), real.narrow(0, 3, 12).view(3, 4))
+    assert torch.equal(lazy.narrow(0, 2, 20).narrow(0, 4, 6).contiguous(), real[6:12])
+    with pytest.raises(IndexError):
+        lazy.narrow(0, 20, 6)
+    # Anything but flat partitions along dim 0 is left to torch.
+    assert torch.equal(_TorchWithLazyCat(torch).cat([torch.ones(2, 2)] * 2, 1), torch.ones(2, 4))
