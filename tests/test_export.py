@@ -47,7 +47,8 @@ def test_export_bf16_is_the_cast_fp32_consolidation_built_on_meta_from_a_lazy_re
 
     # How the export builds its model and reads the checkpoint, seen from outside.
     skeletons, reads = [], []
-    from_config, read = export_mod.AutoModelForCausalLM.from_config, z2f.get_fp32_state_dict_from_zero_checkpoint
+    from_config = export_mod.AutoModelForCausalLM.from_config
+    read = z2f.get_fp32_state_dict_from_zero_checkpoint
 
     def spy_from_config(*args, **kwargs):
         model = from_config(*args, **kwargs)
