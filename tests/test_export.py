@@ -41,7 +41,8 @@ def test_export_bf16_is_the_cast_fp32_consolidation_built_on_meta_from_a_lazy_re
     model_dir = save_tied_tiny_model(tmp_path / "m")
     run_dir = tmp_path / "run"
     run_bigtrain([*TINY, f"data.cache_dir={data_cache}", f"run_dir={run_dir}", f"model.path={model_dir}",
-                  "train.deepspeed=zero2", "train.steps=2", "train.precision=fp32", "checkpoint.snapshot_interval=0"], nproc=1)
+                  "train.deepspeed=zero2", "train.steps=2", "train.precision=fp32",
+                  "checkpoint.snapshot_interval=0"], nproc=1)
     ckpt = run_dir / "checkpoints" / "step_00000002"
     reference = z2f.get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
 
