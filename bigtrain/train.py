@@ -585,6 +585,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
             last["snapshot_seconds"] = round(time.perf_counter() - t_save, 4)  # the loop's wait
             if snaps.last_write_seconds is not None:  # the previous snapshot's write, in the background
                 last["snapshot_write_seconds"] = round(snaps.last_write_seconds, 4)
+                snaps.last_write_seconds = None
         saved_now = None
         if cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0 and state.step != t.steps:
             t_save = time.perf_counter()
