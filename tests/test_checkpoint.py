@@ -174,13 +174,25 @@ def test_an_async_snapshot_is_no_rollback_target_before_its_write_completes(tmp_
     store = CheckpointStore(tmp_path, keep=2, asynchronous=True)
     engine = TensorEngine()
     path = store.save(engine, TrainState(step=4))
+    try:
+        _check_pending(store, engine, path, tmp_path)
+    finally:
+        release.set()  # never leave the writer (a non-daemon thread) waiting when a check fails
+    store.finish()
+    _check_written(store, path)
+
+
+def _check_pending(store, engine, path, tmp_path):
     assert engine.checkpoint_engine is None, "the original engine is back after the save"
     assert store.saved == [] and store.latest_before(10) is None, "pending: not a rollback target"
     assert not path.exists() and not is_complete(tmp_path / f"incoming-{tag_for(4)}")
     assert complete_checkpoints(tmp_path) == []
     engine.weight.mul_(-1)  # the optimizer's next step, in place, while the write is pending
-    release.set()
-    store.finish()
+
+
+def _check_written(store, path):
+    import torch
+
     assert store.saved == [4] and store.latest_before(10) == 4 and is_complete(path)
     model = torch.load(path / "mp_rank_00_model_states.pt", weights_only=False)
     assert torch.equal(model["module"]["w"], torch.arange(1000, dtype=torch.float32))
