@@ -279,28 +279,50 @@ def all_ok(ok: bool) -> bool:
     return bool(flag.item())
 
 
-def _host_copy(obj: Any, copies: dict[int, torch.Tensor]) -> None:
+class HostBuffers:
+    """Host buffers reused from one snapshot to the next (one snapshot's worth, kept by the store).
+    A fresh allocation costs page faults and zeroing as large as the copy itself (on a CPU box that is
+    most of a torch.save into tmpfs); a reused, already-mapped buffer costs only the memcpy. Device
+    tensors get pinned buffers, so their copies can run asynchronously on the stream."""
+
+    def __init__(self):
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+        self.lock = threading.Lock()  # taken by the loop's thread, given back by the writer's
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        pinned = t.device.type == "cuda"
+        with self.lock:
+            bufs = self.free.get((t.dtype, tuple(t.shape), pinned))
+            if bufs:
+                return bufs.pop()
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
+
+    def give_back(self, bufs: list[torch.Tensor]) -> None:
+        with self.lock:
+            for b in bufs:
+                self.free.setdefault((b.dtype, tuple(b.shape), b.is_pinned()), []).append(b)
+
+
+def _host_copy(obj: Any, copies: dict[int, torch.Tensor], buffers: HostBuffers) -> None:
     """Fill ``copies`` (id -> host copy) for every tensor in the containers of ``obj``. A tensor met
     twice (tied weights) is copied once, so the copy keeps the original's aliasing. Device tensors:
     a D2H copy into pinned memory, ordered on the current stream (the optimizer's next in-place update,
-    on the same stream, runs after it); host tensors: a clone (the next step mutates them in place)."""
+    on the same stream, runs after it); host tensors: a memcpy (the next step mutates them in place)."""
     if torch.is_tensor(obj):
         if id(obj) not in copies:
             t = obj.detach()
-            if t.device.type == "cpu":
-                copies[id(obj)] = t.clone()
-            elif t.device.type != "cuda":
+            if t.device.type not in ("cpu", "cuda"):
                 copies[id(obj)] = t.to("cpu", copy=True)  # synchronous: no pinned memory to order it
             else:
-                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                host.copy_(t, non_blocking=True)
+                host = buffers.take(t)
+                host.copy_(t, non_blocking=t.device.type == "cuda")
                 copies[id(obj)] = host
     elif isinstance(obj, dict):
         for v in obj.values():
-            _host_copy(v, copies)
+            _host_copy(v, copies, buffers)
     elif isinstance(obj, (list, tuple)):
         for v in obj:
-            _host_copy(v, copies)
+            _host_copy(v, copies, buffers)
 
 
 class SnapshotEngine:
@@ -313,9 +335,10 @@ class SnapshotEngine:
 
     name = "bigtrain-snapshot"
 
-    def __init__(self, zipfile_serialization: bool = False):
+    def __init__(self, zipfile_serialization: bool = False, buffers: HostBuffers | None = None):
         self.zipfile_serialization = zipfile_serialization
-        self.jobs: list[tuple[Any, str]] = []
+        self.buffers = buffers or HostBuffers()
+        self.jobs: list[tuple[Any, str, list[torch.Tensor]]] = []
         self.copied_bytes = 0
 
     # CheckpointEngine's interface, as DeepSpeed's save_checkpoint calls it.
@@ -329,13 +352,13 @@ class SnapshotEngine:
         import copy
 
         copies: dict[int, torch.Tensor] = {}
-        _host_copy(state_dict, copies)
+        _host_copy(state_dict, copies, self.buffers)
         self.copied_bytes += sum(t.numel() * t.element_size() for t in copies.values())
         # deepcopy for the rest (param groups, ds_config, scalars): small, and the originals may change
         # at the next step. The tensors come from ``copies`` through deepcopy's memo.
         memo: dict[int, Any] = dict(copies)
         memo[id(memo)] = [state_dict]  # keep the originals alive while the memo refers to their ids
-        self.jobs.append((copy.deepcopy(state_dict, memo), path))
+        self.jobs.append((copy.deepcopy(state_dict, memo), path, list(copies.values())))
 
     def load(self, path: str, map_location=None):
         return torch.load(path, map_location=map_location, weights_only=False)
@@ -358,9 +381,10 @@ class SnapshotEngine:
     def write(self) -> None:
         """Background thread: write every queued copy, in order; drop each as soon as it is written."""
         while self.jobs:
-            state_dict, path = self.jobs.pop(0)
+            state_dict, path, bufs = self.jobs.pop(0)
             torch.save(state_dict, path, _use_new_zipfile_serialization=self.zipfile_serialization)
             del state_dict
+            self.buffers.give_back(bufs)  # only once written: the next snapshot overwrites them
 
 
 class PendingSnapshot:
@@ -410,6 +434,7 @@ class CheckpointStore:
         self.asynchronous = asynchronous
         self.pending: PendingSnapshot | None = None  # same on every rank (set and cleared collectively)
         self.last_write_seconds: float | None = None  # the last finished background write's duration
+        self.buffers = HostBuffers()  # one snapshot's host copy, reused (RAM: 14 bytes/param of the rank's share)
         saved = [[int(p.name[5:]) for p in complete_checkpoints(root)]]
         if dist.is_initialized():  # rank 0's listing for all: the catalogue must be identical everywhere
             dist.broadcast_object_list(saved, src=0)
@@ -435,7 +460,7 @@ class CheckpointStore:
         error, copier = None, None
         if self.asynchronous:
             original = engine.checkpoint_engine
-            copier = SnapshotEngine(bool(getattr(original, "zipfile_serialization", False)))
+            copier = SnapshotEngine(bool(getattr(original, "zipfile_serialization", False)), self.buffers)
             engine.checkpoint_engine = copier  # read by DeepSpeed only inside save_checkpoint
         try:
             # Collective: every rank writes its partition (64 ranks: 64 files into one tag directory).
