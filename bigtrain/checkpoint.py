@@ -317,16 +317,162 @@ def all_ok(ok: bool) -> bool:
     return bool(flag.item())
 
 
+class HostBuffers:
+    """Host buffers reused from one snapshot to the next (one snapshot's worth, kept by the store).
+    A fresh allocation costs page faults and zeroing as large as the copy itself (on a CPU box that is
+    most of a torch.save into tmpfs); a reused, already-mapped buffer costs only the memcpy. Device
+    tensors get pinned buffers, so their copies can run asynchronously on the stream."""
+
+    def __init__(self):
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+        self.lock = threading.Lock()  # taken by the loop's thread, given back by the writer's
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        pinned = t.device.type == "cuda"
+        with self.lock:
+            bufs = self.free.get((t.dtype, tuple(t.shape), pinned))
+            if bufs:
+                return bufs.pop()
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
+
+    def give_back(self, bufs: list[torch.Tensor]) -> None:
+        with self.lock:
+            for b in bufs:
+                self.free.setdefault((b.dtype, tuple(b.shape), b.is_pinned()), []).append(b)
+
+
+def _host_copy(obj: Any, copies: dict[int, torch.Tensor], buffers: HostBuffers) -> None:
+    """Fill ``copies`` (id -> host copy) for every tensor in the containers of ``obj``. A tensor met
+    twice (tied weights) is copied once, so the copy keeps the original's aliasing. Device tensors:
+    a D2H copy into pinned memory, ordered on the current stream (the optimizer's next in-place update,
+    on the same stream, runs after it); host tensors: a memcpy (the next step mutates them in place)."""
+    if torch.is_tensor(obj):
+        if id(obj) not in copies:
+            t = obj.detach()
+            if t.device.type not in ("cpu", "cuda"):
+                copies[id(obj)] = t.to("cpu", copy=True)  # synchronous: no pinned memory to order it
+            else:
+                host = buffers.take(t)
+                host.copy_(t, non_blocking=t.device.type == "cuda")
+                copies[id(obj)] = host
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _host_copy(v, copies, buffers)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _host_copy(v, copies, buffers)
+
+
+class SnapshotEngine:
+    """DeepSpeed checkpoint engine for snapshots (duck-typed like deepspeed 0.19's
+    runtime/checkpoint_engine/checkpoint_engine.py CheckpointEngine): ``save`` makes a private host
+    copy of the state dict and queues it; ``write`` (the background thread) ``torch.save``s the copies.
+    The copy is the only part the training loop waits for. DeepSpeed's own engines do not fit here:
+    the decoupled one hands the live tensors to a process (the optimizer mutates them while it writes,
+    a torn snapshot) and needs the aio op; the torch one writes synchronously."""
+
+    name = "bigtrain-snapshot"
+
+    def __init__(self, zipfile_serialization: bool = False, buffers: HostBuffers | None = None):
+        self.zipfile_serialization = zipfile_serialization
+        self.buffers = buffers or HostBuffers()
+        self.jobs: list[tuple[Any, str, list[torch.Tensor]]] = []
+        self.copied_bytes = 0
+
+    # CheckpointEngine's interface, as DeepSpeed's save_checkpoint calls it.
+    def create(self, info) -> None:
+        pass
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        os.makedirs(path, exist_ok=exist_ok)
+
+    def save(self, state_dict: Any, path: str) -> None:
+        import copy
+
+        copies: dict[int, torch.Tensor] = {}
+        _host_copy(state_dict, copies, self.buffers)
+        self.copied_bytes += sum(t.numel() * t.element_size() for t in copies.values())
+        # deepcopy for the rest (param groups, ds_config, scalars): small, and the originals may change
+        # at the next step. The tensors come from ``copies`` through deepcopy's memo.
+        memo: dict[int, Any] = dict(copies)
+        memo[id(memo)] = [state_dict]  # keep the originals alive while the memo refers to their ids
+        self.jobs.append((copy.deepcopy(state_dict, memo), path, list(copies.values())))
+
+    def load(self, path: str, map_location=None):
+        return torch.load(path, map_location=map_location, weights_only=False)
+
+    def commit(self, info) -> bool:
+        return True
+
+    def is_data_parallel_writer(self, dp_rank: int) -> bool:
+        return dp_rank == 0
+
+    def is_decoupled(self) -> bool:
+        return False
+
+    def preserves_storage_sharing(self) -> bool:
+        return False  # DeepSpeed would clone once more (on the device) before handing us the state
+
+    def cleanup(self) -> None:
+        pass
+
+    def write(self) -> None:
+        """Background thread: write every queued copy, in order; drop each as soon as it is written."""
+        while self.jobs:
+            state_dict, path, bufs = self.jobs.pop(0)
+            torch.save(state_dict, path, _use_new_zipfile_serialization=self.zipfile_serialization)
+            del state_dict
+            self.buffers.give_back(bufs)  # only once written: the next snapshot overwrites them
+
+
+class PendingSnapshot:
+    """A snapshot whose files are being written by this rank's background thread. Not a rollback
+    target (not in ``CheckpointStore.saved``, no marker) until ``CheckpointStore.finish``."""
+
+    def __init__(self, step: int, incoming: Path, path: Path, writer: SnapshotEngine, done_event):
+        self.step, self.incoming, self.path = step, incoming, path
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self.done_event = done_event  # device work (the D2H copies) the writer must wait for
+        self.thread = threading.Thread(target=self._run, args=(writer,), name=f"snapshot-{step}")
+        # Not a daemon: at exit the interpreter waits for the write to end before the atexit handlers
+        # (snapshot.clean_on_exit) remove the directory, so no write races the removal.
+        self.thread.start()
+
+    def _run(self, writer: SnapshotEngine) -> None:
+        t0 = time.perf_counter()
+        try:
+            if self.done_event is not None:
+                self.done_event.synchronize()
+            writer.write()
+        except BaseException as exc:  # noqa: BLE001 - reported on every rank by CheckpointStore.finish
+            self.error = exc
+        finally:
+            writer.jobs.clear()
+            self.seconds = time.perf_counter() - t0
+
+    def join(self) -> BaseException | None:
+        self.thread.join()
+        return self.error
+
+
 class CheckpointStore:
     """One directory of checkpoints with a keep-K policy. Used for durable checkpoints and for the
     snapshot ring alike; ``saved`` (steps, same on every rank) is the rollback catalogue, so no rank
     ever decides from a directory listing another rank may be pruning."""
 
-    def __init__(self, root: Path, keep: int, hf_files: dict[str, Any] | None = None, log_saves: bool = False):
+    def __init__(self, root: Path, keep: int, hf_files: dict[str, Any] | None = None, log_saves: bool = False,
+                 asynchronous: bool = False):
         self.root = root
         self.keep = keep
         self.hf_files = hf_files or {}
         self.log_saves = log_saves  # durable checkpoints: one INFO line per save (snapshots are too frequent)
+        # Snapshots: the loop waits only for a host copy of the state; a background thread writes it and
+        # the snapshot joins ``saved`` at the next ``finish`` (next save, a rollback, the end of the run).
+        self.asynchronous = asynchronous
+        self.pending: PendingSnapshot | None = None  # same on every rank (set and cleared collectively)
+        self.last_write_seconds: float | None = None  # the last finished background write's duration
+        self.buffers = HostBuffers()  # one snapshot's host copy, reused (RAM: 14 bytes/param of the rank's share)
         saved = [[int(p.name[5:]) for p in complete_checkpoints(root)]]
         if dist.is_initialized():  # rank 0's listing for all: the catalogue must be identical everywhere
             dist.broadcast_object_list(saved, src=0)
@@ -340,6 +486,7 @@ class CheckpointStore:
         one from an abandoned timeline, a torn one) is replaced only by a complete one. Never
         "refresh" a directory in place: steps are not deterministic in general (GPU kernels, a changed
         config), and recomputing a manifest over old files would launder a torn checkpoint."""
+        self.finish()  # the previous snapshot's write, before anything here touches the directory
         tag = tag_for(state.step)
         path, incoming = self.root / tag, self.root / f"{INCOMING}{tag}"
         rank, t0 = _rank(), time.perf_counter()
@@ -347,9 +494,14 @@ class CheckpointStore:
             self.root.mkdir(parents=True, exist_ok=True)
             _discard(incoming)  # a leftover of an interrupted save of the same step
         _barrier()
-        error = None
+        error, copier = None, None
+        if self.asynchronous:
+            original = engine.checkpoint_engine
+            copier = SnapshotEngine(bool(getattr(original, "zipfile_serialization", False)), self.buffers)
+            engine.checkpoint_engine = copier  # read by DeepSpeed only inside save_checkpoint
         try:
             # Collective: every rank writes its partition (64 ranks: 64 files into one tag directory).
+            # Asynchronous: every rank copies its partition to host memory; the files come later.
             engine.save_checkpoint(str(self.root), tag=incoming.name, client_state={"bigtrain_step": state.step},
                                    save_latest=False)
         except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
@@ -357,6 +509,9 @@ class CheckpointStore:
             # there (deepspeed 0.19 runtime/engine.py save_checkpoint), then fail together below.
             error = exc
             _barrier()
+        finally:
+            if copier is not None:
+                engine.checkpoint_engine = original
         try:
             if error is None:
                 _atomic_write(incoming / f"rng_rank{rank}.json", json.dumps(rng_state()))
@@ -368,22 +523,54 @@ class CheckpointStore:
             error = exc
         # Every rank has written (or failed): now, and only now, the checkpoint may exist.
         if not all_ok(error is None):
-            previous = self.saved[-1] if self.saved else None
-            where = f"{self.root / tag_for(previous)} is intact" if previous is not None else "none was saved before"
-            free = shutil.disk_usage(self.root).free / 2**20
-            raise CheckpointError(
-                f"saving checkpoint {path} failed ({error or 'on another rank'}; {free:.1f} MiB free on that "
-                f"disk); it is incomplete and will never be loaded. The previous complete checkpoint {where}: "
-                "free space (or fix the directory) and continue with --resume auto") from error
-        if rank == 0:
-            _atomic_write(incoming / MARKER, _manifest(incoming, state.step))
-            _swap_in(incoming, path)
-        self.saved = sorted(set(self.saved) | {state.step})
-        self._prune()
-        _barrier()  # no rank returns (and may load or list) before the rename is done
+            self._fail(path, error)
+        if copier is not None:
+            # Device copies are ordered on the current stream; the writer waits for them (event), the
+            # loop does not.
+            event = None
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                event = torch.cuda.Event()
+                event.record()
+            self.pending = PendingSnapshot(state.step, incoming, path, copier, event)
+            return path
+        self._complete(state.step, incoming, path)
         if self.log_saves:
             log.info("checkpoint %s saved in %.1f s", path, time.perf_counter() - t0)
         return path
+
+    def finish(self) -> None:
+        """Collective: wait for the pending snapshot's write on this rank, agree that it succeeded on
+        every rank, then (only then) mark it complete and make it a rollback target. A write that failed
+        anywhere is removed and raised as CheckpointError on every rank. No-op when nothing is pending
+        (on every rank alike: ``pending`` is set and cleared at the same collective points)."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        error = pending.join()
+        self.last_write_seconds = pending.seconds
+        if not all_ok(error is None):
+            if _rank() == 0:
+                shutil.rmtree(pending.incoming, ignore_errors=True)
+            self._fail(pending.path, error)
+        self._complete(pending.step, pending.incoming, pending.path)
+
+    def _fail(self, path: Path, error: BaseException | None) -> None:
+        previous = self.saved[-1] if self.saved else None
+        where = f"{self.root / tag_for(previous)} is intact" if previous is not None else "none was saved before"
+        free = shutil.disk_usage(self.root).free / 2**20 if self.root.exists() else float("nan")
+        raise CheckpointError(
+            f"saving checkpoint {path} failed ({error or 'on another rank'}; {free:.1f} MiB free on that "
+            f"disk); it is incomplete and will never be loaded. The previous complete checkpoint {where}: "
+            "free space (or fix the directory) and continue with --resume auto") from error
+
+    def _complete(self, step: int, incoming: Path, path: Path) -> None:
+        """Every rank has written its files: marker (last), rename into place, catalogue, prune."""
+        if _rank() == 0:
+            _atomic_write(incoming / MARKER, _manifest(incoming, step))
+            _swap_in(incoming, path)
+        self.saved = sorted(set(self.saved) | {step})
+        self._prune()
+        _barrier()  # no rank returns (and may load or list) before the rename is done
 
     def _prune(self) -> None:
         """Delete the oldest complete checkpoints beyond ``keep`` (a newer one is complete by now), and

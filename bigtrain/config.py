@@ -153,6 +153,12 @@ class CheckpointConfig:
     converts inline (the other ranks wait in a collective, whose timeout a long conversion can
     exceed) only for checkpoints up to this size; a larger one is refused with the ``bigtrain
     convert`` command to run first. 0 = never inline."""
+    async_snapshots: bool = True
+    """Take snapshots off the loop's critical path: the loop waits only while every rank copies its
+    state to host memory (on a GPU a device-to-host copy); a background thread writes the files, and
+    the snapshot becomes a rollback target (marker, ``step_*`` name) only once every rank's write has
+    finished, checked at the next snapshot or before a rollback picks its target. False: a synchronous
+    DeepSpeed save, the loop blocked for the whole write. Durable checkpoints are always synchronous."""
 
     def __post_init__(self) -> None:
         if self.interval < 0 or self.snapshot_interval < 0:

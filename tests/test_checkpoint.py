@@ -163,3 +163,100 @@ def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, cap
     assert "abandoned timeline" in caplog.text and str(dest) in caplog.text
     assert resolve_resume("auto", tmp_path).name == tag_for(20)
     assert set_aside_newer(tmp_path, 20) is None
+
+
+class TensorEngine:
+    """Hands DeepSpeed-like state dicts (tensors) to ``self.checkpoint_engine``, as deepspeed 0.19's
+    save_checkpoint does: one model file and one optimizer partition per rank."""
+
+    def __init__(self):
+        import torch
+
+        self.weight = torch.arange(1000, dtype=torch.float32)
+        self.checkpoint_engine = None  # the store swaps its snapshot engine in for the save
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        ce = self.checkpoint_engine
+        ce.makedirs(str(Path(root) / tag), exist_ok=True)
+        ce.save({"module": {"w": self.weight, "tied": self.weight}, **client_state},
+                str(Path(root) / tag / "mp_rank_00_model_states.pt"))
+        ce.save({"optimizer_state_dict": {"exp_avg": self.weight * 2, "param_groups": [{"lr": 0.1}]}},
+                str(Path(root) / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+        ce.commit(None)
+
+
+def test_an_async_snapshot_is_no_rollback_target_before_its_write_completes(tmp_path, monkeypatch):
+    """Issue 9.4: save() returns once the state is copied; until the background write ends and
+    finish() has agreed on it, the snapshot has no marker, no step_* name and is not in ``saved``.
+    The files hold the state of the save, not what the next step does to the tensors in place."""
+    import threading
+
+    import torch
+
+    import bigtrain.checkpoint as ckpt
+
+    release, real_save = threading.Event(), torch.save
+
+    def slow_save(obj, path, **kw):
+        assert release.wait(60), "the test never released the writer"
+        real_save(obj, path, **kw)
+
+    monkeypatch.setattr(ckpt.torch, "save", slow_save)
+    store = CheckpointStore(tmp_path, keep=2, asynchronous=True)
+    engine = TensorEngine()
+    path = store.save(engine, TrainState(step=4))
+    try:
+        _check_pending(store, engine, path, tmp_path)
+    finally:
+        release.set()  # never leave the writer (a non-daemon thread) waiting when a check fails
+    store.finish()
+    _check_written(store, path)
+
+
+def _check_pending(store, engine, path, tmp_path):
+    assert engine.checkpoint_engine is None, "the original engine is back after the save"
+    assert store.saved == [] and store.latest_before(10) is None, "pending: not a rollback target"
+    assert not path.exists() and not is_complete(tmp_path / f"incoming-{tag_for(4)}")
+    assert complete_checkpoints(tmp_path) == []
+    engine.weight.mul_(-1)  # the optimizer's next step, in place, while the write is pending
+
+
+def _check_written(store, path):
+    import torch
+
+    assert store.saved == [4] and store.latest_before(10) == 4 and is_complete(path)
+    model = torch.load(path / "mp_rank_00_model_states.pt", weights_only=False)
+    assert torch.equal(model["module"]["w"], torch.arange(1000, dtype=torch.float32))
+    assert model["module"]["tied"] is model["module"]["w"], "aliasing (tied weights) is kept"
+    assert model["bigtrain_step"] == 4
+    optim = torch.load(path / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+    assert torch.equal(optim["optimizer_state_dict"]["exp_avg"], 2 * torch.arange(1000, dtype=torch.float32))
+    assert json.loads((path / STATE_FILE).read_text())["step"] == 4
+    assert "mp_rank_00_model_states.pt" in json.loads((path / MARKER).read_text())["files"]
+
+
+def test_a_failed_async_write_is_a_checkpoint_error_and_never_a_target(tmp_path, monkeypatch):
+    import torch
+
+    import bigtrain.checkpoint as ckpt
+    from bigtrain.checkpoint import CheckpointError
+
+    store = CheckpointStore(tmp_path, keep=2, asynchronous=True)
+    engine = TensorEngine()
+    store.save(engine, TrainState(step=2))
+    store.finish()
+    real_save = torch.save
+
+    def full_disk(obj, path, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    store.save(engine, TrainState(step=4))  # the copy succeeds; the write fails in the background
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        store.finish()
+    assert store.saved == [2] and store.pending is None
+    assert [p.name for p in tmp_path.iterdir()] == [tag_for(2)], "the failed snapshot is removed"
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    store.save(engine, TrainState(step=6))  # finishes nothing pending; the next one works again
+    store.finish()
+    assert store.saved == [2, 6]

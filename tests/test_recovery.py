@@ -315,3 +315,42 @@ def test_quarantined_samples_stay_out_in_every_epoch(tmp_path, data_cache):
         taken, cursor = sampler.take(cursor, 6, state.skipped, skips)
         assert cursor == r["samples"], r  # the run skipped exactly the quarantined ids
         assert not set(sampler.sample_ids(taken)) & set(state.skipped_samples)
+
+
+SLOW_WRITER = """
+import sys, time
+import bigtrain.checkpoint as ckpt
+write = ckpt.SnapshotEngine.write
+def slow_write(self):
+    time.sleep(2.0)  # the files are written long after the loop has run on (and mutated the tensors)
+    write(self)
+ckpt.SnapshotEngine.write = slow_write
+from bigtrain.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+def test_a_rollback_to_an_async_snapshot_restores_exactly_its_step(tmp_path, data_cache):
+    """Issue 9.4: a snapshot whose write is still under way when a NaN hits (written 2 s late, after
+    the next optimizer step changed every tensor in place) is finished, then restored: every loss of
+    the run, before and after the rollback, equals the run with synchronous snapshots."""
+    script = tmp_path / "slow_writer.py"
+    script.write_text(SLOW_WRITER)
+    common = [*TINY, f"data.cache_dir={data_cache}", "train.steps=14", "train.deepspeed=zero2",
+              "checkpoint.interval=0", "checkpoint.snapshot_interval=3", "spike.warmup=6", "faults.nan_steps=[11]"]
+    run_bigtrain([*common, f"run_dir={tmp_path / 'async'}", "checkpoint.async_snapshots=true"], script=str(script))
+    run_bigtrain([*common, f"run_dir={tmp_path / 'sync'}", "checkpoint.async_snapshots=false"])
+    runs = {name: read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("async", "sync")}
+    for name, rows in runs.items():
+        events = read_jsonl(tmp_path / name / "spikes.jsonl")
+        assert [(e["event"], e["onset_step"], e["restored_step"]) for e in events] == [("rollback", 11, 9)], events
+    steps = [r["step"] for r in runs["sync"]]
+    assert steps == [*range(1, 12), *range(10, 15)], steps
+    losses = {name: [round(r["loss"], 6) if r["loss"] == r["loss"] else "nan" for r in rows]
+              for name, rows in runs.items()}
+    assert losses["async"] == losses["sync"]
+    # each snapshot reports the write of the one before (0, 3, 6; step 9's, finished by the rollback, at 12)
+    assert [r["step"] for r in runs["async"] if "snapshot_write_seconds" in r] == [3, 6, 9, 12], \
+        "the background writes were reported (each >= 2 s)"
+    assert all(r["snapshot_write_seconds"] >= 2 for r in runs["async"] if "snapshot_write_seconds" in r)
