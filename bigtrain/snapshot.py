@@ -59,11 +59,15 @@ def check_budget(cfg: CheckpointConfig, root: Path, n_params: int, ds_config: di
             # tmpfs pages are RAM: its size (half the RAM by default) promises more than the node has once
             # the ranks' own memory is counted, and an offloaded optimizer is allocated after this check.
             offloaded = int(n_params * OPTIMIZER_BYTES_PER_PARAM * local_fraction) if offloads_optimizer(ds_config) else 0
-            room = mem_available() - offloaded
+            # Asynchronous snapshots keep one snapshot's worth of host buffers (the node's ranks' shares).
+            buffers = ring_bytes(n_params, ds_config, 1, local_fraction) if cfg.async_snapshots else 0
+            room = mem_available() - offloaded - buffers
             if room < free_bytes:
                 free_bytes = max(0, room)
-                note = (" (the node's available RAM" + (f" less {offloaded / 1e9:.2f} GB of offloaded optimizer state"
-                                                        if offloaded else "") + ": tmpfs lives in RAM)")
+                held = [f"{offloaded / 1e9:.2f} GB of offloaded optimizer state"] if offloaded else []
+                held += [f"{buffers / 1e9:.2f} GB of snapshot host buffers"] if buffers else []
+                note = " (the node's available RAM" + (" less " + " and ".join(held) if held else "") + \
+                    ": tmpfs lives in RAM)"
     per_param = need / max(1, n_params * copies)
     log.info("snapshot ring: %d copies x %.1f bytes/param x %.3g params = %.2f GB in %s (%.2f GB free%s)",
              copies, per_param, n_params, need / 1e9, root, free_bytes / 1e9, note)

@@ -42,7 +42,7 @@ def test_a_ring_in_tmpfs_is_bounded_by_the_ram_the_node_has(tmp_path, monkeypatc
     checked against MemAvailable, less the optimizer state ZeRO-Offload will put in host memory."""
     import bigtrain.snapshot as snapshot
 
-    cfg = CheckpointConfig(snapshot_interval=10, snapshot_keep=1)  # 2 copies of 100M params: 2.94 GB
+    cfg = CheckpointConfig(snapshot_interval=10, snapshot_keep=1, async_snapshots=False)  # 2 x 100M params: 2.94 GB
     monkeypatch.setattr(snapshot, "ram_backed", lambda path: True)
     monkeypatch.setattr(snapshot, "mem_available", lambda: int(2.5e9))
     with pytest.raises(ConfigError, match="available RAM"):
@@ -53,6 +53,9 @@ def test_a_ring_in_tmpfs_is_bounded_by_the_ram_the_node_has(tmp_path, monkeypatc
     offload = {**BF16, "zero_optimization": {"offload_optimizer": {"device": "cpu"}}}
     with pytest.raises(ConfigError, match="1.20 GB of offloaded optimizer state"):  # 4 - 1.2 < 2.94
         check_budget(cfg, tmp_path / "snaps", 10**8, offload, 1.0)
+    # Asynchronous snapshots also hold one snapshot's host buffers (1.47 GB here): 4 - 1.47 < 2.94.
+    with pytest.raises(ConfigError, match="1.47 GB of snapshot host buffers"):
+        check_budget(CheckpointConfig(snapshot_interval=10, snapshot_keep=1), tmp_path / "snaps", 10**8, BF16, 1.0)
     if Path("/dev/shm").is_dir() and " /dev/shm tmpfs " in Path("/proc/mounts").read_text():
         assert snapshot.ram_backed(Path("/dev/shm") / "bigtrain-x" / "y")
 
