@@ -376,6 +376,7 @@ class SnapshotEngine:
     def __init__(self, zipfile_serialization: bool = False, buffers: HostBuffers | None = None):
         self.zipfile_serialization = zipfile_serialization
         self.buffers = buffers or HostBuffers()
+        self.cancelled = False  # set by CheckpointStore.abandon: stop after the file in progress
         self.jobs: list[tuple[Any, str, list[torch.Tensor]]] = []
         self.copied_bytes = 0
 
@@ -418,7 +419,7 @@ class SnapshotEngine:
 
     def write(self) -> None:
         """Background thread: write every queued copy, in order; drop each as soon as it is written."""
-        while self.jobs:
+        while self.jobs and not self.cancelled:
             state_dict, path, bufs = self.jobs.pop(0)
             torch.save(state_dict, path, _use_new_zipfile_serialization=self.zipfile_serialization)
             del state_dict
@@ -430,7 +431,7 @@ class PendingSnapshot:
     target (not in ``CheckpointStore.saved``, no marker) until ``CheckpointStore.finish``."""
 
     def __init__(self, step: int, incoming: Path, path: Path, writer: SnapshotEngine, done_event):
-        self.step, self.incoming, self.path = step, incoming, path
+        self.step, self.incoming, self.path, self.writer = step, incoming, path, writer
         self.error: BaseException | None = None
         self.seconds = 0.0
         self.done_event = done_event  # device work (the D2H copies) the writer must wait for
@@ -553,6 +554,16 @@ class CheckpointStore:
                 shutil.rmtree(pending.incoming, ignore_errors=True)
             self._fail(pending.path, error)
         self._complete(pending.step, pending.incoming, pending.path)
+
+    def abandon(self) -> None:
+        """The process is about to stop (a stop signal, a stop verdict): a pending snapshot is worthless
+        after the exit, so its write ends after the file in progress instead of competing with the
+        stop's durable save for the disk inside SLURM's warning window. Local, not collective: the
+        snapshot is never marked complete, and the ring is removed at exit."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.writer.cancelled = True
+            pending.join()
 
     def _fail(self, path: Path, error: BaseException | None) -> None:
         previous = self.saved[-1] if self.saved else None
@@ -695,7 +706,12 @@ def load_resume(engine, path: Path, world: int, scratch: Path) -> TrainState:
     if saved.world_size == world:
         return load(engine, path)
     rank = _rank()
-    universal, error = universal_for(path, path.parent / UNIVERSAL), None  # `bigtrain convert` made it
+    # Rank 0 decides for all whether a conversion (made by `bigtrain convert`) is there to load: a rank
+    # deciding from its own view of a shared filesystem could load a directory nobody wrote.
+    found = [universal_for(path, path.parent / UNIVERSAL) if rank == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(found, src=0)
+    universal, error = found[0], None
     converted_here = universal is None
     if converted_here:
         log.warning("resume: %s was saved by %d rank(s), this run has %d: converting it to a universal checkpoint "
@@ -722,8 +738,8 @@ def load_resume(engine, path: Path, world: int, scratch: Path) -> TrainState:
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {universal}")
     _set_rng_from(path, rank)
     _barrier()  # every rank has read it
-    if rank == 0 and converted_here:  # a conversion the user made with `bigtrain convert` is theirs
-        shutil.rmtree(scratch, ignore_errors=True)
+    if rank == 0 and converted_here:  # only this one: others there (`bigtrain convert`'s) are the user's
+        shutil.rmtree(universal, ignore_errors=True)
     return saved
 
 

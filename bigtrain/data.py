@@ -983,6 +983,25 @@ def _read_cache(entry: Path, fingerprint: str, plan: _Plan) -> PackedData | None
         return None
 
 
+def _abandoned(work: Path, max_age_s: float = 24 * 3600) -> bool:
+    """A preparation's work directory whose process is gone: one of this host whose pid is dead, or
+    any untouched for a day. Another node's live one must survive: a flock that excludes only the
+    processes of one node (Lustre ``localflock``, NFS ``local_lock=flock``) lets two nodes hold it."""
+    try:
+        host, pid, _ = work.name.split(".tmp-", 1)[1].rsplit("-", 2)
+        if host == socket.gethostname():
+            os.kill(int(pid), 0)
+            return False  # alive on this host
+    except ProcessLookupError:
+        return True
+    except (ValueError, PermissionError):
+        pass  # an unparseable name, or a pid owned by another user (alive)
+    try:
+        return time.time() - work.stat().st_mtime > max_age_s
+    except OSError:
+        return False
+
+
 class _Lock:
     """Exclusive ``fcntl.flock`` on a file: blocks until the holder releases it or dies (the kernel
     drops the lock of a dead process, so a killed preparation never leaves a stale lock)."""
@@ -1046,7 +1065,8 @@ def build_dataset(
         if lock.locked:  # unlocked, these may be other processes' live work
             shutil.rmtree(entry, ignore_errors=True)  # a damaged entry
             for stale in cache_dir.glob(f".{fingerprint}.tmp-*"):  # left by killed preparations
-                shutil.rmtree(stale, ignore_errors=True)
+                if _abandoned(stale):
+                    shutil.rmtree(stale, ignore_errors=True)
         _prepare(cfg, tokenizer, plan, fingerprint, entry)
     packed = _read_cache(entry, fingerprint, plan)
     if packed is None:

@@ -35,7 +35,13 @@ def init_distributed() -> tuple[int, int, int]:
     if "RANK" not in env:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    select_device(int(env.get("LOCAL_RANK", "0")))
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    index = select_device(local_rank)
+    if index != local_rank:
+        # DeepSpeed's engine selects cuda:LOCAL_RANK again (engine.py _configure_with_arguments /
+        # _set_distributed_vars): it must name the visible device. The node-local role stays here.
+        env["BIGTRAIN_NODE_LOCAL_RANK"] = str(local_rank)
+        env["LOCAL_RANK"] = str(index)
     if not dist.is_initialized() and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         _init_elastic_round(env)
     # Also after the elastic join: DeepSpeed's comm layer must know the group before zero.Init (under
@@ -47,13 +53,20 @@ def init_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), world, local_world
 
 
-def select_device(local_rank: int) -> None:
+def select_device(local_rank: int) -> int:
     """``cuda:LOCAL_RANK`` (through DeepSpeed's accelerator, so other accelerators work too) as this
-    process's current device; a no-op on CPU."""
+    process's current device (a no-op on CPU); returns the device index used."""
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
-    acc.set_device(device_index(local_rank, acc.device_count() if acc.device_name() != "cpu" else 0))
+    index = device_index(local_rank, acc.device_count() if acc.device_name() != "cpu" else 0)
+    acc.set_device(index)
+    return index
+
+
+def node_local_rank() -> int:
+    """This process's rank on its node (LOCAL_RANK may have been mapped to a device index)."""
+    return int(os.environ.get("BIGTRAIN_NODE_LOCAL_RANK", os.environ.get("LOCAL_RANK", "0")))
 
 
 def device_index(local_rank: int, visible: int) -> int:

@@ -26,7 +26,7 @@ from bigtrain import checkpoint, snapshot
 from bigtrain.checkpoint import CheckpointStore, TrainState
 from bigtrain.config import Config, ConfigError
 from bigtrain.data import LABEL, PackedData, build_dataset, build_tokenizer
-from bigtrain.distributed import init_distributed, setup_logging
+from bigtrain.distributed import init_distributed, node_local_rank, setup_logging
 from bigtrain.engine import (build_engine, check_hparams, keep_loss_scale, loss_scale, lr_at, optimizer_hparams,
                              resolve_ds_config, set_hparams, zero_stage)
 from bigtrain.faults import FaultInjector, poison_rows
@@ -202,27 +202,24 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: str | None, rank: int) -
         try:
             checkpoint.finish_swaps(ckpt_root)
             path = checkpoint.resolve_resume(resume, ckpt_root) if resume else None
-            choice[0] = str(path) if path else None
             if resume is None and (checkpoint.complete_checkpoints(ckpt_root) or (run_dir / "metrics.jsonl").exists()):
                 raise ConfigError(f"run_dir {run_dir} already holds a run: continue it with --resume auto, "
                                   "or choose another run_dir=...")
-        except (ValueError, OSError) as exc:
-            choice[1] = str(exc)
+            if path is not None:
+                world = dist.get_world_size()
+                saved = checkpoint.read_state(path)
+                check_resume(cfg, saved, zero_stage(resolve_ds_config(cfg, world)), path)
+                checkpoint.check_inline_conversion(path, world, cfg.checkpoint.convert_inline_max_gb)
+                checkpoint.set_aside_newer(ckpt_root, saved.step)
+            choice[0] = str(path) if path else None
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        except Exception as exc:  # noqa: BLE001 - any failure here is every rank's, through the broadcast
+            choice[1] = f"{exc}" if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
     dist.broadcast_object_list(choice, src=0)
     if choice[1] is not None:
         raise ConfigError(choice[1])
-    resume_path = Path(choice[0]) if choice[0] else None
-    if resume_path is not None:
-        saved = checkpoint.read_state(resume_path)
-        check_resume(cfg, saved, zero_stage(resolve_ds_config(cfg, dist.get_world_size())), resume_path)
-        checkpoint.check_inline_conversion(resume_path, dist.get_world_size(), cfg.checkpoint.convert_inline_max_gb)
-        if rank == 0:
-            checkpoint.set_aside_newer(ckpt_root, saved.step)
-        dist.barrier()
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return resume_path
+    return Path(choice[0]) if choice[0] else None
 
 
 def _truncate_jsonl(path: Path, keep) -> int:
@@ -465,20 +462,26 @@ class StopRequest:
 def train(cfg: Config, resume: str | None = None) -> int:
     rank, world, local_world = init_distributed()
     setup_logging(rank)
-    preflight(cfg, world, resume)  # config-only checks (bigtrain.cli runs them before heavy imports too)
+    # Config-only checks (bigtrain.cli runs them before heavy imports too, before any rank joined the group).
+    # Not --resume here: rank 0 may already be finishing swaps in the checkpoint directory; prepare_run_dir
+    # checks the resume on rank 0 for all.
+    preflight(cfg, world, None)
     run_dir = Path(cfg.run_dir)
     resume_path = prepare_run_dir(cfg, run_dir, resume, rank)
     t, sc = cfg.train, cfg.spike
     layout = Layout(rank, world, t.micro_batch, t.grad_accum)
 
     tokenizer = build_tokenizer(cfg.model.path)
-    data = build_data(cfg, tokenizer, int(os.environ.get("LOCAL_RANK", 0)))
+    data = build_data(cfg, tokenizer, node_local_rank())
     ds_config = resolve_ds_config(cfg, world)
     memory = MemoryReport()
     model = build_model(cfg.model, tokenizer, cfg.data.seq_len, t.seed, ds_config)
     memory.mark("after_model_load")
     check_loss_function(model)
     snap_root = snapshot_root(cfg, run_dir, world, local_world)
+    if rank == 0:  # snapshots of an earlier (killed) process are not ours, and must not count as used space
+        shutil.rmtree(snap_root, ignore_errors=True)
+    dist.barrier()
     check_snapshot_budget(cfg, snap_root, model, ds_config, world, local_world)  # before the optimizer exists
     engine, ds_config = build_engine(cfg, model, world, ds_config)
     memory.mark("after_engine_init")
@@ -492,11 +495,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
     durable = CheckpointStore(run_dir / "checkpoints", cfg.checkpoint.keep, hf_writers(model, tokenizer),
                               log_saves=True)
     snaps = CheckpointStore(snap_root, cfg.checkpoint.snapshot_keep, asynchronous=cfg.checkpoint.async_snapshots)
-    if rank == 0:
-        shutil.rmtree(snaps.root, ignore_errors=True)  # snapshots of an earlier process are not ours
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+    if node_local_rank() == 0:
         snapshot.clean_on_exit(snaps.root)  # every exit path: done, gave up, preempted, exception
-    dist.barrier()  # no rank may look at the snapshot directory before it is clean
     snaps.saved = []
     stores = [snaps, durable] if cfg.checkpoint.snapshot_interval else [durable]
 
@@ -573,6 +573,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
         if verdict.kind == "stop":  # a kill-the-run policy (llm-foundry's rule, for comparison)
             rec.step(last)
             rec.event({"event": "stop", "step": state.step, "reason": verdict.reason, "severity": verdict.severity})
+            snaps.abandon()
             save(durable, engine, state, monitor, escalation)
             rec.close()
             return EXIT_GAVE_UP
@@ -595,6 +596,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
         if state.step % t.log_interval == 0 or state.step == t.steps or extra_keys & last.keys():
             rec.step(last)
         if stop:
+            snaps.abandon()  # its background write would compete with this save for the disk
             # Not a second full write of the step just saved: at 70B that is minutes of a grace period.
             path = saved_now or save(durable, engine, state, monitor, escalation)
             rec.close()
@@ -673,11 +675,17 @@ def give_up(reason: GiveUp, durable: CheckpointStore, engine, state: TrainState,
     healthy state (collective: every rank reaches here with the same ``reason``). Durable checkpoints
     from the onset on hold the spike (the onset can precede the detection by several steps): they are
     moved aside, so ``--resume auto`` continues from a healthy one."""
+    moved = True
     if checkpoint._rank() == 0:
-        checkpoint.set_aside_newer(durable.root, reason.onset - 1,
-                                   f"giving up: the spike's onset is step {reason.onset}")
+        try:
+            checkpoint.set_aside_newer(durable.root, reason.onset - 1,
+                                       f"giving up: the spike's onset is step {reason.onset}")
+        except OSError as exc:  # reported, and agreed below: rank 0 alone must not leave the others waiting
+            log.error("giving up: could not move the checkpoints from the onset on aside (%s): do not resume "
+                      "from a step >= %d", exc, reason.onset)
+            moved = False
+    checkpoint.all_ok(moved)  # also the barrier: no rank saves or lists the directory while it changes
     durable.saved = [s for s in durable.saved if s < reason.onset]
-    checkpoint._barrier()  # no rank saves or lists the directory while it changes
     if reason.restored:
         path = save(durable, engine, state, monitor, escalation)
         log.error("gave up: %s. The last healthy state (step %d) is saved at %s; see spikes.jsonl",
@@ -723,7 +731,10 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
     t0 = time.time()
     onset = verdict.onset_step if verdict.onset_step is not None else state.step
     for s in stores:
-        s.finish()  # collective: a snapshot still being written becomes a target (or fails) on every rank
+        try:
+            s.finish()  # collective: a snapshot still being written becomes a target (or fails) on every rank
+        except checkpoint.CheckpointError as exc:  # agreed on every rank (all_ok): all take this branch
+            log.warning("the newest snapshot could not be written (%s); rolling back to an older one", exc)
     target = pick_target(stores, onset)
     event = {"step": state.step, "onset_step": onset, "verdict": verdict.kind, "reason": verdict.reason,
              "severity": verdict.severity, "stats": verdict.stats, "loss": signals["loss"],

@@ -583,6 +583,26 @@ def test_cache_without_working_locks_lets_the_first_preparation_win(tmp_path, mo
     assert not list((tmp_path / "c").glob(".*.tmp-*"))
 
 
+def test_only_abandoned_work_directories_are_cleaned(tmp_path):
+    """Under a node-local flock (Lustre localflock) two nodes may prepare at once: the cleanup of
+    killed preparations must never remove another node's live work directory."""
+    import os
+    import socket
+    import time
+
+    from bigtrain.data import _abandoned
+
+    host = socket.gethostname()
+    live = tmp_path / f".fp.tmp-{host}-{os.getpid()}-abcd1234"
+    dead = tmp_path / f".fp.tmp-{host}-{2**22 + 7}-abcd1234"  # above the kernel's default pid_max
+    other = tmp_path / ".fp.tmp-another-node-1-abcd1234"
+    for d in (live, dead, other):
+        d.mkdir()
+    assert (_abandoned(live), _abandoned(dead), _abandoned(other)) == (False, True, False)
+    os.utime(other, (time.time() - 2 * 86400,) * 2)  # untouched for two days: its process is gone
+    assert _abandoned(other)
+
+
 def test_prepare_command_reports_and_shows_the_loss_mask(tmp_path, capsys, chat_model):
     from bigtrain.cli import main
 

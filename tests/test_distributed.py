@@ -26,6 +26,11 @@ ORDER_SCRIPT = textwrap.dedent("""
             return getattr(real, name)
         def set_device(self, index):
             calls.append(("set_device", index))
+        if os.environ.get("FAKE_ONE_VISIBLE_GPU"):  # srun --gpus-per-task=1: this task sees one device
+            def device_name(self, index=None):
+                return "cuda"
+            def device_count(self):
+                return 1
 
     deepspeed.accelerator.get_accelerator = lambda: Recording()
     for name in ("init_process_group", "broadcast_object_list", "barrier", "all_reduce"):
@@ -40,6 +45,7 @@ ORDER_SCRIPT = textwrap.dedent("""
     init_distributed()
     dist.barrier()
     print(calls)
+    print(os.environ["LOCAL_RANK"], os.environ.get("BIGTRAIN_NODE_LOCAL_RANK"))
     dist.destroy_process_group()
 """)
 
@@ -55,7 +61,7 @@ def test_device_is_selected_before_the_first_collective(launcher):
     out = subprocess.run([sys.executable, "-c", ORDER_SCRIPT, launcher], env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    calls = eval(out.stdout.strip().splitlines()[-1])
+    calls = eval(out.stdout.strip().splitlines()[-2])
     assert ("set_device", 3) in calls, f"cuda:LOCAL_RANK never selected: {calls}"
     first_group_call = min(i for i, c in enumerate(calls) if c[0] != "set_device")
     assert calls.index(("set_device", 3)) < first_group_call, calls
@@ -80,12 +86,27 @@ def test_a_task_that_sees_only_its_own_gpu_uses_device_0(monkeypatch):
             calls.append(index)
 
     monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: OneVisibleGpu())
-    select_device(3)
+    assert select_device(3) == 0
     assert calls == [0]
     assert [device_index(r, 8) for r in range(8)] == list(range(8))  # one process per node sees all 8
     assert device_index(3, 0) == 3  # CPU: nothing to count, the index is passed through
     with pytest.raises(RuntimeError, match="sees only 4 devices"):
         device_index(5, 4)
+
+
+def test_one_visible_gpu_maps_local_rank_for_deepspeed_and_keeps_the_node_role():
+    """DeepSpeed's engine selects cuda:LOCAL_RANK again: LOCAL_RANK must name the visible device (0),
+    and the node-local role (who cleans the node's snapshots) stays in BIGTRAIN_NODE_LOCAL_RANK."""
+    from bigtrain.distributed import node_local_rank
+
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "3", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo", "FAKE_ONE_VISIBLE_GPU": "1"}
+    out = subprocess.run([sys.executable, "-c", ORDER_SCRIPT, "torchrun"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert ("set_device", 0) in eval(lines[-2]) and lines[-1] == "0 3"
+    assert node_local_rank() == int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def test_srun_maps_the_per_node_task_count():

@@ -161,7 +161,7 @@ def test_resume_on_another_number_of_ranks_goes_through_a_universal_checkpoint(t
     run_bigtrain([*common, f"run_dir={hop}", "train.steps=48"])  # the poison is caught and skipped here
     one = run_bigtrain([*common, f"run_dir={hop}", "train.steps=52", "train.grad_accum=2", "--resume", "auto"], nproc=1)
     assert "converting it to a universal checkpoint" in one.stderr
-    assert not (hop / "checkpoints" / "universal").exists(), "the inline conversion is removed after the load"
+    assert not (hop / "checkpoints" / "universal" / "step_00000048").exists(), "the inline conversion is removed"
     # Back to 2 ranks the way a large checkpoint goes: inline conversion refused before any work (as
     # at 70B, where the other ranks would wait in a collective for it), `bigtrain convert` once, resume.
     back = [*common, f"run_dir={hop}", "train.steps=56", "checkpoint.convert_inline_max_gb=0", "--resume", "auto"]
@@ -174,6 +174,7 @@ def test_resume_on_another_number_of_ranks_goes_through_a_universal_checkpoint(t
     assert out.returncode == 0 and out.stdout.strip().endswith("universal/step_00000052"), out.stderr[-3000:]
     two = run_bigtrain(back)
     assert "loading its universal conversion" in two.stderr and "converting it" not in two.stderr
+    assert (hop / "checkpoints" / "universal" / "step_00000052").is_dir(), "`bigtrain convert`'s output is the user's"
     a, b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(hop / "metrics.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b]  # the rollback included
     assert [r["samples"] for r in a] == [r["samples"] for r in b]
