@@ -342,8 +342,9 @@ class HostBuffers:
 
 
 def _host_copy(obj: Any, copies: dict[int, torch.Tensor], buffers: HostBuffers) -> None:
-    """Fill ``copies`` (id -> host copy) for every tensor in the containers of ``obj``. A tensor met
-    twice (tied weights) is copied once, so the copy keeps the original's aliasing. Device tensors:
+    """Fill ``copies`` (id -> host copy) for every tensor in the containers of ``obj``. A tensor object
+    met twice is copied once, so the copy keeps that aliasing (DeepSpeed's module state dict hands tied
+    weights over as separate detached tensors, which are copied, and written, once each). Device tensors:
     a D2H copy into pinned memory, ordered on the current stream (the optimizer's next in-place update,
     on the same stream, runs after it); host tensors: a memcpy (the next step mutates them in place)."""
     if torch.is_tensor(obj):
@@ -378,7 +379,6 @@ class SnapshotEngine:
         self.buffers = buffers or HostBuffers()
         self.cancelled = False  # set by CheckpointStore.abandon: stop after the file in progress
         self.jobs: list[tuple[Any, str, list[torch.Tensor]]] = []
-        self.copied_bytes = 0
 
     # CheckpointEngine's interface, as DeepSpeed's save_checkpoint calls it.
     def create(self, info) -> None:
@@ -392,7 +392,6 @@ class SnapshotEngine:
 
         copies: dict[int, torch.Tensor] = {}
         _host_copy(state_dict, copies, self.buffers)
-        self.copied_bytes += sum(t.numel() * t.element_size() for t in copies.values())
         # deepcopy for the rest (param groups, ds_config, scalars): small, and the originals may change
         # at the next step. The tensors come from ``copies`` through deepcopy's memo.
         memo: dict[int, Any] = dict(copies)
@@ -435,21 +434,21 @@ class PendingSnapshot:
         self.error: BaseException | None = None
         self.seconds = 0.0
         self.done_event = done_event  # device work (the D2H copies) the writer must wait for
-        self.thread = threading.Thread(target=self._run, args=(writer,), name=f"snapshot-{step}")
+        self.thread = threading.Thread(target=self._run, name=f"snapshot-{step}")
         # Not a daemon: at exit the interpreter waits for the write to end before the atexit handlers
         # (snapshot.clean_on_exit) remove the directory, so no write races the removal.
         self.thread.start()
 
-    def _run(self, writer: SnapshotEngine) -> None:
+    def _run(self) -> None:
         t0 = time.perf_counter()
         try:
             if self.done_event is not None:
                 self.done_event.synchronize()
-            writer.write()
+            self.writer.write()
         except BaseException as exc:  # noqa: BLE001 - reported on every rank by CheckpointStore.finish
             self.error = exc
         finally:
-            writer.jobs.clear()
+            self.writer.jobs.clear()
             self.seconds = time.perf_counter() - t0
 
     def join(self) -> BaseException | None:
@@ -680,10 +679,9 @@ def to_universal(path: Path, out_root: Path, workers: int = 4) -> Path:
     return out
 
 
-def check_inline_conversion(path: Path, world: int, max_gb: float) -> None:
-    """Refuse (on every rank alike: reads only small files) a resume on another number of ranks that
-    would convert a checkpoint too large to convert while the other ranks wait in a collective."""
-    saved = read_state(path)
+def check_inline_conversion(path: Path, saved: TrainState, world: int, max_gb: float) -> None:
+    """Refuse a resume (``saved``: the state at ``path``) on another number of ranks that would convert
+    a checkpoint too large to convert while the other ranks wait in a collective. Reads only small files."""
     if saved.world_size == world or universal_for(path, path.parent / UNIVERSAL) is not None:
         return
     size = checkpoint_bytes(path)

@@ -26,12 +26,14 @@ def check_stage(saved: checkpoint.TrainState, stage: int, path: Path) -> None:
             "(or a JSON with that stage)")
 
 
-def check_resume(cfg: Config, saved: checkpoint.TrainState, stage: int, path: Path) -> None:
+def check_resume(cfg: Config, saved: checkpoint.TrainState, stage: int, path: Path, world: int) -> None:
+    """What a resume from ``path`` (its state ``saved``) on ``world`` ranks cannot do."""
     if saved.fingerprint != cfg.fingerprint():
         raise ConfigError(f"--resume {path}: it belongs to another model/data/seed (fingerprint "
                           f"{saved.fingerprint} != {cfg.fingerprint()}): resume with the config it was "
                           "trained with (RUN_DIR/config.yaml)")
     check_stage(saved, stage, path)
+    checkpoint.check_inline_conversion(path, saved, world, cfg.checkpoint.convert_inline_max_gb)
 
 
 def check_attention(cfg: Config) -> None:
@@ -67,5 +69,4 @@ def preflight(cfg: Config, world: int, resume: str | None) -> None:
     else:
         path = checkpoint.resolve_resume(resume, root)
     if path is not None:
-        check_resume(cfg, checkpoint.read_state(path), stage, path)
-        checkpoint.check_inline_conversion(path, world, cfg.checkpoint.convert_inline_max_gb)
+        check_resume(cfg, checkpoint.read_state(path), stage, path, world)

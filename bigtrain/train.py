@@ -208,8 +208,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: str | None, rank: int) -
             if path is not None:
                 world = dist.get_world_size()
                 saved = checkpoint.read_state(path)
-                check_resume(cfg, saved, zero_stage(resolve_ds_config(cfg, world)), path)
-                checkpoint.check_inline_conversion(path, world, cfg.checkpoint.convert_inline_max_gb)
+                check_resume(cfg, saved, zero_stage(resolve_ds_config(cfg, world)), path, world)
                 checkpoint.set_aside_newer(ckpt_root, saved.step)
             choice[0] = str(path) if path else None
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -497,7 +496,6 @@ def train(cfg: Config, resume: str | None = None) -> int:
     snaps = CheckpointStore(snap_root, cfg.checkpoint.snapshot_keep, asynchronous=cfg.checkpoint.async_snapshots)
     if node_local_rank() == 0:
         snapshot.clean_on_exit(snaps.root)  # every exit path: done, gave up, preempted, exception
-    snaps.saved = []
     stores = [snaps, durable] if cfg.checkpoint.snapshot_interval else [durable]
 
     state = TrainState(eps=cfg.optim.eps, beta2=cfg.optim.beta2, fingerprint=cfg.fingerprint(), world_size=world,
