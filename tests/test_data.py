@@ -525,15 +525,12 @@ def _build_in_child(args):
     queue.put((packed.from_cache, packed.fingerprint, int(packed.train.shape[0])))
 
 
-def test_concurrent_builders_prepare_once(tmp_path, monkeypatch):
-    """Two processes asking for the same entry: one prepares under the lock, the other waits on it and maps
-    the result (what the ranks of a job do in train)."""
-    import multiprocessing as mp
-
+def _build_in_two_processes(tmp_path, ctx) -> list[tuple]:
+    """Eight small documents, then two forked processes building the same cache entry at once (what
+    the ranks of a job do in train); each one's (from_cache, fingerprint, train blocks)."""
     for i in range(8):
         (tmp_path / f"d{i}.txt").write_text(f"document {i} " * 200)
     cfg = DataConfig(source="files", files=[str(tmp_path / "*.txt")], seq_len=SEQ, cache_dir=str(tmp_path / "c"))
-    ctx = mp.get_context("fork")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_build_in_child, args=((cfg, queue),)) for _ in range(2)]
     for p in procs:
@@ -542,6 +539,15 @@ def test_concurrent_builders_prepare_once(tmp_path, monkeypatch):
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
+    return results
+
+
+def test_concurrent_builders_prepare_once(tmp_path, monkeypatch):
+    """Two processes asking for the same entry: one prepares under the lock, the other waits on it and maps
+    the result (what the ranks of a job do in train)."""
+    import multiprocessing as mp
+
+    results = _build_in_two_processes(tmp_path, mp.get_context("fork"))
     assert sorted(r[0] for r in results) == [False, True]  # exactly one prepared
     assert results[0][1:] == results[1][1:]
     assert [p.name for p in (tmp_path / "c").iterdir() if p.is_dir() and p.name != "hf"] == [results[0][1]]
@@ -557,9 +563,6 @@ def test_cache_without_working_locks_lets_the_first_preparation_win(tmp_path, mo
 
     import bigtrain.data as data
 
-    for i in range(8):
-        (tmp_path / f"d{i}.txt").write_text(f"document {i} " * 200)
-    cfg = DataConfig(source="files", files=[str(tmp_path / "*.txt")], seq_len=SEQ, cache_dir=str(tmp_path / "c"))
     ctx = mp.get_context("fork")
     both_missed_the_cache = ctx.Barrier(2)
 
@@ -569,14 +572,7 @@ def test_cache_without_working_locks_lets_the_first_preparation_win(tmp_path, mo
 
     # Only bigtrain's lock: datasets' own file locks (its cache) keep the real fcntl.
     monkeypatch.setattr(data, "fcntl", types.SimpleNamespace(flock=no_flock, LOCK_EX=0, LOCK_UN=0))
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_build_in_child, args=((cfg, queue),)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = _build_in_two_processes(tmp_path, ctx)
     assert [r[0] for r in results] == [False, False]  # both prepared
     assert results[0][1:] == results[1][1:]
     assert sorted(p.name for p in (tmp_path / "c").iterdir() if p.is_dir() and p.name != "hf") == [results[0][1]]
