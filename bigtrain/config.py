@@ -41,6 +41,10 @@ class ModelConfig:
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass (``gradient_checkpointing_enable``): less memory,
     ~30% more compute."""
+    compile: bool = False
+    """``torch.compile`` the model (DeepSpeed's ``engine.compile()``, inductor): fused element-wise
+    kernels for speed on GPUs; the first step of each shape (training, eval) pays the compilation, and
+    the compiled model keeps its parameter names, so checkpoints are the same with or without it."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers: ``sdpa``, ``eager`` or ``flash_attention_2`` (CUDA,
     bf16/fp16 and the ``flash_attn`` package; packed chat/prompt_completion examples then need
@@ -247,7 +251,8 @@ class Config:
         checkpoint with another fingerprint is refused."""
         key = {"model": dataclasses.asdict(self.model), "data": self.data.identity(),  # location-independent
                "seed": self.train.seed}
-        key["model"].pop("activation_checkpointing")
+        key["model"].pop("activation_checkpointing")  # how the model is computed, not what it is
+        key["model"].pop("compile")
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

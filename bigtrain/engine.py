@@ -101,6 +101,8 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, ds_config
 
     ds_config = ds_config if ds_config is not None else resolve_ds_config(cfg, world_size)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    if cfg.model.compile:
+        engine.compile()  # nn.Module.compile in place: state-dict keys unchanged, checkpoints interchangeable
     return engine, ds_config
 
 
