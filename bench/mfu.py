@@ -3,7 +3,8 @@ the GPU's dense bf16 peak. Not a test. Run on a CUDA machine:
 
     python bench/mfu.py --steps 30 --micro-batch 4 --peak-tflops 989
 
-(989 TFLOP/s: H100/H200 SXM dense bf16.) Writes one JSON line to docs/mfu.jsonl and prints it.
+(989 TFLOP/s: H100/H200 SXM dense bf16.) Appends one JSON line to --out (docs/mfu.jsonl) and prints it; it holds the run's memory report
+(summary.json's memory_mb: host RSS and, on CUDA, the GPU's allocated and peak bytes).
 FLOPs per token: 6 * params + 12 * layers * hidden * seq (PaLM appendix B, causal attention included).
 """
 
@@ -26,6 +27,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--extra", nargs="*", default=[])
+    ap.add_argument("--out", default=str(REPO / "docs" / "mfu.jsonl"), help="JSON-lines file the result is appended to")
     args = ap.parse_args()
     run_dir = Path(tempfile.mkdtemp(prefix="bigtrain-mfu-"))
     cmd = [sys.executable, "-m", "bigtrain", "train", "model.preset=llama-1b", f"run_dir={run_dir}",
@@ -46,11 +48,13 @@ def main() -> None:
     flops_per_token = 6 * params + 12 * layers * h * args.seq
     mfu = tps * flops_per_token / (args.peak_tflops * 1e12)
     import torch
+    summary = json.loads((run_dir / "summary.json").read_text())
     out = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none", "params": params,
            "seq": args.seq, "micro_batch": args.micro_batch, "median_tokens_per_sec": round(tps, 1),
-           "mfu": round(mfu, 4), "peak_tflops": args.peak_tflops, "command": " ".join(cmd)}
+           "mfu": round(mfu, 4), "peak_tflops": args.peak_tflops,
+           "memory_mb": summary.get("memory_mb"), "command": " ".join(cmd)}
     print(json.dumps(out))
-    with open(REPO / "docs" / "mfu.jsonl", "a") as f:
+    with open(args.out, "a") as f:
         f.write(json.dumps(out) + "\n")
 
 
