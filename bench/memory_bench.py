@@ -37,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-PHASES = ("after_model_load", "peak_at_after_model_load", "after_engine_init", "peak_at_after_engine_init",
+PHASES = ("before_model_load", "after_model_load", "peak_at_after_model_load", "after_engine_init", "peak_at_after_engine_init",
           "after_first_step", "peak_at_after_first_step", "peak")
 
 
@@ -178,6 +178,7 @@ def main() -> int:
                "baseline_rss_mb_with_bigtrain": round(base_bt, 1), "memory_mb": mem,
                "bytes_per_param_per_rank_over_baseline": bpp,
                "bytes_per_param_per_rank_over_baseline_with_bigtrain": bpp_bt,
+               "model_load_added_bytes_per_param": round(mem["model_load_added"] * 2**20 / params, 2),
                "load_goal_bytes_per_param": 2.0, "seconds": round(seconds, 1), "label": args.label,
                "command": " ".join(cmd), **meta}
         if args.probe:
@@ -186,6 +187,8 @@ def main() -> int:
             f.write(json.dumps(row) + "\n")
         print(f"[{name}] {seconds:.0f}s  memory_mb: " + ", ".join(f"{k} {v:,.0f}" for k, v in mem.items()), flush=True)
         print(f"[{name}] bytes/param/rank over baseline: " + ", ".join(f"{k} {v}" for k, v in bpp.items()), flush=True)
+        print(f"[{name}] the load added {row['model_load_added_bytes_per_param']} bytes/param on one rank "
+              f"(goal <= 2.0)", flush=True)
         if args.probe:
             for rank, rep in row["probe"].items():
                 print(f"  {rank}: ru_maxrss {rep['ru_maxrss_mb']:,.0f} MB; sampled top {rep['sampled_top']} "

@@ -30,7 +30,7 @@ from bigtrain.distributed import init_distributed, node_local_rank, setup_loggin
 from bigtrain.engine import (build_engine, check_hparams, keep_loss_scale, loss_scale, lr_at, optimizer_hparams,
                              resolve_ds_config, set_hparams, zero_stage)
 from bigtrain.faults import FaultInjector, poison_rows
-from bigtrain.memory import MemoryReport, format_mb
+from bigtrain.memory import MemoryReport, format_mb, return_freed_memory
 from bigtrain.preflight import check_resume, preflight
 from bigtrain.metrics import Recorder
 from bigtrain.model import build_model
@@ -459,6 +459,7 @@ class StopRequest:
 
 
 def train(cfg: Config, resume: str | None = None) -> int:
+    return_freed_memory()  # before the model is loaded: ZeRO-3's gathers and frees otherwise stay in the heap
     rank, world, local_world = init_distributed()
     setup_logging(rank)
     # Config-only checks (bigtrain.cli runs them before heavy imports too, before any rank joined the group).
@@ -474,8 +475,10 @@ def train(cfg: Config, resume: str | None = None) -> int:
     data = build_data(cfg, tokenizer, node_local_rank())
     ds_config = resolve_ds_config(cfg, world)
     memory = MemoryReport()
+    memory.mark("before_model_load")
     model = build_model(cfg.model, tokenizer, cfg.data.seq_len, t.seed, ds_config)
     memory.mark("after_model_load")
+    memory.added("model_load_added", "before_model_load", "after_model_load")
     check_loss_function(model)
     snap_root = snapshot_root(cfg, run_dir, world, local_world)
     if rank == 0:  # snapshots of an earlier (killed) process are not ours, and must not count as used space
