@@ -29,6 +29,9 @@ class ConfigError(ValueError):
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
+EXIT_GAVE_UP = 3  # the spike budget was spent: a person should look (spikes.jsonl, `bigtrain report`)
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: saved after a stop signal; rerun with --resume auto
+
 @dataclass
 class ModelConfig:
     path: str | None = None

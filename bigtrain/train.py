@@ -24,7 +24,7 @@ import yaml
 
 from bigtrain import checkpoint, snapshot
 from bigtrain.checkpoint import CheckpointStore, TrainState
-from bigtrain.config import Config, ConfigError
+from bigtrain.config import EXIT_GAVE_UP, EXIT_PREEMPTED, Config, ConfigError
 from bigtrain.data import LABEL, PackedData, build_dataset, build_tokenizer
 from bigtrain.distributed import init_distributed, node_local_rank, setup_logging
 from bigtrain.engine import (build_engine, check_hparams, keep_loss_scale, loss_scale, lr_at, optimizer_hparams,
@@ -40,8 +40,6 @@ from bigtrain.spike import (CAUSE_INCIDENT, DATA, OPTIMIZER, SKIP_UPDATE, Attrib
 
 log = logging.getLogger("bigtrain")
 
-EXIT_GAVE_UP = 3  # the spike budget was spent: a person should look (spikes.jsonl, `bigtrain report`)
-EXIT_PREEMPTED = 143  # 128 + SIGTERM: saved after a stop signal; rerun with --resume auto
 # Rows with these keys are always logged, whatever train.log_interval says.
 extra_keys = {"eval_loss", "snapshot_seconds", "checkpoint_seconds"}
 

@@ -13,7 +13,10 @@
 #   RDZV_ID         job id shared by all nodes of one run; a new id    default: bigtrain
 #                   per run stops a stale rendezvous from being joined
 #   MAX_RESTARTS    times torchrun restarts the whole worker group     default: 0
-#                   after a failure (pair with --resume auto)
+#                   after a failure (pair with --resume auto). After a
+#                   USR1 the ranks save and exit 143; a group torchrun
+#                   restarts then exits at once (BIGTRAIN_STOP_FILE),
+#                   and this script exits 143
 #
 # run_dir must be on a filesystem every node sees (checkpoints are written by all ranks).
 # On CPU-only nodes also set GLOO_SOCKET_IFNAME to the interface the nodes share (lo on one host).
@@ -26,6 +29,10 @@ set -euo pipefail
 # reach the ranks, which save a checkpoint and exit. torchrun has no USR1 handler (it would die of it
 # and leave the ranks to be killed), so USR1 goes to its children, the ranks; TERM and INT go to
 # torchrun, which passes them on to the ranks itself.
+# A stop requested by USR1 must also stop the worker groups torchrun starts afterwards (MAX_RESTARTS>0
+# counts the ranks' exit 143 as a failure): this node-local file tells `bigtrain train` not to start.
+export BIGTRAIN_STOP_FILE="${BIGTRAIN_STOP_FILE:-${TMPDIR:-/tmp}/bigtrain-stop-${RDZV_ID:-bigtrain}-$$}"
+rm -f "${BIGTRAIN_STOP_FILE}"
 torchrun \
   --nnodes "${NNODES}" \
   --nproc_per_node "${NPROC_PER_NODE:-1}" \
@@ -35,7 +42,7 @@ torchrun \
   --max-restarts "${MAX_RESTARTS:-0}" \
   -m bigtrain train "$@" &
 agent=$!
-trap 'pkill -USR1 -P "${agent}" || true' USR1
+trap 'touch "${BIGTRAIN_STOP_FILE}"; pkill -USR1 -P "${agent}" || true' USR1
 trap 'kill -TERM "${agent}" 2>/dev/null || true' TERM
 trap 'kill -INT "${agent}" 2>/dev/null || true' INT
 status=0
@@ -45,4 +52,8 @@ while kill -0 "${agent}" 2>/dev/null; do
   status=0
   wait "${agent}" || status=$?
 done
+if [[ -e "${BIGTRAIN_STOP_FILE}" ]]; then
+  rm -f "${BIGTRAIN_STOP_FILE}"
+  exit 143  # stopped on request (torchrun itself reports the ranks' 143 as a failure)
+fi
 exit "${status}"

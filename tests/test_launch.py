@@ -203,6 +203,19 @@ def test_slurm_preemption_reaches_the_ranks_and_requeues_after_their_save(tmp_pa
     assert (tmp_path / "log").read_text().split("\n")[:3] == ["saved", "exited", "requeued 4242"], out
 
 
+def test_train_does_not_start_after_a_requested_stop(tmp_path: Path) -> None:
+    """launch/torchrun_multinode.sh touches BIGTRAIN_STOP_FILE on USR1: a worker group torchrun
+    restarts afterwards (MAX_RESTARTS>0) must exit at once with the preemption code, not train on."""
+    stop = tmp_path / "stop"
+    stop.touch()
+    env = _env(BIGTRAIN_STOP_FILE=str(stop))
+    proc = subprocess.run([sys.executable, "-m", "bigtrain", "train", f"run_dir={tmp_path / 'run'}"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 143, proc.stderr
+    assert "a stop was requested before this start" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------- slow tier: real 2-rank runs
 
 
@@ -250,3 +263,37 @@ def test_local_two_processes(tmp_path: Path, data_cache: Path) -> None:
     rc, out = _run([str(LAUNCH / "local.sh"), *_tiny_args(run_dir, data_cache)], _env(NPROC="2"), tmp_path / "log")
     assert rc == 0, f"launch/local.sh exited {rc}\n{out[-6000:]}"
     _check_run(run_dir, world=2, output=out)
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_do_not_undo_a_slurm_stop(tmp_path: Path, data_cache: Path) -> None:
+    """With MAX_RESTARTS>0 torchrun counts the ranks' exit 143 after USR1 as a failure and restarts
+    them; the restarted group must not resume and train on into SLURM's kill."""
+    run_dir = tmp_path / "run"
+    args = [a for a in _tiny_args(run_dir, data_cache) if not a.startswith("train.steps=")]
+    env = _env(NNODES="1", NPROC_PER_NODE="2", RDZV_ENDPOINT=f"127.0.0.1:{_free_port()}",
+               RDZV_ID=f"test-{os.getpid()}", MAX_RESTARTS="2", TMPDIR=str(tmp_path))
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(LAUNCH / "torchrun_multinode.sh"), "--resume", "auto", *args, "train.steps=100000",
+                                 "checkpoint.interval=0", "checkpoint.snapshot_interval=0"],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + TIMEOUT_S
+            metrics = run_dir / "metrics.jsonl"
+            while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+                assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-4000:]
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGUSR1)  # what srun forwards from SLURM's warning
+            rc = proc.wait(timeout=TIMEOUT_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    output = log.read_text(errors="replace")
+    assert rc == 143, output[-6000:]
+    assert output.count("a stop was requested before this start") >= 2, output[-6000:]  # 2 ranks, restarted
+    assert output.count("rank(s) | ZeRO") == 1, output[-6000:]  # trained once, never resumed
+    saved = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
+    assert saved[0] == 0 and len(saved) == 2 and 0 < saved[1] < 100000, saved  # the initial state, the stop
+    assert not list(tmp_path.glob("bigtrain-stop-*")), "the stop file outlives the job"
