@@ -68,6 +68,17 @@ def check_budget(cfg: CheckpointConfig, root: Path, n_params: int, ds_config: di
                 held += [f"{buffers / 1e9:.2f} GB of snapshot host buffers"] if buffers else []
                 note = " (the node's available RAM" + (" less " + " and ".join(held) if held else "") + \
                     ": tmpfs lives in RAM)"
+        elif cfg.async_snapshots:
+            # A ring on disk still has its host buffers in RAM (pinned on a GPU: never swapped out).
+            offloaded = int(n_params * OPTIMIZER_BYTES_PER_PARAM * local_fraction) if offloads_optimizer(ds_config) else 0
+            buffers = ring_bytes(n_params, ds_config, 1, local_fraction)
+            if buffers + offloaded > mem_available():
+                raise ConfigError(
+                    f"asynchronous snapshots hold one snapshot in host memory ({buffers / 1e9:.2f} GB for this "
+                    f"node's ranks{f', besides {offloaded / 1e9:.2f} GB of offloaded optimizer state' if offloaded else ''}"
+                    f") but the node has {mem_available() / 1e9:.2f} GB available: set "
+                    "checkpoint.async_snapshots=false (the loop then waits for each write), or turn snapshots off "
+                    "with checkpoint.snapshot_interval=0")
     per_param = need / max(1, n_params * copies)
     log.info("snapshot ring: %d copies x %.1f bytes/param x %.3g params = %.2f GB in %s (%.2f GB free%s)",
              copies, per_param, n_params, need / 1e9, root, free_bytes / 1e9, note)

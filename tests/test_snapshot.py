@@ -60,6 +60,24 @@ def test_a_ring_in_tmpfs_is_bounded_by_the_ram_the_node_has(tmp_path, monkeypatc
         assert snapshot.ram_backed(Path("/dev/shm") / "bigtrain-x" / "y")
 
 
+def test_asynchronous_snapshots_host_buffers_must_fit_in_ram_with_a_ring_on_disk(tmp_path, monkeypatch):
+    """A ring on disk still has one snapshot's host buffers in RAM (pinned on a GPU)."""
+    import bigtrain.snapshot as snapshot
+
+    monkeypatch.setattr(snapshot, "ram_backed", lambda path: False)
+    monkeypatch.setattr(snapshot, "mem_available", lambda: int(1e9))  # < the 1.47 GB of buffers
+    with pytest.raises(ConfigError, match="checkpoint.async_snapshots=false"):
+        check_budget(CheckpointConfig(snapshot_interval=10, snapshot_keep=1), tmp_path / "snaps", 10**8, BF16, 1.0)
+    sync = CheckpointConfig(snapshot_interval=10, snapshot_keep=1, async_snapshots=False)
+    assert check_budget(sync, tmp_path / "snaps", 10**8, BF16, 1.0, free_bytes=10**10) > 0
+    if __import__("shutil").disk_usage(tmp_path).free > 3e9:
+        assert check_budget(sync, tmp_path / "snaps", 10**8, BF16, 1.0) > 0  # no host buffers to hold
+    monkeypatch.setattr(snapshot, "mem_available", lambda: int(2e9))
+    if __import__("shutil").disk_usage(tmp_path).free > 3e9:
+        assert check_budget(CheckpointConfig(snapshot_interval=10, snapshot_keep=1), tmp_path / "snaps", 10**8,
+                            BF16, 1.0) > 0
+
+
 @pytest.mark.parametrize("ending", ["return", "raise"])
 def test_the_snapshot_directory_is_removed_on_exit(tmp_path, ending):
     root = tmp_path / "snaps"
