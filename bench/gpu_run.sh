@@ -1,20 +1,32 @@
 #!/usr/bin/env bash
 # Everything bigtrain checks on one CUDA GPU, in one run (docs/gpu.md): the gpu-marked tests, the MFU
 # benchmark (llama-1b preset, bf16, seq 2048, ZeRO-2) and the device-to-host snapshot benchmark.
-# Results go to $OUT (default ./gpu-out): logs and JSON lines, to be appended to docs/ by hand.
+# Results go to $OUT (default ./gpu-out): logs, JSON lines and stages.txt (each stage's exit status),
+# to be appended to docs/ by hand. Exits non-zero when a stage failed.
 #
-#   bash bench/gpu_run.sh            # ~8 minutes on one H200
-#   STAGES="tests mfu" bash bench/gpu_run.sh    # some stages only: tests mfu snapshot mfu_ac mfu_mb8 mfu_compile
+#   bash bench/gpu_run.sh            # all stages: ~12 minutes on one H200, at most ~24 (the limits)
+#   STAGES="tests mfu" bash bench/gpu_run.sh    # some stages: tests mfu snapshot mfu_ac mfu_mb8 mfu_compile
 #
 # Python packages the GPU machine lacks can be installed first from wheels in ./.whl (deepspeed,
-# datasets, pydantic, ...): WHEELS=1 bash bench/gpu_run.sh. Each stage has its own time limit, so a
-# failing stage leaves the others' results.
-set -u
+# datasets, pydantic, ...): WHEELS=1 bash bench/gpu_run.sh. Each stage has its own time limit (and is
+# killed 30 s after it, since bigtrain answers SIGTERM by saving a checkpoint), so a failing stage
+# leaves the others' results.
+set -u -o pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 t0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - t0 )); }
+failed=0
+# run NAME SECONDS LOG CMD...: one stage, its exit status recorded in $OUT/stages.txt
+run() {
+  local name=$1 limit=$2 log=$3 rc=0
+  shift 3
+  timeout -k 30 "$limit" "$@" > "$OUT/$log" 2>&1 || rc=$?
+  echo "$name rc=$rc at $(elapsed)s" | tee -a "$OUT/stages.txt"
+  tail -3 "$OUT/$log"
+  [ "$rc" = 0 ] || failed=1
+}
 if [ "${WHEELS:-0}" = 1 ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }
@@ -32,49 +44,28 @@ cat "$OUT/env.txt"
 echo "== setup done at $(elapsed)s"
 STAGES=${STAGES:-tests mfu snapshot mfu_ac mfu_mb8 mfu_compile}
 want() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
+mfu=(python3 bench/mfu.py --peak-tflops 989 --out "$OUT/mfu.jsonl")
 
-want tests && timeout 220 python3 -m pytest -q -rA -m gpu tests/test_gpu.py -p no:cacheprovider --durations=0 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
-echo "== gpu tests done at $(elapsed)s"
-
-if want mfu; then
-  timeout 150 python3 bench/mfu.py --steps 30 --micro-batch 4 --peak-tflops 989 --out "$OUT/mfu.jsonl" > "$OUT/mfu_mb4.log" 2>&1
-  tail -3 "$OUT/mfu_mb4.log"
-  echo "== mfu (micro-batch 4) done at $(elapsed)s"
-fi
-
-# /dev/shm where it can hold two 1e9-parameter snapshots (2 x 14 GB), else the local disk.
+want tests && run tests 220 gpu_tests.log \
+  python3 -m pytest -q -rA -m gpu tests/test_gpu.py -p no:cacheprovider --durations=0
+want mfu && run mfu_mb4 150 mfu_mb4.log "${mfu[@]}" --steps 30 --micro-batch 4
 if want snapshot; then
-shm=$(df --output=avail -B1G /dev/shm 2>/dev/null | tail -1 | tr -d ' ')
-dir=/dev/shm/bigtrain-gpu-snapbench
-[ "${shm:-0}" -ge 40 ] || dir=/tmp/bigtrain-gpu-snapbench
-timeout 140 python3 bench/snapshot_gpu_bench.py --params 1.1e8 1e9 --snapshots 2 --dir "$dir" \
-  --out "$OUT/snapshot_gpu_bench.jsonl" > "$OUT/snapshot_gpu_bench.log" 2>&1
-echo "snapshot dir: $dir" >> "$OUT/snapshot_gpu_bench.log"
-tail -6 "$OUT/snapshot_gpu_bench.log"
-echo "== snapshot bench done at $(elapsed)s"
+  # /dev/shm where it can hold two 1e9-parameter snapshots (2 x 14 GB), else the local disk.
+  shm=$(df --output=avail -B1G /dev/shm 2>/dev/null | tail -1 | tr -d ' ')
+  dir=/dev/shm/bigtrain-gpu-snapbench
+  [ "${shm:-0}" -ge 40 ] || dir=/tmp/bigtrain-gpu-snapbench
+  echo "snapshot dir: $dir" >> "$OUT/stages.txt"
+  run snapshot 140 snapshot_gpu_bench.log \
+    python3 bench/snapshot_gpu_bench.py --params 1.1e8 1e9 --snapshots 2 --dir "$dir" --out "$OUT/snapshot_gpu_bench.jsonl"
 fi
-
-# Only while time is left: a larger micro-batch, with activation checkpointing on (its first GPU run).
-if want mfu_ac && [ "$(elapsed)" -lt "${SECOND_MFU_BEFORE:-400}" ]; then
-  timeout 140 python3 bench/mfu.py --steps 24 --micro-batch 8 --peak-tflops 989 --out "$OUT/mfu.jsonl" \
-    --extra model.activation_checkpointing=true > "$OUT/mfu_mb8_ac.log" 2>&1
-  tail -3 "$OUT/mfu_mb8_ac.log"
-  echo "== mfu (micro-batch 8, activation checkpointing) done at $(elapsed)s"
-fi
-
-# micro-batch 8 without activation checkpointing: the eager reference for the compiled micro-batch 8.
-if want mfu_mb8; then
-  timeout 150 python3 bench/mfu.py --steps 30 --micro-batch 8 --peak-tflops 989 --out "$OUT/mfu.jsonl" > "$OUT/mfu_mb8.log" 2>&1
-  tail -2 "$OUT/mfu_mb8.log"
-  echo "== mfu (micro-batch 8) done at $(elapsed)s"
-fi
-
-# torch.compile (model.compile=true): micro-batch 4 as above, and 8 without activation checkpointing.
+# A larger micro-batch with activation checkpointing, and without (the eager reference for compile).
+want mfu_ac && run mfu_mb8_ac 140 mfu_mb8_ac.log "${mfu[@]}" --steps 24 --micro-batch 8 --extra model.activation_checkpointing=true
+want mfu_mb8 && run mfu_mb8 150 mfu_mb8.log "${mfu[@]}" --steps 30 --micro-batch 8
+# model.compile=true (each decoder layer torch.compiled): micro-batch 4 and 8, and 8 with checkpointing.
 if want mfu_compile; then
-  for mb in 4 8; do
-    timeout 170 python3 bench/mfu.py --steps 30 --micro-batch $mb --peak-tflops 989 --out "$OUT/mfu.jsonl" \
-      --extra model.compile=true > "$OUT/mfu_compile_mb$mb.log" 2>&1
-    tail -2 "$OUT/mfu_compile_mb$mb.log"
-    echo "== mfu (compiled, micro-batch $mb) done at $(elapsed)s"
-  done
+  run mfu_compile_mb4 170 mfu_compile_mb4.log "${mfu[@]}" --steps 30 --micro-batch 4 --extra model.compile=true
+  run mfu_compile_mb8 170 mfu_compile_mb8.log "${mfu[@]}" --steps 30 --micro-batch 8 --extra model.compile=true
+  run mfu_compile_mb8_ac 170 mfu_compile_mb8_ac.log "${mfu[@]}" --steps 30 --micro-batch 8 \
+    --extra model.compile=true model.activation_checkpointing=true
 fi
+exit "$failed"

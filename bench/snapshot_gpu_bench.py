@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bigtrain.checkpoint import SnapshotEngine  # noqa: E402
+from bigtrain.checkpoint import HostBuffers, SnapshotEngine  # noqa: E402
 
 
 def state(params: int, device: str) -> tuple[dict, dict]:
@@ -84,8 +84,9 @@ def main() -> int:
             torch.save(optim, root / "sync_optim.pt")
             sync = time.perf_counter() - t0
             emit({"mode": "sync", "params": params, "bytes": nbytes, "snapshot": i, "blocked_s": round(sync, 4)})
+        buffers = HostBuffers()  # one set per model size, reused by every snapshot, as CheckpointStore does
         for i in range(args.snapshots):
-            engine = SnapshotEngine()
+            engine = SnapshotEngine(buffers=buffers)
             t0 = time.perf_counter()
             engine.save(module, str(root / "async_model.pt"))
             engine.save(optim, str(root / "async_optim.pt"))
@@ -112,7 +113,7 @@ def main() -> int:
                   "copies_done_s": round(done["copied"], 4), "write_done_s": round(done["written"], 4),
                   "train_steps_during_write": steps, "step_s_during_write": round(during, 4),
                   "step_s_alone": round(base_step, 4)})
-        del module, optim
+        del module, optim, buffers, engine
         torch.cuda.empty_cache()
     for p in root.iterdir():
         p.unlink()

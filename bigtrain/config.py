@@ -130,8 +130,16 @@ class TrainConfig:
     """Micro-batches per rank in one evaluation."""
     log_interval: int = 1
     """Write metrics every N steps (metrics.jsonl, TensorBoard, progress bar)."""
+    malloc_mmap_threshold: int = 1 << 20
+    """Bytes from which glibc serves host allocations with mmap, returning them to the system when
+    freed (docs/memory.md: ZeRO-3's freed gather buffers otherwise stay in the heap); 0 leaves glibc's
+    adaptive default. Not applied under another allocator or with ``MALLOC_MMAP_THRESHOLD_`` or a
+    ``glibc.malloc.mmap_threshold`` tunable set."""
 
     def __post_init__(self) -> None:
+        if self.malloc_mmap_threshold < 0:
+            raise ConfigError(f"train.malloc_mmap_threshold must be >= 0 (bytes; 0 = glibc's default), "
+                              f"got {self.malloc_mmap_threshold}")
         for name in ("steps", "micro_batch", "grad_accum", "eval_batches", "log_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")

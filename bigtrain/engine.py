@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ DS_CONFIG_DIR = next((d for d in (Path(__file__).resolve().parent / "ds_configs"
                                   Path(__file__).resolve().parent.parent / "ds_configs") if d.is_dir()),
                      Path(__file__).resolve().parent / "ds_configs")
 _AUTO = "auto"
+log = logging.getLogger("bigtrain")
 
 
 def ds_config_path(name: str) -> Path:
@@ -95,15 +98,45 @@ def zero_stage(ds_config: dict[str, Any]) -> int:
     return int(ds_config["zero_optimization"]["stage"])
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, ds_config: dict[str, Any] | None = None):
-    """``ds_config``: the resolved config the model was built with (ZeRO-3 builds it partitioned)."""
+def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, ds_config: dict[str, Any] | None = None,
+                 local_world: int = 1):
+    """``ds_config``: the resolved config the model was built with (ZeRO-3 builds it partitioned);
+    ``local_world``: ranks on this node (they share its cores when compiling)."""
     import deepspeed
 
     ds_config = ds_config if ds_config is not None else resolve_ds_config(cfg, world_size)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     if cfg.model.compile:
-        engine.compile()  # nn.Module.compile in place: state-dict keys unchanged, checkpoints interchangeable
+        compile_layers(engine.module, local_world)
     return engine, ds_config
+
+
+def compile_layers(model: torch.nn.Module, local_world: int = 1, **compile_kwargs) -> int:
+    """``torch.compile`` every decoder layer in place (``nn.Module.compile``: parameter names, hence
+    checkpoints, are unchanged); returns how many. Per layer, as torchtitan compiles its blocks: the
+    layers share one code object, so the compilation is done once and reused (a whole-model graph
+    grows with depth). Inductor's compile workers are the node's cores
+    shared by its ``local_world`` ranks (``TORCHINDUCTOR_COMPILE_THREADS`` wins). Decoder layers are the modules transformers derives
+    from ``GradientCheckpointingLayer``; a model without any is compiled whole."""
+    import torch._inductor.config
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:  # inductor's default is min(32, cores) per rank
+        torch._inductor.config.compile_threads = max(1, (os.cpu_count() or 1) // max(1, local_world))
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if any(getattr(m, "gradient_checkpointing", False) for m in layers):
+        # transformers >= 5.2x checkpoints inside ``forward``: dynamo then traces the checkpoint, and the
+        # forward's one side effect (output_capturing's context variable, bookkeeping for requested
+        # hidden states, which a recompute must not redo anyway) broke the layer out of the graph.
+        import torch._dynamo.config as dynamo_config
+
+        if hasattr(dynamo_config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+            dynamo_config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    for layer in layers or [model]:
+        layer.compile(**compile_kwargs)
+    log.info("model.compile: %s compiled (torch.compile; the first step and the first eval compile)",
+             f"{len(layers)} decoder layers" if layers else "the whole model")
+    return len(layers)
 
 
 def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:

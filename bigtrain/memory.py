@@ -18,25 +18,33 @@ MMAP_THRESHOLD = 1 << 20
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 
 
-def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
+def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> str:
     """Have glibc serve every allocation of ``threshold`` bytes or more with its own mmap, so that the
-    memory of a freed tensor goes back to the system at once. Returns whether it was set.
+    memory of a freed tensor goes back to the system at once. Returns what was done, for the log.
 
     By default glibc raises its mmap threshold to the size of each mmapped block freed (up to 32 MiB):
     after ZeRO-3 frees its first gathered parameter, same-sized blocks come from the heap, and freed
     heap memory is kept while anything above it lives (mallopt(3), M_MMAP_THRESHOLD). Measured on a
     162M-parameter model directory on 2 CPU ranks (docs/memory.md): ZeRO-3's model load added
     2.38 bytes/param to a rank as glibc adjusts it, 1.25 fixed at 1 MiB (the rank's bf16 partition is
-    1.0), and the run's peak fell from 3,390 to 2,965 MB; 128 KiB saved a little more but cost ~40% of
-    the CPU step time, 1 MiB no measurable time. A ``MALLOC_MMAP_THRESHOLD_`` in the environment is the
-    user's choice and is left alone; other C libraries are left alone."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
-        return False
+    1.0), and the run's peak fell from 3,390 to 2,972 MB; 128 KiB made CPU steps ~40% slower, 1 MiB
+    showed no difference beyond the noise of two runs each. The user's own setting wins: a
+    ``MALLOC_MMAP_THRESHOLD_`` or ``glibc.malloc.mmap_threshold`` tunable, another allocator
+    preloaded (jemalloc, tcmalloc), or ``threshold`` 0."""
+    if threshold <= 0:
+        return "left to glibc (train.malloc_mmap_threshold=0)"
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "glibc.malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
+        return "left as the environment sets it"
+    if any(name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc")):
+        return "not glibc's allocator (LD_PRELOAD)"
+    if not sys.platform.startswith("linux"):
+        return "not Linux"
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(int(threshold)))
     except (OSError, AttributeError):  # not glibc (musl has no libc.so.6 / no mallopt)
-        return False
+        return "not glibc"
+    return f"glibc mmap threshold {threshold:,} bytes" if ok else "glibc refused the mmap threshold"
 
 
 def rss_mb() -> float:

@@ -9,6 +9,7 @@ model building (docs/bad_inputs.md has the timings).
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 from bigtrain import checkpoint
@@ -54,10 +55,35 @@ def check_attention(cfg: Config) -> None:
                           "pip install flash-attn --no-build-isolation, or use model.attn_implementation=sdpa")
 
 
+def check_compile(cfg: Config, stage: int) -> None:
+    """model.compile: inductor needs a compiler at run time, and under ZeRO-3 it would compile nothing
+    worth having. Without these checks the run fails (or crawls) at its first forward, after the data,
+    the model and the engine were built."""
+    if not cfg.model.compile:
+        return
+    if stage == 3:
+        raise ConfigError("model.compile=true under ZeRO-3: DeepSpeed's parameter hooks on every submodule "
+                          "(compiler-disabled, runtime/zero/parameter_offload.py) break each compiled layer into "
+                          "small graphs, so little is fused: set model.compile=false, or train with ZeRO-1/2")
+    import torch
+
+    if torch.cuda.is_available():
+        if importlib.util.find_spec("triton") is None:
+            raise ConfigError("model.compile=true on CUDA needs the triton package (inductor writes Triton "
+                              "kernels): pip install triton, or set model.compile=false")
+        if not (shutil.which("cc") or shutil.which("gcc")):
+            raise ConfigError("model.compile=true on CUDA needs a C compiler (cc or gcc on PATH: Triton builds "
+                              "its kernel launchers): install one, or set model.compile=false")
+    elif not (shutil.which("c++") or shutil.which("g++")):
+        raise ConfigError("model.compile=true on CPU needs a C++ compiler (c++ or g++ on PATH: inductor "
+                          "builds its CPU kernels): install one, or set model.compile=false")
+
+
 def preflight(cfg: Config, world: int, resume: str | None) -> None:
     """Raise ConfigError/ValueError naming the problem and the fix; reads only small files."""
     stage = zero_stage(resolve_ds_config(cfg, world))  # JSON validity, contradictions, fp16 without a GPU
     check_attention(cfg)
+    check_compile(cfg, stage)
     if cfg.model.path is not None and not (Path(cfg.model.path) / "config.json").is_file():
         raise ConfigError(f"model.path={cfg.model.path!r} is not a Hugging Face model directory (no config.json): "
                           "point it at a save_pretrained folder or set model.path=null to use a preset")

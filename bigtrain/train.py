@@ -457,9 +457,11 @@ class StopRequest:
 
 
 def train(cfg: Config, resume: str | None = None) -> int:
-    return_freed_memory()  # before the model is loaded: ZeRO-3's gathers and frees otherwise stay in the heap
+    # Before the model is loaded: ZeRO-3's gathers and frees otherwise stay in the heap.
+    allocator = return_freed_memory(cfg.train.malloc_mmap_threshold)
     rank, world, local_world = init_distributed()
     setup_logging(rank)
+    log.info("host allocator: %s", allocator)
     # Config-only checks (bigtrain.cli runs them before heavy imports too, before any rank joined the group).
     # Not --resume here: rank 0 may already be finishing swaps in the checkpoint directory; prepare_run_dir
     # checks the resume on rank 0 for all.
@@ -483,7 +485,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
         shutil.rmtree(snap_root, ignore_errors=True)
     dist.barrier()
     check_snapshot_budget(cfg, snap_root, model, ds_config, world, local_world)  # before the optimizer exists
-    engine, ds_config = build_engine(cfg, model, world, ds_config)
+    engine, ds_config = build_engine(cfg, model, world, ds_config, local_world)
     memory.mark("after_engine_init")
     log.info("memory (host RSS, max over ranks): %s", format_mb(memory.reduce(engine.device)))  # collective
     if rank == 0:
@@ -618,7 +620,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
                "ds_skipped_steps": state.ds_skipped_steps, "skipped_ranges": state.skipped,
                "skipped_samples": len(state.skipped_samples), "skipped_docs": len(state.skipped_docs),
                "checkpoint": str(final), "final_save_seconds": round(save_seconds, 3),
-               "peak_rss_mb_max_rank": memory_mb["peak"], "memory_mb": memory_mb}
+               "peak_rss_mb_max_rank": memory_mb["peak"], "memory_mb": memory_mb,
+               "parameters": snapshot.count_parameters(model)}
     log.info("done: %s", json.dumps(summary))
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -14,11 +14,13 @@ SCRIPT = textwrap.dedent("""
     import sys, torch
     from bigtrain.memory import return_freed_memory, rss_mb
     if sys.argv[1] == "set":
-        assert return_freed_memory()
+        assert return_freed_memory().startswith("glibc mmap threshold")
     torch.ones(8 << 20, dtype=torch.uint8)  # an 8 MiB block, mmapped and freed: glibc raises its threshold
     base = rss_mb()
-    blocks = [torch.ones(4 << 20, dtype=torch.uint8) for _ in range(64)]  # 256 MiB in 4 MiB tensors
-    keep = torch.ones(1024)  # something allocated after them, as a live parameter would be
+    blocks, keep = [], []
+    for _ in range(64):  # 256 MiB in 4 MiB tensors, each followed by a small one that stays alive
+        blocks.append(torch.ones(4 << 20, dtype=torch.uint8))
+        keep.append(torch.ones(1024))
     del blocks
     print(rss_mb() - base)
 """)
@@ -33,8 +35,15 @@ def test_freed_tensors_return_to_the_system():
     assert held["set"] < 32
 
 
-def test_a_user_threshold_is_left_alone(monkeypatch):
+def test_a_user_setting_is_left_alone(monkeypatch):
     from bigtrain.memory import return_freed_memory
 
+    assert return_freed_memory(0).startswith("left to glibc")
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
-    assert return_freed_memory() is False
+    assert return_freed_memory().startswith("left as the environment")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")
+    assert return_freed_memory().startswith("left as the environment")
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
+    assert return_freed_memory().startswith("not glibc's allocator")

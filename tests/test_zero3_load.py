@@ -61,7 +61,6 @@ def test_zero3_model_path_resumes_bit_exact_rolls_back_and_exports(tmp_path, dat
     memory = summary["memory_mb"]
     assert set(memory) >= {"before_model_load", "after_model_load", "model_load_added", "after_engine_init",
                            "after_first_step", "peak"}
-    assert memory["model_load_added"] <= memory["after_model_load"]
     run_bigtrain([*common, f"run_dir={tmp_path / 'resumed'}", "--resume",
                   str(straight / "checkpoints" / "step_00000003")])
     a, b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
