@@ -604,8 +604,6 @@ def build_monitor(cfg: SpikeConfig, total_steps: int) -> Monitor:
 DATA, OPTIMIZER, CAUSE_INCIDENT = "data", "optimizer", "incident"
 # Reference values needed before samples are judged at all (non-finite ones are always outliers).
 _MIN_REFERENCE = 32
-# Non-outlier samples of the onset step needed to judge the rest on that step alone (attribute).
-_MIN_ONSET_REST = 4
 
 
 @dataclass(frozen=True)
@@ -625,8 +623,7 @@ class Attribution:
 
 
 def attribute(sums: list[float], counts: list[float], reference: tuple[float, float] | None, cfg: SpikeConfig,
-              incident: bool = False, per_rank: int = 0, band: float | None = None,
-              onset_samples: int = 0) -> Attribution:
+              incident: bool = False, per_rank: int = 0, band: float | None = None) -> Attribution:
     """Find the samples that caused a spike. Pure and cheap (milliseconds for thousands of samples).
 
     ``sums``/``counts``: each sample's summed token loss and label count over the steps from the
@@ -650,12 +647,6 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
     ``per_rank``: samples per rank per step (the lists are steps of whole global batches, rank-major),
     to recognise rank-aligned outliers; only at ``per_rank >= 4``: with one or two samples per rank
     every outlier is trivially "all of its rank's samples".
-    ``onset_samples``: how many of the first entries are the onset step's. The remaining samples are then
-    judged (median rise, band) on that step alone when it has at least ``_MIN_ONSET_REST`` of them: its
-    losses were computed before any suspect update, while the later steps' were computed after the bad
-    data's own updates, which raise every sample's loss a little. Judged over all suspect steps, a
-    spike of garbage in 30% of the samples was called OPTIMIZER (rest median +12.5% over three steps)
-    and cut the LR (docs/spike_benchmark.md, diluted_30, seed 14).
     """
     logs: list[float | None] = []
     for s, c in zip(sums, counts):
@@ -677,11 +668,7 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
     else:
         outliers = [i for i, x in enumerate(logs) if x is not None and (x == math.inf or x > bar)]
     flagged = set(outliers)
-    rest_idx = [i for i, x in enumerate(logs) if x is not None and i not in flagged]
-    onset_rest = [i for i in rest_idx if i < onset_samples]
-    judged = onset_rest if len(onset_rest) >= _MIN_ONSET_REST else rest_idx
-    stats["rest_judged_on"] = float(len(judged))
-    rest = [logs[i] for i in judged]
+    rest = [x for i, x in enumerate(logs) if x is not None and i not in flagged]
     explained = False
     if reference is not None and outliers and rest:
         rise = statistics.median(rest) - level
@@ -695,7 +682,7 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
                 return sum(sums[i] for i in idx) / c if c > 0 else math.inf
             labelled = [i for i, x in enumerate(logs) if x is not None]
             total = mean_loss(labelled)
-            kept = mean_loss(judged)
+            kept = mean_loss([i for i in labelled if i not in flagged])
             stats |= {"band_loss": band, "suspects_loss": total, "rest_loss": kept}
             explained = explained and total > band and kept <= band
     # Every sample standing out cannot be told apart from an optimizer blow-up by losses alone: it
@@ -754,11 +741,6 @@ class SampleLosses:
 
     def reset_pending(self) -> None:
         self._pending = []
-
-    def onset_size(self, onset_step: int) -> int:
-        """Samples of the earliest unaccepted step from ``onset_step`` on: the first entries of
-        :meth:`suspects`."""
-        return next((len(i) for step, i, _, _ in self._pending if step >= onset_step), 0)
 
     def suspects(self, onset_step: int) -> tuple[list[int], list[float], list[float]]:
         """Sample ids, loss sums and label counts of the unaccepted steps from ``onset_step`` on."""

@@ -80,10 +80,9 @@ def attribute_spike(monitor, verdict: Verdict, cfg, per_rank: int) -> Attributio
     samples = getattr(monitor, "samples", None)
     if samples is None or verdict.kind == SKIP_UPDATE:
         return None
-    onset = verdict.onset_step if verdict.onset_step is not None else 0
-    _, sums, counts = samples.suspects(onset)
+    _, sums, counts = samples.suspects(verdict.onset_step if verdict.onset_step is not None else 0)
     return attribute(sums, counts, samples.reference(cfg.mad_floor), cfg, incident=verdict.kind == "incident",
-                     per_rank=per_rank, band=monitor.loss_band(), onset_samples=samples.onset_size(onset))
+                     per_rank=per_rank, band=monitor.loss_band())
 
 
 @dataclass
