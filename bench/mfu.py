@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,8 @@ def main() -> None:
     ap.add_argument("--extra", nargs="*", default=[])
     ap.add_argument("--out", default=str(REPO / "docs" / "mfu.jsonl"), help="JSON-lines file the result is appended to")
     args = ap.parse_args()
+    # A stage's time limit ends with SIGTERM: unwind, so the finally below removes the run directory.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     run_dir = Path(tempfile.mkdtemp(prefix="bigtrain-mfu-"))
     cmd = [sys.executable, "-m", "bigtrain", "train", "model.preset=llama-1b", f"run_dir={run_dir}",
            "train.precision=bf16", "train.deepspeed=zero2", f"data.seq_len={args.seq}",

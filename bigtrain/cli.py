@@ -11,7 +11,8 @@ from pathlib import Path
 import yaml
 
 from bigtrain.checkpoint import CheckpointError
-from bigtrain.config import EXIT_PREEMPTED, ConfigError, load_config
+from bigtrain.config import ConfigError, load_config
+from bigtrain.stopfile import EXIT_PREEMPTED, stop_requested
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,10 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# DeepSpeed config (resolved for {world} rank(s))")
                 print(json.dumps(resolve_ds_config(cfg, world), indent=2))
                 return 0
-            stop_file = os.environ.get("BIGTRAIN_STOP_FILE")
-            if stop_file and os.path.exists(stop_file):  # launch/torchrun_multinode.sh got USR1: do not restart
-                print(f"bigtrain: a stop was requested before this start ({stop_file} exists): not training; "
-                      "the job continues with --resume auto when it is requeued", file=sys.stderr)
+            message = stop_requested()  # launch/torchrun_multinode.sh got USR1: a restart must not train
+            if message:
+                print(message, file=sys.stderr)
                 return EXIT_PREEMPTED
             from bigtrain.preflight import preflight
 

@@ -30,7 +30,6 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
 EXIT_GAVE_UP = 3  # the spike budget was spent: a person should look (spikes.jsonl, `bigtrain report`)
-EXIT_PREEMPTED = 143  # 128 + SIGTERM: saved after a stop signal; rerun with --resume auto
 
 @dataclass
 class ModelConfig:
@@ -137,9 +136,9 @@ class TrainConfig:
     ``glibc.malloc.mmap_threshold`` tunable set."""
 
     def __post_init__(self) -> None:
-        if self.malloc_mmap_threshold < 0:
-            raise ConfigError(f"train.malloc_mmap_threshold must be >= 0 (bytes; 0 = glibc's default), "
-                              f"got {self.malloc_mmap_threshold}")
+        if not 0 <= self.malloc_mmap_threshold <= 32 << 20:
+            raise ConfigError(f"train.malloc_mmap_threshold must be 0 (glibc's adaptive default) to 33554432 "
+                              f"bytes (32 MiB, glibc's maximum), got {self.malloc_mmap_threshold}")
         for name in ("steps", "micro_batch", "grad_accum", "eval_batches", "log_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")

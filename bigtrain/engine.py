@@ -121,8 +121,9 @@ def compile_layers(model: torch.nn.Module, local_world: int = 1, **compile_kwarg
     import torch._inductor.config
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:  # inductor's default is min(32, cores) per rank
-        torch._inductor.config.compile_threads = max(1, (os.cpu_count() or 1) // max(1, local_world))
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:  # inductor's default: min(32, cores) per rank
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch._inductor.config.compile_threads = max(1, min(32, cores // max(1, local_world)))
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if any(getattr(m, "gradient_checkpointing", False) for m in layers):
         # transformers >= 5.2x checkpoints inside ``forward``: dynamo then traces the checkpoint, and the

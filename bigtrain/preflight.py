@@ -9,6 +9,7 @@ model building (docs/bad_inputs.md has the timings).
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def check_compile(cfg: Config, stage: int) -> None:
         if importlib.util.find_spec("triton") is None:
             raise ConfigError("model.compile=true on CUDA needs the triton package (inductor writes Triton "
                               "kernels): pip install triton, or set model.compile=false")
-        if not (shutil.which("cc") or shutil.which("gcc")):
+        if not (shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")):
             raise ConfigError("model.compile=true on CUDA needs a C compiler (cc or gcc on PATH: Triton builds "
                               "its kernel launchers): install one, or set model.compile=false")
     elif not (shutil.which("c++") or shutil.which("g++")):

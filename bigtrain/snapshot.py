@@ -41,10 +41,14 @@ def ring_bytes(n_params: int, ds_config: dict[str, Any], copies: int, local_frac
 
 
 def check_budget(cfg: CheckpointConfig, root: Path, n_params: int, ds_config: dict[str, Any],
-                 local_fraction: float, free_bytes: int | None = None) -> int:
+                 local_fraction: float, free_bytes: int | None = None, node_fraction: float | None = None) -> int:
     """Print the ring's cost and refuse (ConfigError naming the fixes) when ``root``'s filesystem
     cannot hold it. ``snapshot_keep`` + 1 copies: the newest is written before the oldest is pruned.
-    Returns the bytes needed (0 when snapshots are off)."""
+    ``local_fraction``: the share of the ranks writing into ``root``'s filesystem; ``node_fraction``: this
+    node's share of the ranks (default ``local_fraction``), for what lives in this node's RAM whatever
+    the ring's location (host buffers, offloaded optimizer state). Returns the bytes needed (0 when
+    snapshots are off)."""
+    node_fraction = local_fraction if node_fraction is None else node_fraction
     if not cfg.snapshot_interval:
         return 0
     copies = cfg.snapshot_keep + 1
@@ -58,9 +62,9 @@ def check_budget(cfg: CheckpointConfig, root: Path, n_params: int, ds_config: di
         if ram_backed(existing):
             # tmpfs pages are RAM: its size (half the RAM by default) promises more than the node has once
             # the ranks' own memory is counted, and an offloaded optimizer is allocated after this check.
-            offloaded = int(n_params * OPTIMIZER_BYTES_PER_PARAM * local_fraction) if offloads_optimizer(ds_config) else 0
+            offloaded = int(n_params * OPTIMIZER_BYTES_PER_PARAM * node_fraction) if offloads_optimizer(ds_config) else 0
             # Asynchronous snapshots keep one snapshot's worth of host buffers (the node's ranks' shares).
-            buffers = ring_bytes(n_params, ds_config, 1, local_fraction) if cfg.async_snapshots else 0
+            buffers = ring_bytes(n_params, ds_config, 1, node_fraction) if cfg.async_snapshots else 0
             room = mem_available() - offloaded - buffers
             if room < free_bytes:
                 free_bytes = max(0, room)
@@ -70,8 +74,8 @@ def check_budget(cfg: CheckpointConfig, root: Path, n_params: int, ds_config: di
                     ": tmpfs lives in RAM)"
         elif cfg.async_snapshots:
             # A ring on disk still has its host buffers in RAM (pinned on a GPU: never swapped out).
-            offloaded = int(n_params * OPTIMIZER_BYTES_PER_PARAM * local_fraction) if offloads_optimizer(ds_config) else 0
-            buffers = ring_bytes(n_params, ds_config, 1, local_fraction)
+            offloaded = int(n_params * OPTIMIZER_BYTES_PER_PARAM * node_fraction) if offloads_optimizer(ds_config) else 0
+            buffers = ring_bytes(n_params, ds_config, 1, node_fraction)
             if buffers + offloaded > mem_available():
                 raise ConfigError(
                     f"asynchronous snapshots hold one snapshot in host memory ({buffers / 1e9:.2f} GB for this "

@@ -24,7 +24,8 @@ import yaml
 
 from bigtrain import checkpoint, snapshot
 from bigtrain.checkpoint import CheckpointStore, TrainState
-from bigtrain.config import EXIT_GAVE_UP, EXIT_PREEMPTED, Config, ConfigError
+from bigtrain.config import EXIT_GAVE_UP, Config, ConfigError
+from bigtrain.stopfile import EXIT_PREEMPTED
 from bigtrain.data import LABEL, PackedData, build_dataset, build_tokenizer
 from bigtrain.distributed import init_distributed, node_local_rank, setup_logging
 from bigtrain.engine import (build_engine, check_hparams, keep_loss_scale, loss_scale, lr_at, optimizer_hparams,
@@ -289,9 +290,11 @@ def check_snapshot_budget(cfg: Config, root: Path, model, ds_config: dict, world
     local_fraction = local_world / world if str(root).startswith("/dev/shm") else 1.0
     error = None
     try:
-        snapshot.check_budget(cfg.checkpoint, root, snapshot.count_parameters(model), ds_config, local_fraction)
-    except ConfigError as exc:
-        error = exc
+        snapshot.check_budget(cfg.checkpoint, root, snapshot.count_parameters(model), ds_config, local_fraction,
+                              node_fraction=local_world / world)
+    except Exception as exc:  # any failure (an unreadable /proc/meminfo too) is agreed, never one rank's alone
+        error = exc if isinstance(exc, ConfigError) else ConfigError(f"checking the snapshot ring's budget failed: "
+                                                                     f"{exc!r}")
     if not checkpoint.all_ok(error is None):
         raise error or ConfigError("the snapshot ring does not fit on another rank's filesystem (see its log): "
                                    "set checkpoint.snapshot_dir=, checkpoint.snapshot_keep= or "
@@ -433,6 +436,18 @@ def evaluate(engine, data: PackedData, layout: Layout, batches: int) -> float:
     return (total[0] / total[1]).item()
 
 
+def mark_stop_requested() -> None:
+    """The stop was agreed by every rank, but a node's launcher may not have had the signal (only one
+    node's wrapper got it, or it came between worker groups): tell this node's launcher too, so that
+    torchrun's restarts on every node exit at once (``BIGTRAIN_STOP_FILE``, launch/torchrun_multinode.sh)."""
+    stop_file = os.environ.get("BIGTRAIN_STOP_FILE")
+    if stop_file:
+        try:
+            Path(stop_file).touch()
+        except OSError as e:
+            log.warning("could not mark the stop in %s (%s): torchrun may restart this node's ranks", stop_file, e)
+
+
 class StopRequest:
     """SIGTERM (preemption, torchrun/SLURM shutdown) and SIGUSR1 (SLURM's warning signal) set a flag;
     the loop all-reduces it with the step's numbers, so every rank saves and exits at the same step,
@@ -443,10 +458,13 @@ class StopRequest:
     @classmethod
     def install(cls) -> None:
         def handler(signum, frame):
-            if cls.signum:  # a second signal: the process may be stuck in a collective; die now
+            # A second SIGTERM: the process may be stuck in a collective; die now. A repeated USR1 is
+            # not a second request: under SLURM the warning can reach a rank twice (from the step
+            # daemon, which signals every process of the step, and from the launcher's forwarding).
+            if cls.signum and signum == signal.SIGTERM:
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)
-            cls.signum = signum
+            cls.signum = cls.signum or signum
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, handler)
 
@@ -603,6 +621,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
             rec.close()
             log.warning("stop requested by a signal: saved %s at step %d; exiting with %d so a requeue or a "
                         "restart continues with --resume auto", path, state.step, EXIT_PREEMPTED)
+            mark_stop_requested()
             return EXIT_PREEMPTED
 
     snaps.finish()  # collective: no snapshot write may still run when rank 0 removes the ring below

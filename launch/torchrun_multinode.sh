@@ -31,18 +31,23 @@ set -euo pipefail
 # torchrun, which passes them on to the ranks itself.
 # A stop requested by USR1 must also stop the worker groups torchrun starts afterwards (MAX_RESTARTS>0
 # counts the ranks' exit 143 as a failure): this node-local file tells `bigtrain train` not to start.
-export BIGTRAIN_STOP_FILE="${BIGTRAIN_STOP_FILE:-${TMPDIR:-/tmp}/bigtrain-stop-${RDZV_ID:-bigtrain}-$$}"
+stop_dir="${TMPDIR:-/tmp}"
+[[ -d "${stop_dir}" && -w "${stop_dir}" ]] || stop_dir=/tmp  # a TMPDIR exported from the submit host
+export BIGTRAIN_STOP_FILE="${BIGTRAIN_STOP_FILE:-${stop_dir}/bigtrain-stop-${RDZV_ID:-bigtrain}-$$}"
 rm -f "${BIGTRAIN_STOP_FILE}"
-torchrun \
+# torchrun ignores USR1 (inherited through exec; the ranks install their own handler): under SLURM the
+# step daemon may signal every process of the step, and torchrun, which has no USR1 handler, would die
+# of it and leave its ranks to be killed mid-save.
+(trap '' USR1; exec torchrun \
   --nnodes "${NNODES}" \
   --nproc_per_node "${NPROC_PER_NODE:-1}" \
   --rdzv_backend c10d \
   --rdzv_endpoint "${RDZV_ENDPOINT}" \
   --rdzv_id "${RDZV_ID:-bigtrain}" \
   --max-restarts "${MAX_RESTARTS:-0}" \
-  -m bigtrain train "$@" &
+  -m bigtrain train "$@") &
 agent=$!
-trap 'touch "${BIGTRAIN_STOP_FILE}"; pkill -USR1 -P "${agent}" || true' USR1
+trap 'touch "${BIGTRAIN_STOP_FILE}" 2>/dev/null || true; pkill -USR1 -P "${agent}" || true' USR1
 trap 'kill -TERM "${agent}" 2>/dev/null || true' TERM
 trap 'kill -INT "${agent}" 2>/dev/null || true' INT
 status=0
@@ -54,6 +59,8 @@ while kill -0 "${agent}" 2>/dev/null; do
 done
 if [[ -e "${BIGTRAIN_STOP_FILE}" ]]; then
   rm -f "${BIGTRAIN_STOP_FILE}"
-  exit 143  # stopped on request (torchrun itself reports the ranks' 143 as a failure)
+  # Stopped on request: torchrun reports the ranks' 143 as a failure. A run that finished inside the
+  # grace period keeps its 0.
+  [[ "${status}" == 0 ]] || status=143
 fi
 exit "${status}"

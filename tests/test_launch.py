@@ -268,7 +268,8 @@ def test_local_two_processes(tmp_path: Path, data_cache: Path) -> None:
 @pytest.mark.slow
 def test_torchrun_restarts_do_not_undo_a_slurm_stop(tmp_path: Path, data_cache: Path) -> None:
     """With MAX_RESTARTS>0 torchrun counts the ranks' exit 143 after USR1 as a failure and restarts
-    them; the restarted group must not resume and train on into SLURM's kill."""
+    them; the restarted group must not resume and train on into SLURM's kill. The USR1 reaches every
+    process of the step: torchrun must not die of it, nor a rank of getting it twice."""
     run_dir = tmp_path / "run"
     args = [a for a in _tiny_args(run_dir, data_cache) if not a.startswith("train.steps=")]
     env = _env(NNODES="1", NPROC_PER_NODE="2", RDZV_ENDPOINT=f"127.0.0.1:{_free_port()}",
@@ -277,18 +278,20 @@ def test_torchrun_restarts_do_not_undo_a_slurm_stop(tmp_path: Path, data_cache: 
     with open(log, "w") as out:
         proc = subprocess.Popen([str(LAUNCH / "torchrun_multinode.sh"), "--resume", "auto", *args, "train.steps=100000",
                                  "checkpoint.interval=0", "checkpoint.snapshot_interval=0"],
-                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + TIMEOUT_S
             metrics = run_dir / "metrics.jsonl"
             while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
                 assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-4000:]
                 time.sleep(0.2)
-            proc.send_signal(signal.SIGUSR1)  # what srun forwards from SLURM's warning
+            # What SLURM's step daemon may do with the warning srun forwards: signal every process of
+            # the step (the wrapper, torchrun, the ranks), so each rank gets it twice.
+            os.killpg(proc.pid, signal.SIGUSR1)
             rc = proc.wait(timeout=TIMEOUT_S)
         finally:
             if proc.poll() is None:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     output = log.read_text(errors="replace")
     assert rc == 143, output[-6000:]
@@ -297,3 +300,24 @@ def test_torchrun_restarts_do_not_undo_a_slurm_stop(tmp_path: Path, data_cache: 
     saved = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
     assert saved[0] == 0 and len(saved) == 2 and 0 < saved[1] < 100000, saved  # the initial state, the stop
     assert not list(tmp_path.glob("bigtrain-stop-*")), "the stop file outlives the job"
+
+
+def test_a_repeated_usr1_does_not_kill_a_rank_but_a_second_sigterm_does(tmp_path: Path) -> None:
+    """Under SLURM the warning can reach a rank twice (the step daemon signals every process of the
+    step, and launch/torchrun_multinode.sh forwards it too): the rank must go on to save. A second
+    SIGTERM still ends a rank that may be stuck in a collective."""
+    script = (
+        "import os, signal, sys, time\n"
+        "from bigtrain.train import StopRequest\n"
+        "StopRequest.install()\n"
+        "first = getattr(signal, sys.argv[1])\n"
+        "os.kill(os.getpid(), first); os.kill(os.getpid(), signal.SIGUSR1); time.sleep(0.2)\n"
+        "print('alive', StopRequest.signum == first, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2)\n"
+        "os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.5)\n"
+        "print('survived a second SIGTERM', flush=True)\n")
+    for first in ("SIGUSR1", "SIGTERM"):
+        proc = subprocess.run([sys.executable, "-c", script, first], cwd=REPO, env=_env(), capture_output=True,
+                              text=True, timeout=120)
+        assert "alive True" in proc.stdout, proc.stderr[-2000:]
+        assert "survived" not in proc.stdout and proc.returncode == -signal.SIGTERM, (first, proc.stdout)

@@ -76,6 +76,15 @@ def test_asynchronous_snapshots_host_buffers_must_fit_in_ram_with_a_ring_on_disk
     if __import__("shutil").disk_usage(tmp_path).free > 3e9:
         assert check_budget(CheckpointConfig(snapshot_interval=10, snapshot_keep=1), tmp_path / "snaps", 10**8,
                             BF16, 1.0) > 0
+    # 70B on 64 ranks, 8 per node, a ring on a shared disk (local_fraction 1): the node holds its 8
+    # ranks' buffers (~257 GB: the bf16 module, counted in full, and an eighth of the optimizer), not 64's.
+    monkeypatch.setattr(snapshot, "mem_available", lambda: int(900e9))
+    cfg70 = CheckpointConfig(snapshot_interval=10, snapshot_keep=1)
+    with pytest.raises(ConfigError, match="checkpoint.async_snapshots=false"):  # 64 ranks' worth: ~1 TB
+        check_budget(cfg70, tmp_path / "snaps", 70 * 10**9, BF16, 1.0, free_bytes=None, node_fraction=1.0)
+    monkeypatch.setattr(snapshot.shutil, "disk_usage", lambda p: __import__("collections").namedtuple(
+        "u", "total used free")(10**15, 0, 10**15))
+    assert check_budget(cfg70, tmp_path / "snaps", 70 * 10**9, BF16, 1.0, node_fraction=8 / 64) > 0
 
 
 @pytest.mark.parametrize("ending", ["return", "raise"])
