@@ -174,10 +174,20 @@ def test_slurm_preemption_reaches_the_ranks_and_requeues_after_their_save(tmp_pa
         'while kill -0 $task 2>/dev/null; do rc=0; wait $task || rc=$?; done\n'
         'exit $rc\n'
     )
+    # The "rank" is a Python process, as real ranks are: torchrun runs with USR1 ignored, which its
+    # children inherit, and only a program that sets its own handler (not a shell trap) takes it back.
+    rank = ("import os, signal, sys, time\n"
+            "d = os.environ['STUB_DIR']\n"
+            "def stop(*_):\n"
+            "    open(d + '/log', 'a').write('saved\\n'); time.sleep(1); open(d + '/log', 'a').write('exited\\n')\n"
+            "    sys.exit(143)\n"
+            "signal.signal(signal.SIGUSR1, stop)\n"
+            "open(d + '/ready', 'w').write('ready')\n"
+            "time.sleep(30); sys.exit(3)\n")
+    (bin_dir / "rank.py").write_text(rank)
     (bin_dir / "torchrun").write_text(
         '#!/usr/bin/env bash\n'
-        'bash -c \'trap "echo saved >> $STUB_DIR/log; sleep 1; echo exited >> $STUB_DIR/log; exit 143" USR1\n'
-        '         echo ready > $STUB_DIR/ready; for _ in $(seq 300); do sleep 0.1; done; exit 3\' &\n'
+        f'{sys.executable} {bin_dir / "rank.py"} &\n'
         'wait $!\n'
     )
     (bin_dir / "scontrol").write_text(
