@@ -11,17 +11,21 @@ from pathlib import Path
 import yaml
 
 from bigtrain.checkpoint import CheckpointError
-from bigtrain.config import ConfigError, load_config
+from bigtrain.config import ConfigError, config_reference, load_config
 from bigtrain.stopfile import EXIT_PREEMPTED, stop_requested
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(with_reference: bool = False) -> argparse.ArgumentParser:
+    """``with_reference``: list every config key under ``train --help`` (reads the config classes'
+    source, ~0.15 s: only when help is asked for, not at every rank's start)."""
     p = argparse.ArgumentParser(prog="bigtrain", description=__doc__)
     # The deepspeed launcher inserts --local_rank=N before the subcommand; LOCAL_RANK in the
     # environment is what bigtrain uses.
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train (any launcher: plain, torchrun, deepspeed, srun)")
+    t = sub.add_parser("train", help="train (any launcher: plain, torchrun, deepspeed, srun)",
+                       epilog=config_reference() if with_reference else None,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", help="YAML config file (sections: model, data, optim, train, checkpoint, spike, faults)")
     t.add_argument("--resume", help="'auto' (newest complete checkpoint in run_dir, or a fresh start) or a checkpoint path")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and DeepSpeed JSON, then exit")
@@ -48,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser(with_reference="-h" in argv or "--help" in argv).parse_args(argv)
     try:
         if args.command == "train":
             cfg = load_config(args.config, args.overrides)

@@ -6,10 +6,13 @@ impossible values are rejected with a message that names the key and what is all
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import hashlib
+import inspect
 import json
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,8 +32,6 @@ class ConfigError(ValueError):
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
-EXIT_GAVE_UP = 3  # the spike budget was spent: a person should look (spikes.jsonl, `bigtrain report`)
-
 @dataclass
 class ModelConfig:
     path: str | None = None
@@ -44,9 +45,10 @@ class ModelConfig:
     """Recompute activations in the backward pass (``gradient_checkpointing_enable``): less memory,
     ~30% more compute."""
     compile: bool = False
-    """``torch.compile`` the model (DeepSpeed's ``engine.compile()``, inductor): fused element-wise
-    kernels for speed on GPUs; the first step of each shape (training, eval) pays the compilation, and
-    the compiled model keeps its parameter names, so checkpoints are the same with or without it."""
+    """``torch.compile`` each decoder layer (inductor): fused element-wise kernels for speed on GPUs,
+    also under ``activation_checkpointing``; not with ZeRO-3 (refused). The first step and the first
+    eval pay the compilation; parameter names are kept, so checkpoints are the same with or without
+    it. Needs Triton and a C compiler on CUDA, a C++ compiler on CPU (checked at start-up)."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers: ``sdpa``, ``eager`` or ``flash_attention_2`` (CUDA,
     bf16/fp16 and the ``flash_attn`` package; packed chat/prompt_completion examples then need
@@ -352,6 +354,37 @@ def apply_override(tree: dict[str, Any], item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
     node[parts[-1]] = value
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a config dataclass (from its source: Python keeps no
+    attribute docstrings at run time)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for stmt, after in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[stmt.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def config_reference(width: int = 100) -> str:
+    """Every config key with its default and docstring, for ``bigtrain train --help``."""
+    lines = ["config keys (a YAML section or a dotted override: section.key=value; default in brackets):"]
+
+    def walk(cls: type, prefix: str) -> None:
+        docs = _field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.default_factory):
+                lines.append("")
+                walk(f.default_factory, f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {prefix}{f.name} [{json.dumps(default) if default is not None else 'null'}]")
+            lines.extend(textwrap.wrap(docs.get(f.name, ""), width, initial_indent=" " * 6, subsequent_indent=" " * 6))
+
+    walk(Config, "")
+    return "\n".join(lines)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

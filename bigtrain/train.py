@@ -24,7 +24,7 @@ import yaml
 
 from bigtrain import checkpoint, snapshot
 from bigtrain.checkpoint import CheckpointStore, TrainState
-from bigtrain.config import EXIT_GAVE_UP, Config, ConfigError
+from bigtrain.config import Config, ConfigError
 from bigtrain.stopfile import EXIT_PREEMPTED
 from bigtrain.data import LABEL, PackedData, build_dataset, build_tokenizer
 from bigtrain.distributed import init_distributed, node_local_rank, setup_logging
@@ -40,6 +40,7 @@ from bigtrain.spike import (CAUSE_INCIDENT, DATA, OPTIMIZER, SKIP_UPDATE, Attrib
                             Verdict, attribute, build_monitor)
 
 log = logging.getLogger("bigtrain")
+EXIT_GAVE_UP = 3  # the spike budget was spent: a person should look (spikes.jsonl, `bigtrain report`)
 
 # Rows with these keys are always logged, whatever train.log_interval says.
 extra_keys = {"eval_loss", "snapshot_seconds", "checkpoint_seconds"}
