@@ -81,3 +81,31 @@ def test_compiled_run_matches_eager_and_its_checkpoint_resumes_eagerly(tmp_path,
     assert len(compiled) == len(eager) == 6 and len(resumed) == 3
     assert compiled == pytest.approx(eager, rel=1e-3)
     assert resumed == pytest.approx(compiled[3:], rel=1e-3)
+
+
+def test_compiled_moe_layers_keep_the_router_loss_under_checkpointing():
+    """A mixture-of-experts model's auxiliary (router) loss is collected by transformers' output
+    capturing, the side effect compile_layers lets the recompute skip: it must come out unchanged."""
+    import copy
+
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from bigtrain.engine import compile_layers
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+                        max_position_embeddings=64, use_cache=False)
+    eager = MixtralForCausalLM(cfg)
+    eager.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    eager.train()
+    compiled = copy.deepcopy(eager)
+    assert compile_layers(compiled, backend="eager") == 2
+    ids = torch.randint(0, 64, (2, 16))
+    a, b = eager(input_ids=ids, labels=ids), compiled(input_ids=ids, labels=ids)
+    a.loss.backward()
+    b.loss.backward()
+    assert a.aux_loss is not None and torch.allclose(a.aux_loss, b.aux_loss)
+    assert torch.allclose(a.loss, b.loss)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
