@@ -84,6 +84,8 @@ def cases(f: dict[str, str], tmp: Path) -> list[tuple[str, list[str]]]:
         ("resume path that is not a checkpoint", ["--resume", f["not_ckpt"], run]),
         ("config file that does not exist", ["--config", str(tmp / "nope.yaml")]),
         ("flash-attention without a GPU", ["model.attn_implementation=flash_attention_2", run]),
+        ("torch.compile under ZeRO-3", ["model.compile=true", "train.deepspeed=zero3", run]),
+        ("malloc threshold above glibc's maximum", ["train.malloc_mmap_threshold=100000000", run]),
         ("flash-attention with packed examples", ["model.attn_implementation=flash_attention_2", "data.format=chat",
                                                   "data.source=files", f"data.files=[{f['rows.jsonl']}]", run]),
         ("chat data, tokenizer without a chat template", ["data.format=chat", "data.source=files",
