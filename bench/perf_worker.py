@@ -31,6 +31,7 @@ import torch.distributed as dist  # noqa: E402
 from bigtrain import checkpoint  # noqa: E402
 from bigtrain import train as train_mod  # noqa: E402
 from bigtrain.config import load_config  # noqa: E402
+from bigtrain.distributed import shutdown  # noqa: E402
 
 ends: list[float] = []
 steps: list[int] = []
@@ -111,7 +112,7 @@ def main() -> int:
                "overrides": args.overrides}
         with open(args.result, "a") as f:
             f.write(json.dumps(row) + "\n")
-    dist.barrier()
+    shutdown(barrier=True)  # as bigtrain's CLI does: gloo's threads left to finalization can abort a rank
     return code
 
 
