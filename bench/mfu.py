@@ -3,8 +3,9 @@ the GPU's dense bf16 peak. Not a test. Run on a CUDA machine:
 
     python bench/mfu.py --steps 30 --micro-batch 4 --peak-tflops 989
 
-(989 TFLOP/s: H100/H200 SXM dense bf16.) Appends one JSON line to --out (docs/mfu.jsonl) and prints it; it holds the run's memory report
-(summary.json's memory_mb: host RSS and, on CUDA, the GPU's allocated and peak bytes).
+(989 TFLOP/s: H100/H200 SXM dense bf16.) Appends one JSON line to --out (docs/mfu.jsonl) and prints
+it; it holds the run's memory report (summary.json's memory_mb: host RSS and, on CUDA, the GPU's
+allocated and peak bytes).
 FLOPs per token: 6 x the matmul parameters (all but an untied input embedding) + 12 x layers x hidden
 x seq, PaLM's convention (appendix B), which counts the whole attention score matrix; ``mfu_causal``
 counts the half that causal kernels compute. The run directory is removed afterwards.
@@ -65,6 +66,7 @@ def main() -> None:
     print(json.dumps(out))
     with open(args.out, "a") as f:
         f.write(json.dumps(out) + "\n")
+
 
 if __name__ == "__main__":
     main()

@@ -115,9 +115,9 @@ def compile_layers(model: torch.nn.Module, local_world: int = 1, **compile_kwarg
     """``torch.compile`` every decoder layer in place (``nn.Module.compile``: parameter names, hence
     checkpoints, are unchanged); returns how many. Per layer, as torchtitan compiles its blocks: the
     layers share one code object, so the compilation is done once and reused (a whole-model graph
-    grows with depth). Inductor's compile workers are the node's cores
-    shared by its ``local_world`` ranks (``TORCHINDUCTOR_COMPILE_THREADS`` wins). Decoder layers are the modules transformers derives
-    from ``GradientCheckpointingLayer``; a model without any is compiled whole."""
+    grows with depth). Inductor's compile workers are the process's cores shared by the node's
+    ``local_world`` ranks (``TORCHINDUCTOR_COMPILE_THREADS`` wins). Decoder layers are the modules
+    transformers derives from ``GradientCheckpointingLayer``; a model without any is compiled whole."""
     import torch._inductor.config
     from transformers.modeling_layers import GradientCheckpointingLayer
 

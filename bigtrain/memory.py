@@ -11,9 +11,6 @@ import sys
 import torch
 import torch.distributed as dist
 
-PHASES = ("before_model_load", "after_model_load", "after_engine_init", "after_first_step")
-
-
 MMAP_THRESHOLD = 1 << 20
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 

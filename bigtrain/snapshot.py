@@ -59,12 +59,14 @@ def check_budget(cfg: CheckpointConfig, root: Path, n_params: int, ds_config: di
         while not existing.exists():
             existing = existing.parent
         free_bytes = shutil.disk_usage(existing).free
+        # What lives in this node's RAM wherever the ring is: an offloaded optimizer (allocated after this
+        # check) and asynchronous snapshots' host buffers (one snapshot of the node's ranks' shares; pinned
+        # on a GPU, never swapped out).
+        offloaded = int(n_params * OPTIMIZER_BYTES_PER_PARAM * node_fraction) if offloads_optimizer(ds_config) else 0
+        buffers = ring_bytes(n_params, ds_config, 1, node_fraction) if cfg.async_snapshots else 0
         if ram_backed(existing):
             # tmpfs pages are RAM: its size (half the RAM by default) promises more than the node has once
-            # the ranks' own memory is counted, and an offloaded optimizer is allocated after this check.
-            offloaded = int(n_params * OPTIMIZER_BYTES_PER_PARAM * node_fraction) if offloads_optimizer(ds_config) else 0
-            # Asynchronous snapshots keep one snapshot's worth of host buffers (the node's ranks' shares).
-            buffers = ring_bytes(n_params, ds_config, 1, node_fraction) if cfg.async_snapshots else 0
+            # the ranks' own memory is counted.
             room = mem_available() - offloaded - buffers
             if room < free_bytes:
                 free_bytes = max(0, room)
@@ -72,17 +74,13 @@ def check_budget(cfg: CheckpointConfig, root: Path, n_params: int, ds_config: di
                 held += [f"{buffers / 1e9:.2f} GB of snapshot host buffers"] if buffers else []
                 note = " (the node's available RAM" + (" less " + " and ".join(held) if held else "") + \
                     ": tmpfs lives in RAM)"
-        elif cfg.async_snapshots:
-            # A ring on disk still has its host buffers in RAM (pinned on a GPU: never swapped out).
-            offloaded = int(n_params * OPTIMIZER_BYTES_PER_PARAM * node_fraction) if offloads_optimizer(ds_config) else 0
-            buffers = ring_bytes(n_params, ds_config, 1, node_fraction)
-            if buffers + offloaded > mem_available():
-                raise ConfigError(
-                    f"asynchronous snapshots hold one snapshot in host memory ({buffers / 1e9:.2f} GB for this "
-                    f"node's ranks{f', besides {offloaded / 1e9:.2f} GB of offloaded optimizer state' if offloaded else ''}"
-                    f") but the node has {mem_available() / 1e9:.2f} GB available: set "
-                    "checkpoint.async_snapshots=false (the loop then waits for each write), or turn snapshots off "
-                    "with checkpoint.snapshot_interval=0")
+        elif buffers and buffers + offloaded > (available := mem_available()):
+            raise ConfigError(
+                f"asynchronous snapshots hold one snapshot in host memory ({buffers / 1e9:.2f} GB for this "
+                f"node's ranks{f', besides {offloaded / 1e9:.2f} GB of offloaded optimizer state' if offloaded else ''}"
+                f") but the node has {available / 1e9:.2f} GB available: set "
+                "checkpoint.async_snapshots=false (the loop then waits for each write), or turn snapshots off "
+                "with checkpoint.snapshot_interval=0")
     per_param = need / max(1, n_params * copies)
     log.info("snapshot ring: %d copies x %.1f bytes/param x %.3g params = %.2f GB in %s (%.2f GB free%s)",
              copies, per_param, n_params, need / 1e9, root, free_bytes / 1e9, note)

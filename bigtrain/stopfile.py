@@ -5,6 +5,7 @@ before torch is imported, so a restarted group exits within seconds of SLURM's g
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: saved after a stop signal; rerun with --resume auto
 
@@ -15,4 +16,18 @@ def stop_requested() -> str | None:
     if path and os.path.exists(path):
         return (f"bigtrain: a stop was requested before this start ({path} exists): not training; "
                 "the job continues with --resume auto when it is requeued")
+    return None
+
+
+def mark_stop_requested() -> str | None:
+    """Leave the stop request for this node's launcher (when it set ``BIGTRAIN_STOP_FILE``): the ranks
+    agreed on a stop, but the launcher may not have had the signal (only another node's wrapper got it,
+    or it came between worker groups), and torchrun's restarts on every node must exit at once. Returns
+    why it could not, for the log."""
+    path = os.environ.get("BIGTRAIN_STOP_FILE")
+    if path:
+        try:
+            Path(path).touch()
+        except OSError as e:
+            return f"could not mark the stop in {path} ({e}): torchrun may restart this node's ranks"
     return None

@@ -25,7 +25,6 @@ import yaml
 from bigtrain import checkpoint, snapshot
 from bigtrain.checkpoint import CheckpointStore, TrainState
 from bigtrain.config import Config, ConfigError
-from bigtrain.stopfile import EXIT_PREEMPTED
 from bigtrain.data import LABEL, PackedData, build_dataset, build_tokenizer
 from bigtrain.distributed import init_distributed, node_local_rank, setup_logging
 from bigtrain.engine import (build_engine, check_hparams, keep_loss_scale, loss_scale, lr_at, optimizer_hparams,
@@ -36,10 +35,12 @@ from bigtrain.preflight import check_resume, preflight
 from bigtrain.metrics import Recorder
 from bigtrain.model import build_model
 from bigtrain.sampler import Sampler, SkipSet, blocks_of_documents, implicated_documents
+from bigtrain.stopfile import EXIT_PREEMPTED, mark_stop_requested
 from bigtrain.spike import (CAUSE_INCIDENT, DATA, OPTIMIZER, SKIP_UPDATE, Attribution, Escalation, RecoveryPlan,
                             Verdict, attribute, build_monitor)
 
 log = logging.getLogger("bigtrain")
+
 EXIT_GAVE_UP = 3  # the spike budget was spent: a person should look (spikes.jsonl, `bigtrain report`)
 
 # Rows with these keys are always logged, whatever train.log_interval says.
@@ -437,18 +438,6 @@ def evaluate(engine, data: PackedData, layout: Layout, batches: int) -> float:
     return (total[0] / total[1]).item()
 
 
-def mark_stop_requested() -> None:
-    """The stop was agreed by every rank, but a node's launcher may not have had the signal (only one
-    node's wrapper got it, or it came between worker groups): tell this node's launcher too, so that
-    torchrun's restarts on every node exit at once (``BIGTRAIN_STOP_FILE``, launch/torchrun_multinode.sh)."""
-    stop_file = os.environ.get("BIGTRAIN_STOP_FILE")
-    if stop_file:
-        try:
-            Path(stop_file).touch()
-        except OSError as e:
-            log.warning("could not mark the stop in %s (%s): torchrun may restart this node's ranks", stop_file, e)
-
-
 class StopRequest:
     """SIGTERM (preemption, torchrun/SLURM shutdown) and SIGUSR1 (SLURM's warning signal) set a flag;
     the loop all-reduces it with the step's numbers, so every rank saves and exits at the same step,
@@ -622,7 +611,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
             rec.close()
             log.warning("stop requested by a signal: saved %s at step %d; exiting with %d so a requeue or a "
                         "restart continues with --resume auto", path, state.step, EXIT_PREEMPTED)
-            mark_stop_requested()
+            if (problem := mark_stop_requested()) is not None:
+                log.warning(problem)
             return EXIT_PREEMPTED
 
     snaps.finish()  # collective: no snapshot write may still run when rank 0 removes the ring below
