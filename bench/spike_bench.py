@@ -816,7 +816,9 @@ def quarantine_scores(run_dir: Path) -> dict[str, Any]:
     if not states:
         return {}
     st = json.loads(states[-1].read_text())
-    bad_docs, bad_blocks = set(st.get("poisoned_docs", [])), {i for a, b in st.get("poisoned", []) for i in range(a, b)}
+    truth = st.get("faults") or st  # fault injection's own state (older checkpoints: flat fields)
+    bad_docs = set(truth.get("poisoned_docs", []))
+    bad_blocks = {i for a, b in truth.get("poisoned", []) for i in range(a, b)}
     docs, samples = set(st.get("skipped_docs", [])), set(st.get("skipped_samples", []))
     out: dict[str, Any] = {"bad_docs": len(bad_docs), "bad_blocks": len(bad_blocks), "skipped_docs": len(docs),
                            "skipped_samples": len(samples)}

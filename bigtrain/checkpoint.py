@@ -25,9 +25,9 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -43,8 +43,8 @@ TRASH = "trash-"  # a directory renamed out of the way, being deleted in the bac
 
 
 @dataclass
-class TrainState:
-    """Everything a restart needs besides DeepSpeed's own state (nanochat's loop_state)."""
+class Progress:
+    """How far the model got: what a rollback restores (with the model and optimizer state)."""
 
     step: int = 0
     """Optimizer steps completed (including steps DeepSpeed skipped on overflow)."""
@@ -52,6 +52,15 @@ class TrainState:
     """Stream index of the next sample (see bigtrain.sampler): the data position."""
     tokens: int = 0
     """Training tokens consumed."""
+    monitor: dict = field(default_factory=dict)
+    """The spike monitor's statistics at this step."""
+
+
+@dataclass
+class History:
+    """What was learned about the run: survives a rollback (a rollback must not forget what it skips,
+    how it changed the optimizer, or the compute it threw away)."""
+
     skipped: list[list[int]] = field(default_factory=list)
     """Half-open stream ranges skipped once: an optimizer rollback's window (good samples passed over to
     move the model past the region, not bad data, so they come back in later epochs). Checkpoints of
@@ -66,7 +75,6 @@ class TrainState:
     lr_scale_step: int = 0
     """Step at which ``lr_scale`` was set (the restored step): the cool-down starts there."""
     beta2: float = 0.95
-    monitor: dict = field(default_factory=dict)
     escalation: dict = field(default_factory=dict)
     ds_skipped_steps: int = 0
     """Steps DeepSpeed skipped (fp16 overflow, bf16 non-finite gradients)."""
@@ -75,36 +83,53 @@ class TrainState:
     """Optimizer steps thrown away by rollbacks."""
     executed_steps: int = 0
     """Optimizer steps executed, including thrown-away ones."""
-    poisoned: list[list[int]] = field(default_factory=list)
-    """Fault injection: half-open sample-id ranges whose blocks are garbage (bad data stays bad)."""
-    poisoned_docs: list[int] = field(default_factory=list)
-    """Fault injection: the documents made garbage (ground truth for the quarantine's precision)."""
-    faults_fired: list[str] = field(default_factory=list)
+    faults: dict = field(default_factory=dict)
+    """Fault injection's own state (bigtrain.faults.FaultInjector.state_dict): what fired, what is poisoned."""
+
+
+# Fault-injection fields of checkpoints written before they moved into History.faults.
+_LEGACY_FAULT_KEYS = {"poisoned": "poisoned", "poisoned_docs": "poisoned_docs", "faults_fired": "fired"}
+
+
+@dataclass
+class TrainState:
+    """Everything a restart needs besides DeepSpeed's own state (nanochat's loop_state): the model's
+    ``progress`` (a rollback restores it: ``state.progress = old.progress``), the run's ``history``
+    (kept across a rollback), and the run's identity. Saved as one flat JSON object."""
+
+    progress: Progress = field(default_factory=Progress)
+    history: History = field(default_factory=History)
     fingerprint: str = ""
     world_size: int = 1
     zero_stage: int = 0
     config: dict = field(default_factory=dict)
 
-    # Fields that survive a rollback: what was learned about the run, not the model's state.
-    PERSISTENT = ("skipped", "skipped_samples", "skipped_docs", "poisoned_docs", "eps", "lr_scale", "lr_scale_step", "beta2", "escalation", "ds_skipped_steps", "rollbacks",
-                  "wasted_steps", "executed_steps", "poisoned", "faults_fired")
-
     def advance(self, cursor: int, tokens: int, applied: bool) -> None:
         """One optimizer step done (or skipped by DeepSpeed, which is counted and logged)."""
-        self.step += 1
-        self.executed_steps += 1
-        self.cursor, self.tokens = cursor, self.tokens + tokens
+        p, h = self.progress, self.history
+        p.step += 1
+        h.executed_steps += 1
+        p.cursor, p.tokens = cursor, p.tokens + tokens
         if not applied:
-            self.ds_skipped_steps += 1
+            h.ds_skipped_steps += 1
             log.warning("step %d: DeepSpeed skipped the update (overflow / non-finite gradients); %d so far",
-                        self.step, self.ds_skipped_steps)
+                        p.step, h.ds_skipped_steps)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        identity = {k: v for k, v in asdict(self).items() if k not in ("progress", "history")}
+        return {**asdict(self.progress), **asdict(self.history), **identity}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "TrainState":
-        return cls(**data)
+        data = dict(data)
+        legacy = {new: data.pop(old) for old, new in _LEGACY_FAULT_KEYS.items() if old in data}
+        if legacy and not data.get("faults"):
+            data["faults"] = legacy
+        parts = {}
+        for name, part in (("progress", Progress), ("history", History)):
+            keys = {f.name for f in fields(part)}
+            parts[name] = part(**{k: data.pop(k) for k in list(data) if k in keys})
+        return cls(**parts, **data)
 
 
 def tag_for(step: int) -> str:
@@ -462,9 +487,11 @@ class CheckpointStore:
     ever decides from a directory listing another rank may be pruning."""
 
     def __init__(self, root: Path, keep: int, hf_files: dict[str, Any] | None = None, log_saves: bool = False,
-                 asynchronous: bool = False):
+                 asynchronous: bool = False, interval: int = 0, timing_key: str = "checkpoint_seconds"):
         self.root = root
         self.keep = keep
+        self.interval = interval  # maybe_save: every ``interval`` steps (0: never)
+        self.timing_key = timing_key  # the metrics-row key of the loop's wait for one save
         self.hf_files = hf_files or {}
         self.log_saves = log_saves  # durable checkpoints: one INFO line per save (snapshots are too frequent)
         # Snapshots: the loop waits only for a host copy of the state; a background thread writes it and
@@ -478,8 +505,33 @@ class CheckpointStore:
             dist.broadcast_object_list(saved, src=0)
         self.saved: list[int] = saved[0]
 
+    def maybe_save(self, step: int, save: Callable[["CheckpointStore"], Path], row: dict, allowed: bool = True,
+                   final_step: int | None = None) -> Path | None:
+        """Save through ``save(self)`` when ``step`` is a multiple of ``interval`` (and ``allowed``, and
+        not ``final_step``, which the end of the run saves anyway). Times itself into ``row``: the
+        loop's wait, and the previous background write's duration when one finished."""
+        if not (self.interval and step % self.interval == 0 and allowed and step != final_step):
+            return None
+        t0 = time.perf_counter()
+        path = save(self)
+        row[self.timing_key] = round(time.perf_counter() - t0, 4)
+        if self.last_write_seconds is not None:  # the previous snapshot's write, in the background
+            row["snapshot_write_seconds"] = round(self.last_write_seconds, 4)
+            self.last_write_seconds = None
+        return path
+
+    def remove(self) -> None:
+        """Delete the whole directory (rank 0; the others wait, collective): a snapshot ring at the start
+        (an earlier, killed process's snapshots are not ours and must not count as used space) and at
+        the end of a run."""
+        if _rank() == 0:
+            shutil.rmtree(self.root, ignore_errors=True)
+            wait_for_discards()
+        _barrier()
+        self.saved = []
+
     def save(self, engine, state: TrainState) -> Path:
-        """Write ``state`` and the engine's state as the checkpoint of ``state.step``, always in full.
+        """Write ``state`` and the engine's state as the checkpoint of its step, always in full.
 
         Written aside under ``incoming-<tag>`` and renamed into place once complete, so a directory
         named ``step_*`` is never half-written and an existing checkpoint of the same step (a stale
@@ -487,7 +539,7 @@ class CheckpointStore:
         "refresh" a directory in place: steps are not deterministic in general (GPU kernels, a changed
         config), and recomputing a manifest over old files would launder a torn checkpoint."""
         self.finish()  # the previous snapshot's write, before anything here touches the directory
-        tag = tag_for(state.step)
+        tag = tag_for(state.progress.step)
         path, incoming = self.root / tag, self.root / f"{INCOMING}{tag}"
         rank, t0 = _rank(), time.perf_counter()
         if rank == 0:
@@ -502,7 +554,7 @@ class CheckpointStore:
         try:
             # Collective: every rank writes its partition (64 ranks: 64 files into one tag directory).
             # Asynchronous: every rank copies its partition to host memory; the files come later.
-            engine.save_checkpoint(str(self.root), tag=incoming.name, client_state={"bigtrain_step": state.step},
+            engine.save_checkpoint(str(self.root), tag=incoming.name, client_state={"bigtrain_step": state.progress.step},
                                    save_latest=False)
         except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
             # DeepSpeed's save ends with a barrier that the other ranks are waiting in: meet them
@@ -531,9 +583,9 @@ class CheckpointStore:
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 event = torch.cuda.Event()
                 event.record()
-            self.pending = PendingSnapshot(state.step, incoming, path, copier, event)
+            self.pending = PendingSnapshot(state.progress.step, incoming, path, copier, event)
             return path
-        self._complete(state.step, incoming, path)
+        self._complete(state.progress.step, incoming, path)
         if self.log_saves:
             log.info("checkpoint %s saved in %.1f s", path, time.perf_counter() - t0)
         return path
@@ -675,7 +727,7 @@ def to_universal(path: Path, out_root: Path, workers: int = 4) -> Path:
                               inject_missing_state=True)
     ds_to_universal.main(args)
     _atomic_write(out / SOURCE_FILE, source_key(path))
-    _atomic_write(out / MARKER, _manifest(out, read_state(path).step))  # last: marks it complete
+    _atomic_write(out / MARKER, _manifest(out, read_state(path).progress.step))  # last: marks it complete
     return out
 
 

@@ -194,3 +194,31 @@ def keep_loss_scale(engine, scale: float | None) -> None:
     scaler = getattr(engine.optimizer, "loss_scaler", None)
     if scale is not None and getattr(scaler, "dynamic", False):
         scaler.cur_scale = scale
+
+
+def lr_multiplier(cfg: Config, state) -> float:
+    """The rollback LR multiplier now: ``history.lr_scale`` right after the rollback, back to 1 linearly
+    over ``spike.lr_cooldown_steps`` (0: it stays). ``state``: a bigtrain.checkpoint.TrainState."""
+    h, cooldown = state.history, cfg.spike.lr_cooldown_steps
+    if h.lr_scale >= 1.0 or cooldown == 0:
+        return h.lr_scale
+    progress = min(1.0, max(0, state.progress.step - h.lr_scale_step) / cooldown)
+    return h.lr_scale + (1.0 - h.lr_scale) * progress
+
+
+def lr_for(cfg: Config, state) -> float:
+    """The LR of the next update: the schedule (a pure function of the step) x the rollback multiplier."""
+    return lr_at(state.progress.step, cfg.optim, cfg.train.steps) * lr_multiplier(cfg, state)
+
+
+def apply_hparams(cfg: Config, engine, state, check: bool = False) -> float:
+    """Every optimizer hyper-parameter of the next update: lr from the schedule and the rollback
+    multiplier, eps/beta2 from the run's history (recovery changes them), beta1 and weight decay from
+    the config (a resume with a new value applies it). ``check``: read them back from the optimizer
+    (after a load, which restores the saved ones). Returns the lr."""
+    h, o = state.history, cfg.optim
+    lr = lr_for(cfg, state)
+    set_hparams(engine, lr, h.eps, h.beta2, beta1=o.beta1, weight_decay=o.weight_decay)
+    if check:
+        check_hparams(engine, h.eps, h.beta2, beta1=o.beta1, weight_decay=o.weight_decay)
+    return lr

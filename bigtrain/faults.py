@@ -1,7 +1,7 @@
 """Deterministic fault injection (config section ``faults``), for tests and the spike benchmark.
 
 Transient faults (NaN loss, scaled gradients, corrupted weights) fire once, the first time their
-step is reached, and are remembered in TrainState so a rollback does not replay them. Bad data is
+step is reached, and are remembered in the run's History so a rollback does not replay them. Bad data is
 data: a run of consecutive ``poison_steps`` poisons samples those steps draw (``poison_fraction`` of
 each rank's share, on the ranks in ``faults.ranks``), recorded as sample-id ranges, and with
 ``poison_documents`` every other block of their source documents too; those blocks stay garbage
@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from bigtrain.checkpoint import TrainState
+from bigtrain.checkpoint import Progress
 from bigtrain.config import FaultConfig
 from bigtrain.sampler import Sampler, SkipSet, blocks_of_documents
 
@@ -32,45 +32,66 @@ def poison_rows(x: torch.Tensor, ids: list[int], poisoned: list[list[int]], voca
 
 
 class FaultInjector:
-    def __init__(self, cfg: FaultConfig, rank: int, train_docs: torch.Tensor | None = None):
+    """The loop's one fault hook. It keeps its own state (what fired, what is poisoned), saved in
+    ``History.faults`` so it survives rollbacks and resumes; the loop calls it at four points:
+    ``begin_step`` (arm this step's faults), ``corrupt`` (garble poisoned rows of a micro-batch),
+    ``scale_loss`` (NaN / gradient scaling) and ``after_rollback``. With no fault configured each is a
+    no-op."""
+
+    def __init__(self, cfg: FaultConfig, rank: int, train_docs: torch.Tensor | None = None, vocab: int = 0):
         self.cfg = cfg
         self.train_docs = train_docs
+        self.vocab = vocab
         self.here = not cfg.ranks or rank in cfg.ranks
         self._loss_factor: float | None = None
+        self.fired: list[str] = []
+        self.poisoned: list[list[int]] = []
+        """Half-open sample-id ranges whose blocks are garbage (bad data stays bad)."""
+        self.poisoned_docs: list[int] = []
+        """The documents made garbage (ground truth for the quarantine's precision)."""
 
-    def _fire(self, state: TrainState, kind: str, step: int, steps: list[int]) -> bool:
+    def state_dict(self) -> dict:
+        return {"fired": list(self.fired), "poisoned": [list(r) for r in self.poisoned],
+                "poisoned_docs": list(self.poisoned_docs)}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.fired = list(d.get("fired", []))
+        self.poisoned = [list(r) for r in d.get("poisoned", [])]
+        self.poisoned_docs = list(d.get("poisoned_docs", []))
+
+    def _fire(self, kind: str, step: int, steps: list[int]) -> bool:
         key = f"{kind}@{step}"
-        if step not in steps or key in state.faults_fired:
+        if step not in steps or key in self.fired:
             return False
-        state.faults_fired.append(key)
+        self.fired.append(key)
         return True
 
-    def begin_step(self, state: TrainState, sampler: Sampler, global_batch: int, per_rank: int, engine,
-                   skips: SkipSet | None = None) -> None:
-        """Arm the faults of step ``state.step + 1`` (called before its batch is built)."""
+    def begin_step(self, progress: Progress, sampler: Sampler, skipped: list[list[int]], global_batch: int,
+                   per_rank: int, engine, skips: SkipSet | None = None) -> None:
+        """Arm the faults of step ``progress.step + 1`` (called before its batch is built)."""
         cfg = self.cfg
         self._loss_factor = None
         if not cfg.any:
             return
-        step = state.step + 1
-        if self._fire(state, "poison", step, cfg.poison_steps):
-            self._poison_block(state, sampler, step, global_batch, per_rank, skips)
-        if self._fire(state, "corrupt", step, [cfg.corrupt_weights_step]) and self.here:
+        step = progress.step + 1
+        if self._fire("poison", step, cfg.poison_steps):
+            self._poison_block(progress.cursor, sampler, skipped, step, global_batch, per_rank, skips)
+        if self._fire("corrupt", step, [cfg.corrupt_weights_step]) and self.here:
             corrupt_weights(engine)
-        if self._fire(state, "nan", step, cfg.nan_steps) and self.here:
+        if self._fire("nan", step, cfg.nan_steps) and self.here:
             self._loss_factor = float("nan")
-        if self._fire(state, "scale_grad", step, cfg.scale_grad_steps) and self.here:
+        if self._fire("scale_grad", step, cfg.scale_grad_steps) and self.here:
             self._loss_factor = cfg.grad_scale
 
-    def _poison_block(self, state: TrainState, sampler: Sampler, step: int, global_batch: int,
-                      per_rank: int, skips: SkipSet | None) -> None:
+    def _poison_block(self, cursor: int, sampler: Sampler, skipped: list[list[int]], step: int,
+                      global_batch: int, per_rank: int, skips: SkipSet | None) -> None:
         """Poison samples of ``step`` and of the poison steps right after it (one bad stretch): in each
         step's batch, the first ``poison_fraction`` of each targeted rank's share (at least one)."""
         last = step
         while last + 1 in self.cfg.poison_steps:
             last += 1
-            state.faults_fired.append(f"poison@{last}")
-        ahead, _ = sampler.take(state.cursor, global_batch * (last - step + 1), state.skipped, skips)
+            self.fired.append(f"poison@{last}")
+        ahead, _ = sampler.take(cursor, global_batch * (last - step + 1), skipped, skips)
         ids = sampler.sample_ids(ahead)
         ranks = self.cfg.ranks or range(global_batch // per_rank)
         k = max(1, round(self.cfg.poison_fraction * per_rank))
@@ -86,30 +107,42 @@ class FaultInjector:
             bad = blocks_of_documents(self.train_docs, docs)
         # Ground truth of bad *documents*: those every block of which is garbage. Without
         # poison_documents only the chosen blocks are garbled, so a document sharing a chosen block but
-        # with other, clean blocks is not bad data (counting it inflated the recall denominator).
+        # with other, clean blocks is not bad data.
         garbled = set(bad)
         docs = {d for d in docs if set(blocks_of_documents(self.train_docs, [d])) <= garbled}
-        state.poisoned_docs = sorted(set(state.poisoned_docs) | docs)
-        state.poisoned = [list(r) for r in Sampler.merge_ranges([*map(tuple, state.poisoned), *((i, i + 1) for i in bad)])]
+        self.poisoned_docs = sorted(set(self.poisoned_docs) | docs)
+        self.poisoned = [list(r) for r in Sampler.merge_ranges([*map(tuple, self.poisoned), *((i, i + 1) for i in bad)])]
 
-    def expire(self, state: TrainState, up_to_step: int) -> None:
-        """After a rollback from ``up_to_step``: transient faults scheduled up to it belong to the
-        discarded timeline and never fire (poison is data, not time: it is not expired)."""
+    def corrupt(self, batch: dict[str, torch.Tensor], ids: list[int]) -> dict[str, torch.Tensor]:
+        """Garble the rows of a micro-batch whose samples are poisoned; labels follow the tokens where
+        they carry a loss. Returns ``batch``."""
+        if not self.poisoned:
+            return batch
+        x = poison_rows(batch["input_ids"], list(ids), self.poisoned, self.vocab)
+        if batch["labels"] is batch["input_ids"]:
+            batch["labels"] = x
+        else:
+            batch["labels"] = torch.where(batch["labels"] != -100, x, -100)
+        batch["input_ids"] = x
+        return batch
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss if self._loss_factor is None else loss * self._loss_factor
+
+    def after_rollback(self, up_to_step: int) -> None:
+        """After the rollback's load: transient faults scheduled up to ``up_to_step`` (the spike) belong
+        to the discarded timeline and never fire (poison is data, not time: it is not expired); then
+        ``crash_in_recovery`` kills this rank the way kill -9 would, mid-recovery."""
         cfg = self.cfg
         schedule = {"nan": cfg.nan_steps, "scale_grad": cfg.scale_grad_steps,
                     "corrupt": [cfg.corrupt_weights_step] if cfg.corrupt_weights_step else []}
         for kind, steps in schedule.items():
             for step in steps:
                 key = f"{kind}@{step}"
-                if step <= up_to_step and key not in state.faults_fired:
-                    state.faults_fired.append(key)
-
-    def maybe_crash(self) -> None:
-        if self.cfg.crash_in_recovery and self.here:
+                if step <= up_to_step and key not in self.fired:
+                    self.fired.append(key)
+        if cfg.crash_in_recovery and self.here:
             os._exit(17)  # like kill -9: no cleanup, no flush
-
-    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss if self._loss_factor is None else loss * self._loss_factor
 
 
 @torch.no_grad()

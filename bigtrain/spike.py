@@ -767,16 +767,28 @@ class SampleLosses:
 
 @dataclass(frozen=True)
 class RecoveryPlan:
-    """What to do after a spike: stop, or roll back with these optimizer settings."""
+    """The whole recovery from one spike, decided before anything is restored: stop, or roll back to
+    ``restored_step`` and carry on with these optimizer settings and this skip window."""
 
     stop: bool
     reason: str
     level: int
     skip_multiplier: int
+    """The window an optimizer rollback skips: ``skip_multiplier`` x the samples the rolled-back steps
+    drew, plus ``margin_batches`` global batches (a data or incident rollback skips by sample id)."""
     eps: float
     lr_scale: float
     beta2: float
     wasted_steps: int
+    restored_step: int = 0
+    """The rollback target; also where the LR cool-down of ``lr_scale`` starts."""
+    margin_batches: int = 0
+    budgeted: bool = True
+    """A rollback counted against the budgets (False: a skip-update verdict, which has none)."""
+    restore_monitor: bool = True
+    """Restore the monitor's statistics from the target (from before the onset). A skip-update
+    verdict keeps them: the flagged value stays in the monitor's window, as in OLMo-core
+    (src/olmo_core/optim/skip_step_optimizer.py); restoring it would flag the same step again."""
 
 
 class Escalation:
@@ -795,22 +807,31 @@ class Escalation:
         self.levels: list[int] = []  # escalation level of every rollback taken
 
     def decide(self, step: int, onset_step: int, rollback_to_step: int, steps_executed: int,
-               eps: float, lr_scale: float, beta2: float, cause: str = OPTIMIZER) -> RecoveryPlan:
+               eps: float, lr_scale: float, beta2: float, cause: str = OPTIMIZER,
+               kind: str = "rollback") -> RecoveryPlan:
         """Plan the recovery from a spike at ``step`` (onset ``onset_step``) by restoring the state
         of ``rollback_to_step``. ``steps_executed``: steps kept as progress so far, excluding those
         discarded by rollbacks (Escalation counts those itself), so kept + wasted is all compute.
-        Records the rollback unless the plan is to stop.
+        ``eps``, ``lr_scale`` (the LR multiplier in force, cool-down included) and ``beta2`` are the
+        run's current settings. Records the rollback unless the plan is to stop.
 
         ``cause`` (see :func:`attribute`) picks the medicine. OPTIMIZER climbs the ladder (eps, then
         LR, then beta2, and a wider skip window on each repeat in the region). DATA and
         CAUSE_INCIDENT rewind and change no hyper-parameter: bad samples are skipped by id, a
         non-finite step is retried; they count against the budgets like any rollback, and they
         neither raise nor reset the level of a later optimizer spike (recorded at level -1; the
-        level comes from the last optimizer rollback of the region)."""
+        level comes from the last optimizer rollback of the region).
+
+        ``kind`` SKIP_UPDATE (a monitor that skips one update): restore the state before it and change
+        nothing else, no margin, no budget, monitor statistics kept."""
         cfg = self.cfg
         if not rollback_to_step <= onset_step <= step:
             raise ValueError(f"need rollback_to_step <= onset_step <= step, got "
                              f"{rollback_to_step}, {onset_step}, {step}")
+        wasted = step - rollback_to_step
+        if kind == SKIP_UPDATE:
+            return RecoveryPlan(False, "skip one update", 0, 1, eps, lr_scale, beta2, wasted, rollback_to_step,
+                                margin_batches=0, budgeted=False, restore_monitor=False)
         # Chain on the previous rollback (not the first of the region): spikes that drift a
         # little later after each rollback still escalate, as in docs/design.md sec. 3.
         # The ladder counts optimizer rollbacks only: a data or incident rollback in between (level
@@ -821,7 +842,6 @@ class Escalation:
         if cause != OPTIMIZER:
             level = -1
         multiplier = min(2 ** max(level, 0), cfg.max_skip_multiplier)
-        wasted = step - rollback_to_step
         total_wasted = self.wasted + wasted
         # Judged over at least region_steps steps: in the first steps of a run one rollback is "all
         # of the compute" (7 of 7), and a run that keeps failing early is stopped by max_rollbacks.
@@ -835,17 +855,19 @@ class Escalation:
             if level >= 2 and cfg.escalate_beta2 is not None:
                 new_beta2 = min(beta2, cfg.escalate_beta2)
 
+        def stop(reason: str) -> RecoveryPlan:
+            return RecoveryPlan(True, reason, level, multiplier, eps, lr_scale, beta2, wasted, rollback_to_step,
+                                cfg.skip_margin_batches)
+
         recent = 1 + sum(1 for o in self.onsets if onset_step - o <= cfg.region_steps)
         if recent > cfg.max_rollbacks:
-            reason = (f"rollback budget exhausted: {recent} rollbacks with onsets within "
-                      f"spike.region_steps={cfg.region_steps} steps would exceed "
-                      f"spike.max_rollbacks={cfg.max_rollbacks}")
-            return RecoveryPlan(True, reason, level, multiplier, eps, lr_scale, beta2, wasted)
+            return stop(f"rollback budget exhausted: {recent} rollbacks with onsets within "
+                        f"spike.region_steps={cfg.region_steps} steps would exceed "
+                        f"spike.max_rollbacks={cfg.max_rollbacks}")
         if fraction > cfg.max_wasted_fraction:
-            reason = (f"wasted-compute budget exhausted: {total_wasted} of "
-                      f"{steps_executed + total_wasted} steps discarded ({fraction:.2f} > "
-                      f"spike.max_wasted_fraction={cfg.max_wasted_fraction})")
-            return RecoveryPlan(True, reason, level, multiplier, eps, lr_scale, beta2, wasted)
+            return stop(f"wasted-compute budget exhausted: {total_wasted} of "
+                        f"{steps_executed + total_wasted} steps discarded ({fraction:.2f} > "
+                        f"spike.max_wasted_fraction={cfg.max_wasted_fraction})")
 
         self.rollbacks += 1
         self.wasted = total_wasted
@@ -854,7 +876,8 @@ class Escalation:
         where = "same region as the previous rollback" if same_region else "new region"
         reason = (f"rollback {self.rollbacks} at level {level} ({where})" if cause == OPTIMIZER else
                   f"rollback {self.rollbacks}, cause {cause}: no hyper-parameter changed")
-        return RecoveryPlan(False, reason, level, multiplier, new_eps, new_lr, new_beta2, wasted)
+        return RecoveryPlan(False, reason, level, multiplier, new_eps, new_lr, new_beta2, wasted, rollback_to_step,
+                            cfg.skip_margin_batches)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rollbacks": self.rollbacks, "wasted": self.wasted, "onsets": list(self.onsets),

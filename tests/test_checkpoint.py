@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from bigtrain.checkpoint import (MARKER, STATE_FILE, CheckpointStore, TrainState, complete_checkpoints, finish_swaps,
+from bigtrain.checkpoint import (MARKER, STATE_FILE, CheckpointStore, History, Progress, TrainState, complete_checkpoints, finish_swaps,
                                  is_complete, resolve_resume, rng_state, set_rng_state, tag_for, wait_for_discards)
 
 
 def fake_ckpt(root, step, complete=True):
     path = root / tag_for(step)
     path.mkdir(parents=True)
-    (path / STATE_FILE).write_text(json.dumps(TrainState(step=step).to_json()))
+    (path / STATE_FILE).write_text(json.dumps(TrainState(Progress(step=step)).to_json()))
     if complete:
         (path / MARKER).write_text("{}")
     return path
@@ -61,10 +61,10 @@ def test_pruned_checkpoints_are_deleted_without_making_the_ranks_wait(tmp_path, 
         return real(path, *a, **k)
 
     store = CheckpointStore(tmp_path, keep=1)
-    store.save(FakeEngine(b"one"), TrainState(step=1))
+    store.save(FakeEngine(b"one"), TrainState(Progress(step=1)))
     monkeypatch.setattr(_shutil, "rmtree", slow_rmtree)
     t0 = time.perf_counter()
-    store.save(FakeEngine(b"two"), TrainState(step=2))
+    store.save(FakeEngine(b"two"), TrainState(Progress(step=2)))
     assert time.perf_counter() - t0 < 1.0
     assert [p.name for p in complete_checkpoints(tmp_path)] == [tag_for(2)] and store.saved == [2]
     wait_for_discards()
@@ -90,7 +90,7 @@ def test_rng_state_round_trips_through_json():
 
 
 def test_train_state_is_plain_json():
-    state = TrainState(step=3, skipped=[[1, 5]], eps=1e-9)
+    state = TrainState(Progress(step=3), History(skipped=[[1, 5]], eps=1e-9))
     assert TrainState.from_json(json.loads(json.dumps(state.to_json()))) == state
 
 
@@ -111,12 +111,12 @@ def test_a_save_over_a_torn_checkpoint_writes_the_new_state(tmp_path):
     from bigtrain.checkpoint import verify
 
     store = CheckpointStore(tmp_path, keep=3)
-    path = store.save(FakeEngine(b"old" * 100), TrainState(step=10, eps=1e-8))
+    path = store.save(FakeEngine(b"old" * 100), TrainState(Progress(step=10), History(eps=1e-8)))
     assert verify(path) is None
     weights = path / "mp_rank_00_model_states.pt"
     weights.write_bytes(weights.read_bytes()[:50])  # truncated after the save
     assert verify(path) is not None
-    path = store.save(FakeEngine(b"new" * 200), TrainState(step=10, eps=1e-9))
+    path = store.save(FakeEngine(b"new" * 200), TrainState(Progress(step=10), History(eps=1e-9)))
     assert verify(path) is None
     assert weights.read_bytes() == b"new" * 200
     assert json.loads((path / STATE_FILE).read_text())["eps"] == 1e-9
@@ -132,9 +132,9 @@ def test_an_interrupted_swap_is_finished_and_never_loses_the_checkpoint(tmp_path
     from bigtrain.checkpoint import INCOMING, REPLACED
 
     store = CheckpointStore(tmp_path, keep=3)
-    path = store.save(FakeEngine(b"a" * 10), TrainState(step=10))
+    path = store.save(FakeEngine(b"a" * 10), TrainState(Progress(step=10)))
     shutil.copytree(path, tmp_path / "old")
-    store.save(FakeEngine(b"b" * 10), TrainState(step=10))
+    store.save(FakeEngine(b"b" * 10), TrainState(Progress(step=10)))
     path.rename(tmp_path / (INCOMING + path.name))  # the new copy, complete, not yet renamed ...
     (tmp_path / "old").rename(tmp_path / (REPLACED + path.name))  # ... the old one already aside
     finish_swaps(tmp_path)
@@ -204,7 +204,7 @@ def test_an_async_snapshot_is_no_rollback_target_before_its_write_completes(tmp_
     monkeypatch.setattr(ckpt.torch, "save", slow_save)
     store = CheckpointStore(tmp_path, keep=2, asynchronous=True)
     engine = TensorEngine()
-    path = store.save(engine, TrainState(step=4))
+    path = store.save(engine, TrainState(Progress(step=4)))
     try:
         _check_pending(store, engine, path, tmp_path)
     finally:
@@ -243,7 +243,7 @@ def test_a_failed_async_write_is_a_checkpoint_error_and_never_a_target(tmp_path,
 
     store = CheckpointStore(tmp_path, keep=2, asynchronous=True)
     engine = TensorEngine()
-    store.save(engine, TrainState(step=2))
+    store.save(engine, TrainState(Progress(step=2)))
     store.finish()
     real_save = torch.save
 
@@ -251,12 +251,12 @@ def test_a_failed_async_write_is_a_checkpoint_error_and_never_a_target(tmp_path,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ckpt.torch, "save", full_disk)
-    store.save(engine, TrainState(step=4))  # the copy succeeds; the write fails in the background
+    store.save(engine, TrainState(Progress(step=4)))  # the copy succeeds; the write fails in the background
     with pytest.raises(CheckpointError, match="No space left on device"):
         store.finish()
     assert store.saved == [2] and store.pending is None
     assert [p.name for p in tmp_path.iterdir()] == [tag_for(2)], "the failed snapshot is removed"
     monkeypatch.setattr(ckpt.torch, "save", real_save)
-    store.save(engine, TrainState(step=6))  # finishes nothing pending; the next one works again
+    store.save(engine, TrainState(Progress(step=6)))  # finishes nothing pending; the next one works again
     store.finish()
     assert store.saved == [2, 6]

@@ -179,15 +179,15 @@ def test_cli_reports_config_errors_in_one_line(capsys):
 
 
 def test_rollback_lr_cut_cools_down_back_to_the_schedule():
-    from bigtrain.checkpoint import TrainState
-    from bigtrain.train import lr_multiplier
+    from bigtrain.checkpoint import History, Progress, TrainState
+    from bigtrain.engine import lr_multiplier
 
     cfg = load_config(None, ["spike.lr_cooldown_steps=100"])
-    state = TrainState(step=50, lr_scale=0.5, lr_scale_step=50)
+    state = TrainState(Progress(step=50), History(lr_scale=0.5, lr_scale_step=50))
     assert lr_multiplier(cfg, state) == 0.5
-    state.step = 100
+    state.progress.step = 100
     assert lr_multiplier(cfg, state) == pytest.approx(0.75)
-    state.step = 400
+    state.progress.step = 400
     assert lr_multiplier(cfg, state) == 1.0
     permanent = load_config(None, ["spike.lr_cooldown_steps=0"])
     assert lr_multiplier(permanent, state) == 0.5

@@ -622,6 +622,8 @@ def test_prepare_command_reports_and_shows_the_loss_mask(tmp_path, capsys, chat_
 
 def test_micro_batch_carries_position_ids_and_poison_reaches_masked_labels(tmp_path, tok):
     """train.micro_batch: the dict train_step forwards to the model as is."""
+    from bigtrain.config import FaultConfig
+    from bigtrain.faults import FaultInjector
     from bigtrain.sampler import Sampler
     from bigtrain.train import label_counts, micro_batch
 
@@ -630,11 +632,13 @@ def test_micro_batch_carries_position_ids_and_poison_reaches_masked_labels(tmp_p
     packed = build_dataset(DataConfig(source="files", files=[str(path)], format="prompt_completion", seq_len=64,
                                       eval_fraction=0.1, cache_dir=str(tmp_path / "c")), tok, 0)
     sampler = Sampler(packed.train.shape[0], 0, shuffle=False)
-    batch = micro_batch(packed, sampler, [0, 1], [], len(tok))
+    batch = micro_batch(packed, sampler, [0, 1])
     assert set(batch) == {"input_ids", "labels", "position_ids"}
     assert batch["position_ids"][0].tolist() == position_ids_of(packed.train_flags[0])
     assert sum(label_counts(packed, sampler.sample_ids([0, 1]))) == int((batch["labels"][:, 1:] != -100).sum())
-    poisoned = micro_batch(packed, sampler, [0, 1], [[1, 2]], len(tok))
+    faults = FaultInjector(FaultConfig(), rank=0, vocab=len(tok))
+    faults.poisoned = [[sampler.sample_ids([1])[0], sampler.sample_ids([1])[0] + 1]]
+    poisoned = micro_batch(packed, sampler, [0, 1], faults)
     mask = batch["labels"][1] != -100
     assert torch.equal(poisoned["labels"][1][mask], poisoned["input_ids"][1][mask])
     assert not torch.equal(poisoned["input_ids"][1], batch["input_ids"][1])

@@ -2,7 +2,7 @@
 
 import torch
 
-from bigtrain.checkpoint import TrainState
+from bigtrain.checkpoint import Progress
 from bigtrain.config import FaultConfig
 from bigtrain.faults import FaultInjector, poison_rows
 from bigtrain.sampler import Sampler, SkipSet
@@ -11,12 +11,12 @@ from bigtrain.sampler import Sampler, SkipSet
 DOCS = torch.tensor([[0, 0], [0, 1], [1, 1]] + [[d, d] for d in range(2, 11)])
 
 
-def poison(cfg: FaultConfig, skips: SkipSet | None = None) -> tuple[TrainState, list[int]]:
-    state = TrainState()
+def poison(cfg: FaultConfig, skips: SkipSet | None = None) -> tuple[FaultInjector, list[int]]:
     sampler = Sampler(12, seed=3)
-    FaultInjector(cfg, rank=0, train_docs=DOCS).begin_step(state, sampler, 8, 4, engine=None, skips=skips)
+    faults = FaultInjector(cfg, rank=0, train_docs=DOCS)
+    faults.begin_step(Progress(), sampler, [], 8, 4, engine=None, skips=skips)
     drawn, _ = sampler.take(0, 16, (), skips)
-    return state, sampler.sample_ids(drawn)
+    return faults, sampler.sample_ids(drawn)
 
 
 def test_fraction_of_one_ranks_samples_and_their_documents():

@@ -3,7 +3,9 @@ sees them; the skipped data is exactly what spikes.jsonl records; resume keeps s
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import types
 
 import pytest
 
@@ -68,17 +70,18 @@ def test_faults_on_one_rank_are_recovered(tmp_path, data_cache, stage, ranks):
     # Skips are sample ids: the summary, the checkpoint and the quarantine file agree, and every
     # poisoned sample the run met is quarantined with its source documents.
     summary = json.loads((run_dir / "summary.json").read_text())
-    state = read_state(run_dir / "checkpoints" / f"step_{STEPS:08d}")
+    saved = read_state(run_dir / "checkpoints" / f"step_{STEPS:08d}")
+    state = saved.history
     quarantine = read_jsonl(run_dir / "quarantine.jsonl")
     banned = {q["sample_id"] for q in quarantine if q["why"] != "window"}
     assert summary["skipped_samples"] == len(state.skipped_samples) == len(banned)
     assert set(state.skipped_samples) == banned
     offending = {i for e in rollbacks for i in e["offending_samples"]}
-    poisoned = {i for a, b in state.poisoned for i in range(a, b)}
+    poisoned = {i for a, b in state.faults["poisoned"] for i in range(a, b)}
     assert poisoned and offending & poisoned and offending <= set(state.skipped_samples)
     # every poisoned sample the run reached (first epoch: below the final cursor) is quarantined, by id
     # or passed over in an optimizer window; rollbacks moved some of the poison past the run's end
-    order = Sampler(n_train, seed=1234).sample_ids(range(state.cursor))  # train.seed default
+    order = Sampler(n_train, seed=1234).sample_ids(range(saved.progress.cursor))  # train.seed default
     reached = poisoned & set(order)
     # except at most one rank's share of one step (2): after the first data rollback the last poisoned
     # step met had 2 garbage samples of 4, one anomalous step that the persistence rule let through
@@ -109,8 +112,8 @@ def test_partial_batch_garbage_is_quarantined_by_sample_and_lr_left_alone(tmp_pa
         assert (e["eps_after"], e["lr_scale_after"], e["beta2_after"]) == \
             (e["eps_before"], e["lr_scale_before"], e["beta2_before"]), e
         assert "skipped_range" not in e and 0 < e["offending_share"] <= 0.5
-    state = read_state(run_dir / "checkpoints" / "step_00000056")
-    poisoned = {i for a, b in state.poisoned for i in range(a, b)}
+    state = read_state(run_dir / "checkpoints" / "step_00000056").history
+    poisoned = {i for a, b in state.faults["poisoned"] for i in range(a, b)}
     offending = {i for e in events for i in e["offending_samples"]}
     assert len(poisoned) == 8 and offending <= poisoned and len(offending) >= 4, (offending, poisoned)
     quarantine = read_jsonl(run_dir / "quarantine.jsonl")
@@ -120,7 +123,7 @@ def test_partial_batch_garbage_is_quarantined_by_sample_and_lr_left_alone(tmp_pa
     # are garbage, so a convicted document's other blocks are clean, skipped on the evidence of one bad
     # block. Bound that cost: the document rows are each poisoned block's own document only.
     doc_rows = {q["sample_id"] for q in quarantine if q["why"] == "document"}
-    assert {d for e in events for d in e["offending_documents"]} <= set(state.poisoned_docs)
+    assert {d for e in events for d in e["offending_documents"]} <= set(state.faults["poisoned_docs"])
     assert len(doc_rows - poisoned) <= 4 * len(poisoned), (sorted(doc_rows - poisoned), poisoned)
     assert state.lr_scale == 1.0 and state.eps == 1e-8
     assert [r["step"] for r in surviving(read_jsonl(run_dir / "metrics.jsonl"))] == list(range(1, 57))
@@ -145,9 +148,9 @@ def test_in_process_rollback_equals_a_fresh_engine(tmp_path, data_cache, stage):
     after = json.loads((a / "checkpoints" / "step_00000012" / "bigtrain_state.json").read_text())
     state_file = b / "checkpoints" / "step_00000008" / "bigtrain_state.json"
     state = json.loads(state_file.read_text())
-    from bigtrain.checkpoint import TrainState
+    from bigtrain.checkpoint import History
 
-    state.update({k: after[k] for k in TrainState.PERSISTENT})
+    state.update({f.name: after[f.name] for f in dataclasses.fields(History)})
     state_file.write_text(json.dumps(state))
     from bigtrain.checkpoint import _manifest
 
@@ -169,17 +172,19 @@ def test_resume_after_recovery_keeps_skips_eps_and_monitor(tmp_path, data_cache)
     run_bigtrain([*common, "train.steps=12"])
     saved = read_state(run_dir / "checkpoints" / "step_00000012")
     # an optimizer spike: its window is a stream range (one pass), not ids
-    assert saved.skipped and saved.eps < 1e-8 and saved.rollbacks == 1 and saved.monitor["log_loss"]
+    assert saved.history.skipped and saved.history.eps < 1e-8 and saved.history.rollbacks == 1
+    assert saved.progress.monitor["log_loss"]
     # Continue longer and with a larger micro-batch: skips are sample ids, not steps or positions.
     run_bigtrain([*common, "train.steps=16", "train.micro_batch=4", "--resume", "auto"])
     final = read_state(run_dir / "checkpoints" / "step_00000016")
-    assert (final.skipped, final.skipped_samples) == (saved.skipped, saved.skipped_samples)
-    assert final.eps == saved.eps and final.rollbacks == 1
+    assert (final.history.skipped, final.history.skipped_samples) == (saved.history.skipped,
+                                                                      saved.history.skipped_samples)
+    assert final.history.eps == saved.history.eps and final.history.rollbacks == 1
     rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["step"] > 12]
     assert [r["step"] for r in rows] == [13, 14, 15, 16]
-    assert all(r["eps"] == saved.eps for r in rows)
+    assert all(r["eps"] == saved.history.eps for r in rows)
     # 8 samples a step, and more only where a skipped sample id is passed over
-    steps = [r["samples"] - p for r, p in zip(rows, [saved.cursor] + [r["samples"] for r in rows])]
+    steps = [r["samples"] - p for r, p in zip(rows, [saved.progress.cursor] + [r["samples"] for r in rows])]
     assert all(8 <= d <= 8 + len(saved.skipped_samples) for d in steps), steps
     assert len(read_jsonl(run_dir / "spikes.jsonl")) == 1, "the fault did not replay after resume"
 
@@ -222,44 +227,41 @@ def test_an_early_incident_rolls_back_to_the_initial_state(tmp_path, data_cache,
     assert [r["step"] for r in path] == list(range(1, 11))
     assert all(r["loss"] < 10 for r in path)
     for ckpt in complete_checkpoints(run_dir / "checkpoints"):
-        assert read_state(ckpt).rollbacks == (ckpt.name != "step_00000000"), ckpt
+        assert read_state(ckpt).history.rollbacks == (ckpt.name != "step_00000000"), ckpt
 
 
 def test_giving_up_without_a_healthy_state_saves_nothing_and_names_the_last_healthy_checkpoint(tmp_path, caplog):
     """Issue 11.2: with no rollback target the state still holds the spiked weights: never save them."""
-    from bigtrain.checkpoint import CheckpointStore, TrainState, complete_checkpoints
-    from bigtrain.train import GiveUp, give_up
+    from bigtrain.checkpoint import CheckpointStore, Progress, TrainState, complete_checkpoints
+    from bigtrain.recovery import GiveUp, give_up
     from test_checkpoint import FakeEngine
 
-    class Nothing:
-        def state_dict(self):
-            return {}
+    def run(engine, state):  # what give_up uses of a Run
+        return types.SimpleNamespace(durable=store, state=state, save=lambda s: s.save(engine, state))
 
     store = CheckpointStore(tmp_path, keep=5)
-    store.save(FakeEngine(b"healthy"), TrainState(step=4))
-    spiked = TrainState(step=9)
+    store.save(FakeEngine(b"healthy"), TrainState(Progress(step=4)))
+    spiked = TrainState(Progress(step=9))
     with caplog.at_level("ERROR", logger="bigtrain"):
-        give_up(GiveUp("budget", restored=False, onset=7), store, FakeEngine(b"spiked"), spiked, Nothing(), Nothing())
+        give_up(run(FakeEngine(b"spiked"), spiked), GiveUp("budget", restored=False, onset=7))
     assert "step_00000004 (step 4)" in caplog.text
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000004"]
     # Rolled back: the state is healthy and is saved.
-    give_up(GiveUp("budget", restored=True, onset=7), store, FakeEngine(b"healthy"), TrainState(step=4), Nothing(),
-            Nothing())
+    give_up(run(FakeEngine(b"healthy"), TrainState(Progress(step=4))), GiveUp("budget", restored=True, onset=7))
     assert (tmp_path / "step_00000004" / "mp_rank_00_model_states.pt").read_bytes() == b"healthy"
     # A checkpoint saved after the onset but before the detection holds the spike: --resume auto must
     # not continue from it. It is moved aside (kept for a person to inspect), not deleted.
-    store.save(FakeEngine(b"after the onset"), TrainState(step=8))
+    store.save(FakeEngine(b"after the onset"), TrainState(Progress(step=8)))
     with caplog.at_level("ERROR", logger="bigtrain"):
-        give_up(GiveUp("budget", restored=False, onset=7), store, FakeEngine(b"spiked"), TrainState(step=10),
-                Nothing(), Nothing())
+        give_up(run(FakeEngine(b"spiked"), TrainState(Progress(step=10))), GiveUp("budget", restored=False, onset=7))
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000004"] and store.saved == [4]
     assert "step_00000004 (step 4)" in caplog.text
     (aside,) = tmp_path.glob("abandoned-*/step_00000008")
     assert (aside / "mp_rank_00_model_states.pt").read_bytes() == b"after the onset"
     caplog.clear()
     with caplog.at_level("ERROR", logger="bigtrain"):  # an onset before every checkpoint
-        give_up(GiveUp("no intact checkpoint before the onset step 3", restored=False, onset=3), store,
-                FakeEngine(b"spiked"), spiked, Nothing(), Nothing())
+        give_up(run(FakeEngine(b"spiked"), spiked),
+                GiveUp("no intact checkpoint before the onset step 3", restored=False, onset=3))
     assert "No checkpoint was written" in caplog.text and "none: no checkpoint predates" in caplog.text
     assert complete_checkpoints(tmp_path) == [] and store.saved == []
 
@@ -302,7 +304,7 @@ def test_quarantined_samples_stay_out_in_every_epoch(tmp_path, data_cache):
                          "checkpoint.snapshot_interval=4", "spike.warmup=8", "faults.poison_steps=[40,41,42,43]",
                          "faults.poison_fraction=0.3"])
     n_train = int(re.search(r"(\d+) train / \d+ eval blocks", proc.stdout + proc.stderr).group(1))
-    state = read_state(run_dir / "checkpoints" / "step_00000100")
+    state = read_state(run_dir / "checkpoints" / "step_00000100").history
     assert state.skipped_samples and state.rollbacks >= 1
     events = read_jsonl(run_dir / "spikes.jsonl")
     rows = surviving(read_jsonl(run_dir / "metrics.jsonl"))

@@ -103,8 +103,8 @@ def test_truncate_metrics_survives_a_torn_line_and_drops_what_the_checkpoint_doe
     events and quarantine rows the killed run wrote after its checkpoint were counted again."""
     import json
 
-    from bigtrain.checkpoint import TrainState
-    from bigtrain.train import truncate_metrics
+    from bigtrain.checkpoint import History, Progress, TrainState
+    from bigtrain.metrics import truncate_metrics
 
     rows = [{"step": s, "loss": 1.0} for s in range(1, 9)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9, "lo')
@@ -117,7 +117,7 @@ def test_truncate_metrics_survives_a_torn_line_and_drops_what_the_checkpoint_doe
     (tmp_path / "spikes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     quarantine = [{"stream_index": 4, "rollback": 1}, {"stream_index": 12, "rollback": 2}]
     (tmp_path / "quarantine.jsonl").write_text("".join(json.dumps(q) + "\n" for q in quarantine) + '{"stream')
-    truncate_metrics(tmp_path, TrainState(step=5, rollbacks=1))
+    truncate_metrics(tmp_path, TrainState(Progress(step=5), History(rollbacks=1)))
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
     assert read_jsonl(tmp_path / "spikes.jsonl") == [events[0], events[3]]
     assert read_jsonl(tmp_path / "quarantine.jsonl") == quarantine[:1]
@@ -182,5 +182,6 @@ def test_resume_on_another_number_of_ranks_goes_through_a_universal_checkpoint(t
         assert rb["lr"] == pytest.approx(ra["lr"], rel=1e-9), (ra, rb)
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, nan_ok=True), (ra, rb)
     sa, sb = read_state(straight / "checkpoints" / "step_00000056"), read_state(hop / "checkpoints" / "step_00000056")
-    assert sb.skipped_samples == sa.skipped_samples and sb.skipped_samples and sb.rollbacks == sa.rollbacks >= 1
-    assert (sb.cursor, sb.world_size) == (sa.cursor, 2)
+    ha, hb = sa.history, sb.history
+    assert hb.skipped_samples == ha.skipped_samples and hb.skipped_samples and hb.rollbacks == ha.rollbacks >= 1
+    assert (sb.progress.cursor, sb.world_size) == (sa.progress.cursor, 2)

@@ -77,7 +77,7 @@ def test_seed_determines_order():
 
 
 def test_rollback_skip_window_counts_drawn_samples_not_stream_span():
-    from bigtrain.train import skip_window
+    from bigtrain.recovery import skip_window
 
     s = Sampler(1000, seed=0)
     # First rollback: restored at cursor 100, 3 steps of 8 samples rolled back, 2 margin batches.

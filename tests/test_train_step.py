@@ -102,16 +102,16 @@ def test_train_step_adds_the_moe_aux_loss_to_the_gradient_not_the_reported_loss(
 
 
 def test_quarantine_optimizer_window_is_one_pass_and_document_convictions_are_capped():
-    from bigtrain.checkpoint import TrainState
+    from bigtrain.checkpoint import History
+    from bigtrain.recovery import quarantine
     from bigtrain.sampler import Sampler
     from bigtrain.spike import DATA, OPTIMIZER, Attribution
-    from bigtrain.train import quarantine
 
     # 100 blocks, 10 documents of 10 blocks each
     data = types.SimpleNamespace(train_docs=torch.tensor([[b // 10, b // 10] for b in range(100)]),
                                  doc_names=[f"doc{d}" for d in range(10)])
     sampler = Sampler(100, seed=1)
-    state = TrainState()
+    state = History()
     # Optimizer: the window (2 rolled-back steps + 1 margin batch of 8) is a stream range, skipped once;
     # no sample id is banned for later epochs (it held 24 ids before).
     q = quarantine(state, sampler, data, Attribution(OPTIMIZER, [], {}), ([], [], []), (0, 2, 8, 1, 1))

@@ -1,0 +1,256 @@
+"""Spike recovery: roll back to the newest checkpoint before the onset, apply the plan the escalation
+decided (skip what the per-sample losses convict, or a window; keep or change the optimizer's
+settings), record it; or give up, saving only a healthy state.
+
+Every function here runs on every rank with the same inputs (the per-sample losses came through the
+step's all-reduce), so every rank takes the same branch and every load and save stays collective.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from bigtrain import checkpoint
+from bigtrain.checkpoint import CheckpointStore, History
+from bigtrain.data import PackedData
+from bigtrain.engine import apply_hparams, keep_loss_scale, loss_scale, lr_multiplier
+from bigtrain.run import Run
+from bigtrain.sampler import Sampler, SkipSet, blocks_of_documents, implicated_documents
+from bigtrain.spike import CAUSE_INCIDENT, OPTIMIZER, SKIP_UPDATE, Attribution, RecoveryPlan, Verdict, attribute
+
+log = logging.getLogger("bigtrain")
+
+Suspects = tuple[list[int], list[float], list[float]]
+
+
+def skip_window(sampler: Sampler, cursor: int, skipped: list, rolled_back_steps: int, global_batch: int,
+                multiplier: int, margin_batches: int, skips: SkipSet | None = None) -> tuple[list[int], int]:
+    """The stream indices a rollback skips, and the end of its range: from the restored ``cursor``,
+    ``multiplier`` times the samples the rolled-back steps drew plus ``margin_batches`` batches,
+    counted among samples not skipped already. Counting in stream span instead multiplied earlier
+    skips at each escalation level: one range grew to 1.65M samples in the benchmark."""
+    count = (multiplier * rolled_back_steps + margin_batches) * global_batch
+    return sampler.take(cursor, count, skipped, skips)
+
+
+def attribute_spike(monitor, verdict: Verdict, cfg, per_rank: int) -> tuple[Attribution | None, Suspects]:
+    """Which samples of the spiked steps stand out (bigtrain's monitor only; None for the competitors,
+    which skip a window as they always did). Every rank holds the same per-sample losses (they came
+    through the step's all-reduce), so every rank reaches the same attribution. Returns it with the
+    suspects it judged: (sample ids, loss sums, label counts) of the steps from the onset on."""
+    samples = getattr(monitor, "samples", None)
+    if samples is None or verdict.kind == SKIP_UPDATE:
+        return None, ([], [], [])
+    suspects = samples.suspects(verdict.onset_step if verdict.onset_step is not None else 0)
+    _, sums, counts = suspects
+    return attribute(sums, counts, samples.reference(cfg.mad_floor), cfg, incident=verdict.kind == "incident",
+                     per_rank=per_rank, band=monitor.loss_band()), suspects
+
+
+@dataclass
+class Quarantine:
+    rows: list[dict]
+    """One quarantine.jsonl row per newly skipped sample id (why: outlier / document / window)."""
+    event: dict
+    """The spike event's fields about cause and skips."""
+
+
+def quarantine(history: History, sampler: Sampler, data: PackedData, attribution: Attribution | None,
+               suspects: tuple[list[int], list[float], list[float]], window: tuple[int, int, int, int, int],
+               max_document_blocks: int = 0, max_convicted_blocks: int = 0) -> Quarantine:
+    """Add to what ``history`` skips what this recovery skips, by cause:
+    - data (outliers explain the spike): the outlier samples, plus every block of the documents they
+      convict (:func:`bigtrain.sampler.implicated_documents`), wherever those blocks lie in the stream,
+      by sample id (``history.skipped_samples``: out in every epoch, at any batch or world size);
+    - incident: the outlier samples (non-finite ones included), nothing else;
+    - optimizer, or no attribution: the outliers if any, by id, plus the old window (``skip_window``:
+      from the restored cursor, ``window`` = (cursor, rolled-back steps, global batch, multiplier,
+      margin)) as a half-open *stream range* in ``history.skipped``. The window's samples are not bad
+      data - most are good samples skipped once so the model state moves past the region that blew up
+      (as in the PaLM recipe) - so they are skipped for that one pass only and come back in later
+      epochs; banning them by id would add ~180k ids per rollback at a global batch of 1,024.
+    ``max_convicted_blocks`` > 0: documents are convicted (in order) only while their blocks total at
+    most this; the rest lose only their flagged blocks. So each rollback adds at most
+    (suspect samples + ``max_convicted_blocks``) ids."""
+    ids, sums, counts = suspects
+    cause = attribution.cause if attribution is not None else OPTIMIZER
+    outliers = attribution.outliers if attribution is not None else []
+    offending = sorted({ids[i] for i in outliers})
+    docs = (implicated_documents(data.train_docs, offending, max_document_blocks)
+            if cause != CAUSE_INCIDENT and offending and not attribution.rank_aligned else [])
+    doc_blocks: list[int] = []
+    if docs and max_convicted_blocks > 0:
+        kept = []
+        for d in docs:
+            blocks = blocks_of_documents(data.train_docs, [d])
+            if len(doc_blocks) + len(blocks) <= max_convicted_blocks:
+                kept.append(d)
+                doc_blocks += blocks
+        docs, doc_blocks = kept, sorted(set(doc_blocks))
+    elif docs:
+        doc_blocks = blocks_of_documents(data.train_docs, docs)
+    new: dict[int, dict] = {}
+    for i in outliers:
+        loss = sums[i] / counts[i] if counts[i] else None
+        loss = loss if loss is None or math.isfinite(loss) else str(loss)  # JSON has no NaN/inf
+        new.setdefault(ids[i], {"sample_id": ids[i], "why": "outlier", "loss": loss})
+    for sid in doc_blocks:
+        new.setdefault(sid, {"sample_id": sid, "why": "document"})
+    event = {"cause": cause, "offending_samples": offending, "offending_documents": docs,
+             "offending_document_names": [data.doc_names[d] for d in docs],
+             "offending_share": round(len(offending) / max(1, len(ids)), 4), "suspect_samples": len(ids),
+             "rank_aligned": bool(attribution and attribution.rank_aligned),
+             "attribution": attribution.stats if attribution is not None else {}}
+    existing = set(history.skipped_samples)
+    rows = [row for sid, row in new.items() if sid not in existing]
+    history.skipped_samples = sorted(existing | new.keys())
+    history.skipped_docs = sorted(set(history.skipped_docs) | set(docs))
+    if cause == OPTIMIZER:
+        cursor, rolled, global_batch, multiplier, margin = window
+        stream, end = skip_window(sampler, cursor, history.skipped, rolled, global_batch, multiplier, margin,
+                                  SkipSet(history.skipped_samples))
+        rows += [{"sample_id": sid, "why": "window", "stream_index": i}
+                 for i, sid in zip(stream, sampler.sample_ids(stream)) if sid not in new]
+        history.skipped = [list(r) for r in Sampler.merge_ranges([*map(tuple, history.skipped), (cursor, end)])]
+        event["skipped_range"] = [cursor, end]
+    event["skipped_samples"] = len(rows)
+    return Quarantine(rows, event)
+
+
+def pick_target(stores: list[CheckpointStore], onset: int) -> tuple[int, CheckpointStore] | None:
+    """The newest snapshot or checkpoint strictly before the onset that verifies on every rank. A
+    snapshot still being written is finished first (collective), so it can be the target."""
+    for s in stores:
+        try:
+            s.finish()
+        except checkpoint.CheckpointError as exc:  # agreed on every rank (all_ok): all take this branch
+            log.warning("the newest snapshot could not be written (%s); rolling back to an older one", exc)
+    while True:
+        targets = [(s.latest_before(onset), -i, s) for i, s in enumerate(stores)]
+        targets = [t for t in targets if t[0] is not None]
+        if not targets:
+            return None
+        step, _, store = max(targets, key=lambda t: t[:2])
+        problem = checkpoint.verify(store.root / checkpoint.tag_for(step))
+        if checkpoint.all_ok(problem is None):
+            return step, store
+        log.warning("rollback target %s is not usable (%s); trying an older one",
+                    store.root / checkpoint.tag_for(step), problem or "on another rank")
+        store.saved.remove(step)
+
+
+@dataclass
+class GiveUp:
+    """Why recovery stopped. ``restored``: the state was rolled back to a healthy target (safe to
+    save); otherwise it still holds the spiked weights. ``onset``: the first bad step."""
+
+    reason: str
+    restored: bool
+    onset: int
+
+
+def give_up(run: Run, reason: GiveUp) -> None:
+    """Save the state only when it is healthy (rolled back); never save spiked weights as the last
+    healthy state (collective: every rank reaches here with the same ``reason``). Durable checkpoints
+    from the onset on hold the spike (the onset can precede the detection by several steps): they are
+    moved aside, so ``--resume auto`` continues from a healthy one."""
+    durable, moved = run.durable, True
+    if checkpoint._rank() == 0:
+        try:
+            checkpoint.set_aside_newer(durable.root, reason.onset - 1,
+                                       f"giving up: the spike's onset is step {reason.onset}")
+        except OSError as exc:  # reported, and agreed below: rank 0 alone must not leave the others waiting
+            log.error("giving up: could not move the checkpoints from the onset on aside (%s): do not resume "
+                      "from a step >= %d", exc, reason.onset)
+            moved = False
+    checkpoint.all_ok(moved)  # also the barrier: no rank saves or lists the directory while it changes
+    durable.saved = [s for s in durable.saved if s < reason.onset]
+    step = run.state.progress.step
+    if reason.restored:
+        path = run.save(durable)
+        log.error("gave up: %s. The last healthy state (step %d) is saved at %s; see spikes.jsonl",
+                  reason.reason, step, path)
+        return
+    healthy = durable.latest_before(reason.onset)
+    where = (f"{durable.root / checkpoint.tag_for(healthy)} (step {healthy})" if healthy is not None
+             else "none: no checkpoint predates the incident; restart the run")
+    log.error("gave up: %s. No checkpoint was written: the weights at step %d are not healthy. The last healthy "
+              "checkpoint is %s; see spikes.jsonl", reason.reason, step, where)
+
+
+def plan_recovery(run: Run, verdict: Verdict, onset: int, target_step: int, cause: str) -> RecoveryPlan:
+    """The escalation's plan, from the run's current settings. Budgets count steps run: progress kept so
+    far (every executed step not already discarded); the restored step would call the first
+    interval's incident "7 of 7 steps discarded"."""
+    h, step = run.state.history, run.state.progress.step
+    kept = h.executed_steps - h.wasted_steps - (step - target_step)
+    return run.escalation.decide(step, onset, target_step, kept, h.eps, lr_multiplier(run.cfg, run.state), h.beta2,
+                                 cause, kind=verdict.kind)
+
+
+def restore(run: Run, store: CheckpointStore, plan: RecoveryPlan) -> None:
+    """Load the target (collective) and put the run's progress back to it: one assignment, since the
+    history (what was learned, what is skipped) survives. The fp16 loss scale is kept (see
+    ``keep_loss_scale``); the model goes back to train mode."""
+    spike_step, scale = run.state.progress.step, loss_scale(run.engine)
+    old = checkpoint.load(run.engine, store.root / checkpoint.tag_for(plan.restored_step))
+    keep_loss_scale(run.engine, scale)
+    run.engine.train()
+    run.faults.after_rollback(spike_step)
+    run.state.progress = old.progress
+    if plan.restore_monitor:
+        run.monitor.load_state_dict(old.progress.monitor)  # statistics from before the onset
+    run.monitor.reset_pending()
+
+
+def recover(run: Run, verdict: Verdict, row: dict) -> GiveUp | None:
+    """Roll back to the newest checkpoint before the spike's onset and treat the cause the per-sample
+    losses point to (``attribute_spike``): data -> skip the offending samples and their documents,
+    hyper-parameters unchanged; optimizer -> skip the window from there to the spike and climb the
+    eps/LR/beta2 ladder; incident -> rewind only. Returns the reason when the budget is spent (the
+    state is then the last healthy one; the caller saves and exits): never loops."""
+    t0, cfg, h, spike_step = time.time(), run.cfg, run.state.history, run.state.progress.step
+    onset = verdict.onset_step if verdict.onset_step is not None else spike_step
+    event = {"step": spike_step, "onset_step": onset, "verdict": verdict.kind, "reason": verdict.reason,
+             "severity": verdict.severity, "stats": verdict.stats, "loss": row["loss"], "grad_norm": row["grad_norm"]}
+    target = pick_target(run.stores, onset)
+    if target is None:
+        reason = f"no intact checkpoint before the onset step {onset} to roll back to"
+        run.rec.event({**event, "event": "give_up", "action": "stop", "reason": reason})
+        return GiveUp(reason, restored=False, onset=onset)
+    target_step, store = target
+    attribution, suspects = attribute_spike(run.monitor, verdict, cfg.spike, run.layout.per_rank)
+    plan = plan_recovery(run, verdict, onset, target_step, attribution.cause if attribution else OPTIMIZER)
+    restore(run, store, plan)
+    if plan.stop:
+        run.rec.event({**event, "event": "give_up", "action": "stop", "restored_step": target_step,
+                       "reason": plan.reason, "level": plan.level})
+        apply_hparams(cfg, run.engine, run.state)
+        return GiveUp(plan.reason, restored=True, onset=onset)
+    window = (run.state.progress.cursor, spike_step - target_step, run.layout.global_batch, plan.skip_multiplier, plan.margin_batches)
+    max_blocks = max(1, min(int(cfg.spike.max_document_share * run.data.train.shape[0]), cfg.spike.max_convicted_blocks))
+    skip = quarantine(h, run.sampler, run.data, attribution, suspects, window, max_blocks, cfg.spike.max_convicted_blocks)
+    run.skips = SkipSet(h.skipped_samples)
+    before = {"eps": h.eps, "lr_scale": lr_multiplier(cfg, run.state), "beta2": h.beta2}
+    h.eps, h.lr_scale, h.beta2, h.lr_scale_step = plan.eps, plan.lr_scale, plan.beta2, plan.restored_step
+    h.rollbacks += 1
+    h.wasted_steps += plan.wasted_steps
+    apply_hparams(cfg, run.engine, run.state, check=True)  # DeepSpeed's load restored the old eps: prove it is set
+    for s in run.stores:
+        s.drop_after(target_step)
+    run.rec.quarantine({**r, "sources": run.data.sources(r["sample_id"]), "rollback": h.rollbacks} for r in skip.rows)
+    changed = "".join(f"+{k}" for k, key in (("eps", "eps"), ("lr", "lr_scale"), ("beta2", "beta2"))
+                      if getattr(plan, key) != before[key])
+    run.rec.event({**event, "event": "rollback" if plan.budgeted else "skip_update", "action": "rollback+skip" + changed,
+                   "rollback": h.rollbacks, "level": plan.level, "restored_step": target_step,
+                   "restored_from": str(store.root), **skip.event,
+                   "eps_before": before["eps"], "eps_after": h.eps, "lr_scale_before": before["lr_scale"],
+                   "lr_scale_after": h.lr_scale, "beta2_before": before["beta2"], "beta2_after": h.beta2,
+                   "wasted_steps": plan.wasted_steps, "recover_seconds": round(time.time() - t0, 3)})
+    log.warning("step %d: %s -> cause %s, rolled back to step %d, skipping %d samples (%d documents), eps %.3g -> %.3g",
+                spike_step, verdict.reason, skip.event.get("cause"), target_step, skip.event["skipped_samples"],
+                len(skip.event.get("offending_documents", [])), before["eps"], h.eps)
+    return None

@@ -1,0 +1,142 @@
+"""recover() on one rank, in process, with a fake engine (quick tier): the rollback restores the
+progress and the weights, keeps the history, and treats each cause as its rule says."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bigtrain.checkpoint import CheckpointStore, TrainState
+from bigtrain.config import load_config
+from bigtrain.faults import FaultInjector
+from bigtrain.recovery import GiveUp, recover
+from bigtrain.run import Layout, Run
+from bigtrain.sampler import Sampler
+from bigtrain.spike import DATA, OPTIMIZER, Escalation, build_monitor
+
+GLOBAL_BATCH, BLOCKS, TOKENS = 8, 400, 4
+
+
+class FakeEngine:
+    """What recover() uses of a DeepSpeed engine: save/load (the weights are bytes in one file),
+    train(), and the optimizer's param groups."""
+
+    def __init__(self):
+        self.weights = b"init"
+        self.training = False
+        self.optimizer = types.SimpleNamespace(param_groups=[{"lr": 1e-3, "eps": 1e-8, "betas": (0.9, 0.95),
+                                                              "weight_decay": 0.0}])
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+        (Path(root) / tag / "weights").write_bytes(self.weights)
+
+    def load_checkpoint(self, root, tag, load_lr_scheduler_states):
+        self.weights = (Path(root) / tag / "weights").read_bytes()
+        self.optimizer.param_groups[0]["eps"] = 1.0  # DeepSpeed's load restores the saved hyper-parameters
+        return str(Path(root) / tag), {}
+
+    def train(self):
+        self.training = True
+
+
+class Events:
+    def __init__(self):
+        self.events, self.quarantined = [], []
+
+    def event(self, row):
+        self.events.append(row)
+
+    def quarantine(self, rows):
+        self.quarantined += list(rows)
+
+
+def make_run(tmp_path: Path, *overrides: str) -> Run:
+    cfg = load_config(None, ["spike.warmup=4", "checkpoint.snapshot_interval=2", *overrides])
+    docs = torch.tensor([[b // 4, b // 4] for b in range(BLOCKS)])  # documents of 4 blocks
+    data = types.SimpleNamespace(train=np.zeros((BLOCKS, TOKENS)), train_docs=docs,
+                                 doc_names=[f"doc{d}" for d in range(BLOCKS // 4)], sources=lambda sid: [f"s{sid}"])
+    state = TrainState()
+    state.history.eps, state.history.beta2 = cfg.optim.eps, cfg.optim.beta2
+    return Run(cfg, FakeEngine(), None, state, Layout(0, 1, GLOBAL_BATCH, 1), data, Sampler(BLOCKS, seed=0),
+               build_monitor(cfg.spike, 100), Escalation(cfg.spike), FaultInjector(cfg.faults, 0), Events(),
+               CheckpointStore(tmp_path / "snaps", 4, interval=2), CheckpointStore(tmp_path / "ckpt", 3))
+
+
+def step(run: Run, losses: list[float]):
+    """One step whose samples have these mean losses (3 labelled tokens each); snapshots on cadence."""
+    p, h = run.state.progress, run.state.history
+    stream, cursor = run.sampler.take(p.cursor, GLOBAL_BATCH, h.skipped, run.skips)
+    ids = run.sampler.sample_ids(stream)
+    run.state.advance(cursor, GLOBAL_BATCH * TOKENS, True)
+    run.engine.weights = f"weights of step {p.step}".encode()
+    verdict = run.monitor.observe(p.step, float(np.mean(losses)), 1.0)
+    run.monitor.samples.observe(p.step, ids, [3 * x for x in losses], [3.0] * len(losses), verdict.kind == "ok")
+    if verdict.kind == "ok":
+        run.snaps.maybe_save(p.step, run.save, {})
+    return verdict, ids, {"loss": float(np.mean(losses)), "grad_norm": 1.0}
+
+
+def healthy(run: Run, steps: int) -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        verdict, _, _ = step(run, list(2.0 + 0.01 * rng.standard_normal(GLOBAL_BATCH)))
+        assert verdict.kind == "ok"
+
+
+def test_an_optimizer_spike_rolls_back_skips_a_window_and_lowers_eps(tmp_path):
+    run = make_run(tmp_path)
+    healthy(run, 12)
+    cursor_at_12 = run.state.progress.cursor
+    verdict, _, row = step(run, [40.0] * GLOBAL_BATCH)  # every sample rises together: no outlier
+    assert verdict.recover
+    assert recover(run, verdict, row) is None
+    p, h = run.state.progress, run.state.history
+    assert (p.step, p.cursor) == (12, cursor_at_12) and run.engine.weights == b"weights of step 12"
+    assert run.engine.training
+    (event,) = run.rec.events
+    assert (event["cause"], event["restored_step"], event["action"]) == (OPTIMIZER, 12, "rollback+skip+eps")
+    # The history survives the restore: the rollback is counted, the window skipped, eps lowered and set.
+    assert h.rollbacks == 1 and h.wasted_steps == 1 and h.executed_steps == 13
+    # The window: the rolled-back step's samples + 16 margin batches, counted among samples not banned
+    # by id (outliers of the spiked step, if any, are banned and not counted twice).
+    (start, end), = h.skipped
+    window = set(run.sampler.sample_ids(range(start, end))) - set(h.skipped_samples)
+    assert start == cursor_at_12 and len(window) == (1 + 16) * GLOBAL_BATCH
+    assert h.eps == 1e-9 == run.engine.optimizer.param_groups[0]["eps"]
+    assert h.lr_scale_step == 12 and run.snaps.saved[-1] == 12
+
+
+def test_outlier_samples_are_data_skipped_by_id_with_their_documents_and_no_hyperparameter_changes(tmp_path):
+    run = make_run(tmp_path)
+    healthy(run, 12)
+    losses = [2.0] * GLOBAL_BATCH
+    losses[3] = 200.0  # one garbage sample
+    verdict, ids, row = step(run, losses)
+    assert verdict.recover
+    assert recover(run, verdict, row) is None
+    h = run.state.history
+    (event,) = run.rec.events
+    assert event["cause"] == DATA and event["offending_samples"] == [ids[3]]
+    assert ids[3] in h.skipped_samples and h.skipped == [] and h.eps == 1e-8
+    doc = ids[3] // 4
+    assert h.skipped_docs == [doc] and set(h.skipped_samples) == set(range(4 * doc, 4 * doc + 4))
+    assert set(run.skips.ids.tolist()) == set(h.skipped_samples)
+    # The skipped sample is never drawn again.
+    taken, _ = run.sampler.take(0, BLOCKS * 2, h.skipped, run.skips)
+    assert ids[3] not in run.sampler.sample_ids(taken)
+
+
+def test_a_spent_budget_gives_up_on_the_restored_healthy_state(tmp_path):
+    run = make_run(tmp_path, "spike.max_rollbacks=1")
+    healthy(run, 12)
+    for attempt in range(2):
+        verdict, _, row = step(run, [40.0] * GLOBAL_BATCH)
+        reason = recover(run, verdict, row)
+    assert isinstance(reason, GiveUp) and reason.restored and "rollback budget" in reason.reason
+    assert run.state.progress.step == 12 and run.engine.weights == b"weights of step 12"
+    assert run.state.history.rollbacks == 1  # the refused rollback is not counted
+    assert run.engine.optimizer.param_groups[0]["eps"] == run.state.history.eps  # set back after the load
