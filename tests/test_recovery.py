@@ -185,7 +185,7 @@ def test_resume_after_recovery_keeps_skips_eps_and_monitor(tmp_path, data_cache)
     assert all(r["eps"] == saved.history.eps for r in rows)
     # 8 samples a step, and more only where a skipped sample id is passed over
     steps = [r["samples"] - p for r, p in zip(rows, [saved.progress.cursor] + [r["samples"] for r in rows])]
-    assert all(8 <= d <= 8 + len(saved.skipped_samples) for d in steps), steps
+    assert all(8 <= d <= 8 + len(saved.history.skipped_samples) for d in steps), steps
     assert len(read_jsonl(run_dir / "spikes.jsonl")) == 1, "the fault did not replay after resume"
 
 
