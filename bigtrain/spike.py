@@ -2,13 +2,13 @@
 
 Everything here is pure Python (no torch, no I/O, no ranks, no clock, no randomness): the trainer
 feeds each monitor the *globally reduced* loss, grad norm and flags once per step, so every rank
-computes the same verdict and takes the same collective action (DESIGN.md "All ranks agree").
-Detection is a small object with a ``state_dict``; recovery stays in the trainer's control flow
-(STYLE.md 2, after OLMo-core's SkipStepOptimizer and StabilityMonitorCallback).
+computes the same verdict and takes the same collective action. Detection is a small object with a
+``state_dict``; recovery stays in the trainer's control flow (after OLMo-core's SkipStepOptimizer and
+StabilityMonitorCallback).
 
-Three competitors are reproduced next to bigtrain's own monitor so a benchmark can run them under
-the same trainer: OLMo-core's skip-step rule, llm-foundry's KillLossSpike and plain DeepSpeed.
-Their rules and upstream files (allenai/OLMo-core, mosaicml/llm-foundry) are in docs/design.md sec. 2.
+Monitors are looked up by name in ``MONITORS`` (``spike.monitor``). Only bigtrain's own and "none" are
+built in; the spike benchmark's reproductions of competitors' rules register themselves from outside
+(bench/competitors.py), because a product that imported its benchmark would ship it.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-POLICIES = ("bigtrain", "olmo_skip_step", "llmfoundry_kill", "none")
-
-# Verdict kinds. SPIKE and INCIDENT mean "roll back"; SKIP_UPDATE (OLMo-core) means "undo this one
-# update"; STOP (llm-foundry) means "end the run".
+# Verdict kinds, the whole vocabulary a monitor can answer with; the trainer acts on the kind, not on
+# which monitor gave it. SPIKE and INCIDENT mean "roll back"; SKIP_UPDATE means "undo this one update"
+# (a one-step rule such as OLMo-core's skip-step optimizer); STOP means "end the run" (a kill rule such
+# as llm-foundry's KillLossSpike). bigtrain's own SpikeMonitor gives only the first four.
 OK, ANOMALOUS, SPIKE, INCIDENT = "ok", "anomalous", "spike", "incident"
 SKIP_UPDATE, STOP = "skip_update", "stop"
 
@@ -35,13 +36,13 @@ class SpikeConfig:
     """Config section ``spike``: detection thresholds, escalation ladder and budgets."""
 
     enabled: bool = True
-    """Watch for spikes at all. False behaves like policy "none" (plain DeepSpeed)."""
+    """Watch for spikes at all. False behaves like monitor "none" (plain DeepSpeed)."""
 
-    policy: str = "bigtrain"
-    """Detector and reaction: "bigtrain" (robust detector, rollback + skip + escalation),
-    "olmo_skip_step" (OLMo-core: skip the single update beyond 6 sigma), "llmfoundry_kill"
-    (llm-foundry: stop after 5 steps at >= 2x the window mean), "none" (do nothing). The
-    competitors exist so that the benchmark compares against their exact rules."""
+    monitor: str = "bigtrain"
+    """The detector, by registered name: "bigtrain" (robust detector, rollback + skip + escalation) or
+    "none" (do nothing). Other monitors are added by a launch script that calls
+    ``bigtrain.spike.register_monitor(name, factory)`` and then ``bigtrain.cli.main()``; the settings
+    below belong to "bigtrain"."""
 
     window: int = 64
     """Accepted (non-anomalous) steps the median/MAD use. 64 is half of OLMo-core's 128: medians
@@ -208,7 +209,12 @@ class SpikeConfig:
             if not ok:
                 raise ValueError(f"spike.{name} must be {rule}, got {getattr(self, name)!r}")
 
-        need(self.policy in POLICIES, "policy", f"one of {', '.join(POLICIES)}")
+        if self.monitor not in MONITORS:
+            raise ValueError(
+                f"spike.monitor must be a registered monitor ({', '.join(sorted(MONITORS))}), got "
+                f"{self.monitor!r}: a monitor from outside bigtrain is registered by a launch script that "
+                "calls bigtrain.spike.register_monitor(name, factory) and then bigtrain.cli.main() "
+                "(the repository's bench/bench_entry.py does so for the spike benchmark's competitors)")
         need(self.window >= 8, "window", ">= 8")
         need(4 <= self.warmup <= self.window, "warmup", "between 4 and spike.window")
         need(self.z_threshold > 0, "z_threshold", "> 0")
@@ -261,7 +267,10 @@ class Verdict:
 
 
 class Monitor(Protocol):
-    """The seam the trainer uses; all four monitors below satisfy it."""
+    """The seam the trainer uses: SpikeMonitor and NullMonitor satisfy it, and so must any monitor
+    added with :func:`register_monitor`. ``observe`` gets only globally reduced values and must be
+    deterministic, so every rank reaches the same verdict and takes the same collective action; ``state_dict`` travels in
+    every checkpoint and is restored on resume and rollback."""
 
     def observe(self, step: int, loss: float, grad_norm: float, nonfinite: bool = False,
                 ds_skipped: bool = False) -> Verdict: ...
@@ -439,141 +448,9 @@ class SpikeMonitor:
         self.samples.load_state_dict(d.get("samples", {}))  # absent before per-sample losses existed
 
 
-def _competitor_nonfinite(loss: float, nonfinite: bool, ds_skipped: bool) -> Verdict | None:
-    """Shared non-finite handling for the competitors: both upstream trainers raise on a
-    non-finite loss (OLMo-core train/trainer.py L1430-1436, Composer NaNMonitor); non-finite grads
-    that DeepSpeed skipped are DeepSpeed's business, not theirs."""
-    if not math.isfinite(loss):
-        return Verdict(INCIDENT, f"non-finite loss {loss}")
-    if nonfinite and not ds_skipped:
-        return Verdict(INCIDENT, "non-finite gradients applied")
-    if nonfinite:
-        return Verdict(OK, "DeepSpeed skipped a non-finite step")
-    return None
-
-
-class OlmoSkipStepMonitor:
-    """OLMo-core ``SkipStepOptimizer.get_step_factor`` (src/olmo_core/optim/skip_step_optimizer.py).
-
-    Keeps the last 129 values (128 previous + current); no decision until 64 values including the
-    current one (``len(self._losses) < max(20, 128 // 2)``); mean and unbiased std
-    (``torch.std_mean``) of the previous values; skip iff ``loss - mu > 6 sigma`` or
-    ``gnorm - mu > 6 sigma`` (one-sided). Every value enters the lists, flagged or not.
-    Upstream does not checkpoint the lists (docs/design.md sec. 2); the state_dict here
-    exists for the common interface, and a faithful benchmark does not restore it.
-    """
-
-    rolling_interval_length = 128
-    sigma_factor = 6.0
-
-    def __init__(self) -> None:
-        self._losses: list[float] = []
-        self._grad_norms: list[float] = []
-
-    def observe(self, step: int, loss: float, grad_norm: float, nonfinite: bool = False,
-                ds_skipped: bool = False) -> Verdict:
-        bad = _competitor_nonfinite(loss, nonfinite, ds_skipped)
-        if bad is not None:
-            return bad
-        keep = self.rolling_interval_length + 1
-        self._losses = (self._losses + [loss])[-keep:]  # latest_loss setter
-        if math.isfinite(grad_norm) and grad_norm > 0:  # latest_grad_norm setter (GradClipper)
-            self._grad_norms = (self._grad_norms + [grad_norm])[-keep:]
-        if len(self._losses) < max(20, self.rolling_interval_length // 2):
-            return Verdict(OK, "warmup")
-        prev = self._losses[:-1]
-        mu, sd = statistics.fmean(prev), statistics.stdev(prev)
-        stats = {"loss_mean": mu, "loss_std": sd}
-        flagged = loss - mu > self.sigma_factor * sd
-        severity = (loss - mu) / sd if sd > 0 else 0.0  # z-score of the loss
-        # Upstream uses the grad rule whenever grad norms were set; std needs two previous values.
-        if len(self._grad_norms) >= 3:
-            prev_g = self._grad_norms[:-1]
-            mu_g, sd_g = statistics.fmean(prev_g), statistics.stdev(prev_g)
-            stats |= {"grad_mean": mu_g, "grad_std": sd_g}
-            flagged = flagged or self._grad_norms[-1] - mu_g > self.sigma_factor * sd_g
-        if flagged:
-            return Verdict(SKIP_UPDATE, "loss or grad norm > mean + 6 sigma of last 128", step,
-                           severity, stats)
-        return Verdict(OK, "normal", stats=stats)
-
-    def reset_pending(self) -> None:
-        """Nothing is pending in a one-step rule."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"losses": list(self._losses), "grad_norms": list(self._grad_norms)}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        self._losses = [float(x) for x in d["losses"]]
-        self._grad_norms = [float(x) for x in d["grad_norms"]]
-
-
-class KillLossSpikeMonitor:
-    """llm-foundry ``KillLossSpike`` (llmfoundry/callbacks/kill_loss_spike_callback.py).
-
-    ``window_size = max(100, round(0.05 * total_steps))``; nothing is checked until the window is
-    full; outlier iff ``loss >= 2 * mean(window)``, stop when the outlier counter exceeds
-    ``patience = 4`` (the 5th consecutive outlier); otherwise, after ``2 * window_size`` steps, stop
-    when ``count(loss > loss_cap) >= window_size / 2`` with ``loss_cap = min(max(first full
-    window), 10)``. Every loss is appended after the check, spikes included. Upstream reads the
-    rank-local last-microbatch loss; here it gets the all-reduced one like every monitor.
-    """
-
-    patience = 4
-    outlier_multiplier = 2.0
-
-    def __init__(self, total_steps: int) -> None:
-        self.window_size = max(100, round(0.05 * total_steps))  # _MIN_WINDOW_SIZE, _WINDOW_FRACTION
-        self._window: deque[float] = deque(maxlen=self.window_size)
-        self._outliers = 0
-        self._seen = 0  # losses observed, standing in for Composer's state.timestamp.batch
-        self._loss_cap = 10.0  # _MAX_LOSS_CAP
-        self._cap_set = False
-
-    def observe(self, step: int, loss: float, grad_norm: float, nonfinite: bool = False,
-                ds_skipped: bool = False) -> Verdict:
-        bad = _competitor_nonfinite(loss, nonfinite, ds_skipped)
-        if bad is not None:
-            return bad
-        self._seen += 1
-        verdict = Verdict(OK, "warmup" if len(self._window) < self.window_size else "normal")
-        if len(self._window) == self.window_size:
-            if not self._cap_set:
-                # Upstream sets the cap when state.timestamp.batch == window_size, documented as
-                # "the maximum loss from the first loss window"; we take that first full window.
-                self._loss_cap, self._cap_set = min(max(self._window), self._loss_cap), True
-            mean = statistics.fmean(self._window)
-            stats = {"window_mean": mean, "loss_cap": self._loss_cap}
-            high = sum(1 for x in self._window if x > self._loss_cap)
-            if loss >= mean * self.outlier_multiplier:
-                self._outliers += 1
-            else:
-                self._outliers = 0
-            if self._outliers > self.patience:  # _detect_loss_spike
-                verdict = Verdict(STOP, f"loss >= 2x window mean for {self._outliers} steps",
-                                  step - self._outliers + 1, loss / mean, stats)
-            # `elif` upstream: the high-loss rule runs whenever the spike rule did not fire.
-            elif self._seen >= 2 * self.window_size and high >= self.window_size / 2:
-                verdict = Verdict(STOP, f"{high}/{self.window_size} losses above "
-                                  f"{self._loss_cap:.4g}", None, float(high), stats)
-        self._window.append(loss)
-        return verdict
-
-    def reset_pending(self) -> None:
-        self._outliers = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"window": list(self._window), "outliers": self._outliers, "seen": self._seen,
-                "loss_cap": self._loss_cap, "cap_set": self._cap_set}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        self._window = deque((float(x) for x in d["window"]), maxlen=self.window_size)
-        self._outliers, self._seen = int(d["outliers"]), int(d["seen"])
-        self._loss_cap, self._cap_set = float(d["loss_cap"]), bool(d["cap_set"])
-
-
 class NullMonitor:
-    """Plain DeepSpeed: no detector. Non-finite steps are left to DeepSpeed's own overflow skip."""
+    """``spike.monitor=none``, plain DeepSpeed: no detector. Non-finite steps are left to DeepSpeed's
+    own overflow skip."""
 
     def observe(self, step: int, loss: float, grad_norm: float, nonfinite: bool = False,
                 ds_skipped: bool = False) -> Verdict:
@@ -589,15 +466,34 @@ class NullMonitor:
         pass
 
 
+MonitorFactory = Callable[[SpikeConfig, int], Monitor]
+"""Builds a monitor from the ``spike`` section and the run's total steps (a window may be sized by it)."""
+
+# Monitors by name, for ``spike.monitor``. A monitor from outside bigtrain (the spike benchmark's
+# competitor rules, a user's own detector) is added with register_monitor by a launch script before
+# it calls bigtrain.cli.main(): bigtrain never imports them, so the product carries no benchmark code
+# and this module keeps its rule of no imports beyond the standard library.
+MONITORS: dict[str, MonitorFactory] = {
+    "bigtrain": lambda cfg, total_steps: SpikeMonitor(cfg),
+    "none": lambda cfg, total_steps: NullMonitor(),
+}
+
+
+def register_monitor(name: str, factory: MonitorFactory) -> None:
+    """Make ``spike.monitor=name`` build ``factory(spike_config, total_steps)``. Call it on every rank
+    before the config is parsed (a script that registers, then runs ``bigtrain.cli.main()``), since
+    validating ``spike.monitor`` looks the name up here. Registering the same factory again is a no-op;
+    another factory under a taken name is refused, so two plug-ins cannot silently replace each other."""
+    if MONITORS.get(name, factory) is not factory:
+        raise ValueError(f"spike.monitor {name!r} is already registered")
+    MONITORS[name] = factory
+
+
 def build_monitor(cfg: SpikeConfig, total_steps: int) -> Monitor:
-    """The monitor for ``cfg.policy``; ``total_steps`` sizes llm-foundry's window."""
-    if not cfg.enabled or cfg.policy == "none":
+    """The monitor registered as ``cfg.monitor``; ``spike.enabled=false`` is "none" whatever the name."""
+    if not cfg.enabled:
         return NullMonitor()
-    if cfg.policy == "olmo_skip_step":
-        return OlmoSkipStepMonitor()
-    if cfg.policy == "llmfoundry_kill":
-        return KillLossSpikeMonitor(total_steps)
-    return SpikeMonitor(cfg)
+    return MONITORS[cfg.monitor](cfg, total_steps)
 
 
 # Causes of a recovery (spike.attribute): they pick the medicine (Escalation.decide).
