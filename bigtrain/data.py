@@ -1061,7 +1061,7 @@ def _prepared(
 def _check_prepared(cfg: DataConfig) -> None:
     """What the built-in sources need beyond DataConfig's own checks."""
     if cfg.seq_len < 8:
-        raise ValueError(f"data.seq_len must be >= 8 for data.source={cfg.source!r}, got {cfg.seq_len}")
+        raise ValueError(f"data.seq_len must be >= 8, got {cfg.seq_len} (data.source={cfg.source!r})")
 
 
 # ----------------------------------------------------------------------------------------------

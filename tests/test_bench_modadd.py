@@ -80,7 +80,7 @@ def test_deterministic_per_seed_and_fraction(tok):
     "kwargs, match",
     [
         (dict(source="modadd", seq_len=8), r"data\.seq_len must be 4 for data\.source='modadd'"),
-        (dict(source="stdlib", seq_len=4), r"data\.seq_len must be >= 8 for data\.source='stdlib', got 4"),
+        (dict(source="stdlib", seq_len=4), r"data\.seq_len must be >= 8, got 4 \(data\.source='stdlib'\)"),
     ],
 )
 def test_bad_config_is_one_line_error(kwargs, match):
