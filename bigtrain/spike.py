@@ -70,10 +70,10 @@ class SpikeConfig:
     min_spike_loss: float = 1e-3
     """A loss below this is never anomalous, whatever its ratio to the level, and below it only a
     grad-norm blow-up (``grad_blowup_ratio`` x the run's max) counts: the research rule
-    (docs/design.md sec. 3) is loss > max(1e-3, 10 x the recent minimum). Without it, a memorised
-    task at loss ~1e-5 (modadd, bf16) showed loss "spikes" to 1e-4 and runs of 3 grad-norm
-    anomalies every few steps, and the rollbacks they triggered spent the budget. Language-model
-    losses are far above it."""
+    (docs/design.md sec. 3) is loss > max(1e-3, 10 x the recent minimum). Once a task is memorised,
+    the relative noise of a tiny loss and grad norm is large and harmless, and rollbacks for it only
+    spend the budget (docs/spike_benchmark.md, "Where the spike defaults come from").
+    Language-model losses are far above it."""
 
     min_grad_ratio: float = 3.0
     """Same guard for the grad norm, which is far noisier than the loss (OPT/GLM logs show 2-3x
@@ -89,11 +89,11 @@ class SpikeConfig:
     grad_blowup_ratio: float = 10.0
     """Grad norm this many times the largest accepted one of the run (and z above threshold) is a
     spike at once: Megatron-LM's large-grad check is 10x the max of its first 100 values
-    (rerun_state_machine.is_unexpectedly_large), a catastrophe detector. Against the median, a grad
-    norm rising from 0.7 to 1.6 and then 13.5 while the loss fell fast (modadd's phase transition)
-    was a false alarm; against a recent window, bursts from 1e-4 to 0.02 at loss 1e-5 (modadd
-    memorised) fired every few steps and spent the rollback budget (docs/spike_benchmark.md).
-    Moderate grad anomalies still count through the persistence rule."""
+    (rerun_state_machine.is_unexpectedly_large), a catastrophe detector. The reference is the run's
+    largest, not the median (a grad norm that climbs while the loss falls fast is learning, not a
+    blow-up) nor a recent window (once a task is memorised its grad norm decays by orders of
+    magnitude, and ordinary bursts would look like blow-ups; docs/spike_benchmark.md). Moderate grad
+    anomalies still count through the persistence rule."""
 
     loss_blowup_ratio: float = 4.0
     """Loss this many times the median (and z above threshold) is a spike at once: waiting for
@@ -110,8 +110,8 @@ class SpikeConfig:
     Bad data comes in blocks (PaLM skipped 200-500 batches after rewinding ~100 steps, i.e. 100-400
     past the spike; OLMo 2 traced spikes to runs of repeated n-gram documents), and a spike is
     detected at the block's first batch, not its last. Skipping costs no compute (the step count is
-    unchanged), only those samples go unseen. With 2, a 6-batch bad block outlasted the skip, a
-    second rollback escalated and its LR cut cost +3.8% held-out loss (docs/spike_benchmark.md).
+    unchanged), only those samples go unseen. A margin shorter than a bad block lets its tail cause
+    a second rollback, which escalates and cuts the LR for nothing (docs/spike_benchmark.md).
     0 skips exactly the restored-position-to-spike window."""
 
     eps_factor: float = 0.1
@@ -130,13 +130,13 @@ class SpikeConfig:
     lowered the LR by hand."""
 
     lr_floor_scale: float = 0.01
-    """Never scale the LR below this fraction of the schedule: halving on every rollback drove the
-    LR to 2^-20 and stalled training in docs/design.md sec. 3."""
+    """Never scale the LR below this fraction of the schedule: halving on every rollback without a
+    floor drives the LR towards zero and stalls training (docs/design.md sec. 3)."""
 
     lr_cooldown_steps: int = 200
     """A lowered LR returns linearly to the schedule over this many steps after the rollback (a
-    cool-down, not a permanent cut); 0 keeps it lowered for the rest of the run. A permanent halving
-    cost +5.6% held-out loss on the bad-data scenario of docs/spike_benchmark.md."""
+    cool-down, not a permanent cut); 0 keeps it lowered for the rest of the run. A cut that is never
+    undone keeps costing held-out loss long after the spike is gone (docs/spike_benchmark.md)."""
 
     region_steps: int = 200
     """A spike whose onset lies within this many steps of the previous rollback's onset is "the
@@ -145,23 +145,24 @@ class SpikeConfig:
 
     max_rollbacks: int = 10
     """Rollbacks allowed with onsets within ``region_steps`` steps of each other before stopping
-    with a report: that many in one stretch means the run is not getting past it (the 6.2 probe hit
-    a cap of 20 while still spiking). A cap per run would end healthy long runs: PaLM met ~20
-    spikes in one run, and modadd's low-loss regime spiked every ~50-100 steps while its loss kept
-    falling (a per-run cap of 10 gave up at step 971 of 1000 with held-out loss 0.0036)."""
+    with a report: that many in one stretch means the run is not getting past it. A cap per run
+    would end healthy long runs, which meet spikes throughout while their loss keeps falling (PaLM
+    met ~20 in one run; docs/spike_benchmark.md)."""
 
     max_wasted_fraction: float = 0.5
     """Stop when steps discarded by rollbacks exceed this share of all steps run (counted over at
     least ``region_steps`` steps, so an incident early in the run rolls back like any other): plain
-    rewind-and-skip threw away 1,902 of 2,500 steps in docs/design.md sec. 3."""
+    rewind-and-skip can discard most of the compute on optimizer-driven spikes (docs/design.md
+    sec. 3)."""
 
     escalate_lr_factor: float = 0.5
     """Extra LR multiplier from escalation level 1 on: a recurring spike in the same region is
-    optimizer dynamics, not data, and a lower LR gave the lowest final loss in 6.2."""
+    optimizer dynamics, not data, and a lower LR gave the lowest final loss (docs/design.md sec. 3)."""
 
     escalate_beta2: float | None = 0.95
     """Adam beta2 set from escalation level 2 on if the current one is larger (OPT went 0.98 ->
-    0.95; a large beta2 made spikes earlier and more frequent in 6.2). None leaves beta2 alone."""
+    0.95; a larger beta2 brings spikes earlier and more often, docs/design.md sec. 3). None leaves
+    beta2 alone."""
 
     max_skip_multiplier: int = 16
     """Cap on the widening of the skipped data window (1, 2, 4, ...) so escalation cannot skip an
@@ -170,15 +171,14 @@ class SpikeConfig:
     sample_window: int = 256
     """Per-sample losses (summed token loss / label count of each sample) of recent accepted steps that
     the attribution's median/MAD use: at a global batch of 16 that is the last 16 steps, at 1,024 a
-    quarter of the last step. Short, so the reference follows a falling loss (a 512-value window
-    over 64 early steps put the older, higher losses 1.5x above the median at z 2.5)."""
+    quarter of the last step. Short, so the reference follows a falling loss: a long window holds
+    older, higher losses that widen the spread and hide outliers."""
 
     sample_z: float = 3.0
     """Robust z-score of a sample's log loss against that median/MAD above which the sample is an
-    outlier. Per-sample losses spread far more than step losses (sigma ~0.16 in log space at 32-token
-    blocks of stdlib code) but with a light upper tail: none of 392 accepted samples lay above z 2.5.
-    Random-token garbage sits at ~ln(vocab): 1.5x the median with a 257-token vocab (z ~2.5-3.5),
-    ~3x with a 32k one."""
+    outlier. Per-sample losses spread far more than step losses but with a light upper tail, and
+    random-token garbage sits at ~ln(vocab): 1.5x the median with a 257-token vocab, ~3x with a 32k
+    one, so 3 sigma separates it (measurements: docs/spike_benchmark.md)."""
 
     sample_min_ratio: float = 1.25
     """An outlier sample's loss must also be at least this multiple of the recent median sample's."""
@@ -187,7 +187,7 @@ class SpikeConfig:
     """Family-wise false-alarm rate of the outlier test: with n samples tested, the z bar is
     ``max(sample_z, Phi^-1(1 - sample_alpha / n))`` (Bonferroni), so a global batch of 1,024 needs
     z ~3.9 where one of 16 needs ``sample_z``. A fixed bar flags ~n x 0.13% clean samples of a normal
-    spread (more of a heavy-tailed one) in every spike: at a global batch of 1,024 some always stood out."""
+    spread (more of a heavy-tailed one) in every spike, so a large batch would always convict some."""
 
     max_convicted_blocks: int = 65_536
     """Absolute cap on the blocks one rollback skips as whole documents (each document is also held to
@@ -199,10 +199,9 @@ class SpikeConfig:
     """A document convicted by an outlier sample is skipped whole (every block, in every epoch) only
     if its blocks are at most this share of the training blocks; a larger one loses only its flagged
     blocks. What a wrong conviction costs is the share of the corpus it removes, so the bound is a
-    share: a 800-block book in 10^9 blocks may go, a file that is half of a small corpus may not (one
-    outlier block of a 2,938-block file in a 6,187-block corpus skipped half of it). 0.02 convicted
-    all but the largest of the bad documents (1,854 blocks = 3%) in a tuning run (seed 11 of the
-    diluted benchmark; 0.0083 there missed 10 of 40). 1.0: no limit."""
+    share: a 800-block book in 10^9 blocks may go, a file that is half of a small corpus may not.
+    0.02 is the value that convicted nearly all injected bad documents in the diluted benchmark's
+    tuning run (docs/spike_benchmark.md). 1.0: no limit."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, rule: str) -> None:
@@ -292,8 +291,8 @@ def _median_mad(xs: deque[float] | list[float], floor: float) -> tuple[float, fl
     Level: median of the last ``_LEVEL_WINDOW`` values. Noise: MAD of successive differences over the
     whole window, / sqrt(2) (the differences of i.i.d. noise have sqrt(2) x its spread). Differencing
     removes the trend, so early in training - loss falling fast - the noise estimate is the
-    step-to-step jitter, not the slope; a plain MAD around the window median counted the slope as
-    noise and missed a 1.7x jump of 4 poisoned steps (seen on the stdlib default run).
+    step-to-step jitter, not the slope; a plain MAD around the window median counts the slope as
+    noise and misses moderate jumps of a few bad steps.
     """
     xs = list(xs)
     level = statistics.median(xs[-_LEVEL_WINDOW:])
@@ -602,7 +601,7 @@ class SampleLosses:
     The reference separates level from spread so that a falling loss does not look like noise: the
     level is the median of the newest ``_LEVEL_SAMPLES`` log losses; the spread is the MAD of each
     sample's deviation from its own step's median, which removes the trend between steps (a plain
-    window median lagged 16% behind a loss falling over 40 steps and inflated the MAD with the slope).
+    window median lags behind a falling loss and counts its slope as spread).
     """
 
     max_pending_steps = 16
