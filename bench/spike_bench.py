@@ -1,12 +1,13 @@
-"""Loss-spike benchmark: every (scenario, policy, seed) as a real 2-rank ``torchrun -m bigtrain train``.
+"""Loss-spike benchmark: every (scenario, policy, seed) as a real 2-rank ``torchrun bench/bench_entry.py train``.
 
 Usage (from the repository root, with the venv's python):
 
     .venv/bin/python bench/spike_bench.py [--quick] [--seeds N] [--out DIR] [--work DIR]
     .venv/bin/python bench/spike_bench.py --report-only --out docs   # re-render from DIR/spike_benchmark.jsonl
 
-Runs are sequential (the benchmark is sized for a 2-core CPU box) and each is a subprocess of the
-normal entry point, so what is measured is what a user gets. Each run's metrics.jsonl, spikes.jsonl,
+Runs are sequential (the benchmark is sized for a 2-core CPU box) and each is a subprocess of
+bench/bench_entry.py: bigtrain's normal command line with the benchmark's competitor monitors and modadd
+task registered (bigtrain does not ship them), so what is measured is what a user gets. Each run's metrics.jsonl, spikes.jsonl,
 summary.json and exit status are parsed into one JSON line (OUT/spike_benchmark.jsonl); the table,
 the command line, the date and the environment go to OUT/spike_benchmark.md, and one PNG per scenario
 (OUT/spike_<scenario>.png) overlays every policy's loss on the surviving path of the first seed.
@@ -46,6 +47,8 @@ sys.path.insert(0, str(REPO))
 from bigtrain.report import discarded_mask, read_jsonl, surviving_rows  # noqa: E402  (no torch import)
 
 NOTES_MARKER = "<!-- notes -->"
+ENTRY = REPO / "bench" / "bench_entry.py"  # registers the competitors and modadd, then runs bigtrain's CLI
+PLUGINS = ("bench/bench_entry.py", "bench/competitors.py", "bench/modadd.py")  # code the runs execute
 
 # ------------------------------------------------------------------------------------------------
 # Scenarios
@@ -127,15 +130,15 @@ def scenarios(quick: bool) -> list[Scenario]:
 # the plain baselines pay nothing for bigtrain's machinery and the overhead column is honest.
 
 POLICIES: dict[str, list[str]] = {
-    "none": ["spike.policy=none", "checkpoint.snapshot_interval=0"],
-    "clip-only": ["spike.policy=none", "optim.grad_clip=1.0", "checkpoint.snapshot_interval=0"],
-    "olmo-skip-step": ["spike.policy=olmo_skip_step", "checkpoint.snapshot_interval=1"],
-    "llmfoundry-kill": ["spike.policy=llmfoundry_kill", "checkpoint.snapshot_interval=0"],
-    "bigtrain": ["spike.policy=bigtrain"],
-    "bigtrain-no-eps": ["spike.policy=bigtrain", "spike.lower_eps=false"],
-    "bigtrain-lr0.5": ["spike.policy=bigtrain", "spike.lr_factor=0.5"],
+    "none": ["spike.monitor=none", "checkpoint.snapshot_interval=0"],
+    "clip-only": ["spike.monitor=none", "optim.grad_clip=1.0", "checkpoint.snapshot_interval=0"],
+    "olmo-skip-step": ["spike.monitor=olmo_skip_step", "checkpoint.snapshot_interval=1"],
+    "llmfoundry-kill": ["spike.monitor=llmfoundry_kill", "checkpoint.snapshot_interval=0"],
+    "bigtrain": ["spike.monitor=bigtrain"],
+    "bigtrain-no-eps": ["spike.monitor=bigtrain", "spike.lower_eps=false"],
+    "bigtrain-lr0.5": ["spike.monitor=bigtrain", "spike.lr_factor=0.5"],
     # bigtrain with attribution disabled (no sample is ever an outlier): the pre-issue-14 window rule.
-    "bigtrain-window": ["spike.policy=bigtrain", "spike.sample_z=1e9"],
+    "bigtrain-window": ["spike.monitor=bigtrain", "spike.sample_z=1e9"],
 }
 BIGTRAIN = "bigtrain"
 # --quick runs the plain baseline, the two competitors that act, and bigtrain's default.
@@ -186,7 +189,7 @@ def fault_overrides(sc: Scenario) -> list[str]:
 
 def command(sc: Scenario, policy: str, seed: int, steps: int, run_dir: Path) -> list[str]:
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    return [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "bigtrain", "train",
+    return [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(ENTRY.relative_to(REPO)), "train",
             f"run_dir={run_dir}", *sc.base, f"train.steps={steps}", f"train.seed={seed}",
             *fault_overrides(sc), *POLICIES[policy]]
 
@@ -649,13 +652,15 @@ def environment() -> dict[str, str]:
     try:
         commit = subprocess.run(["git", "log", "-1", "--format=%h"], cwd=REPO, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "bigtrain", "ds_configs"], cwd=REPO).returncode
-        commit += " + uncommitted changes in bigtrain/" if dirty else ""
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "bigtrain", "ds_configs", *PLUGINS],
+                               cwd=REPO).returncode
+        commit += " + uncommitted changes in bigtrain/ or its bench plug-ins" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     # What the runs execute, so a change in the middle of a benchmark is noticed.
     code = hashlib.sha256(b"".join(p.read_bytes() for p in sorted([*REPO.glob("bigtrain/*.py"),
-                                                                   *REPO.glob("ds_configs/*.json")])))
+                                                                   *REPO.glob("ds_configs/*.json"),
+                                                                   *(REPO / f for f in PLUGINS)])))
     return {"python": platform.python_version(), **versions, "cpu": cpu, "cores": str(os.cpu_count()),
             "os": platform.platform(), "bigtrain": commit, "code_sha256": code.hexdigest()[:12]}
 

@@ -120,7 +120,8 @@ def _prepare(args: argparse.Namespace) -> int:
     tokenizer = build_tokenizer(cfg.model.path)
     data = build_dataset(cfg.data, tokenizer, cfg.train.seed, cfg.model.path)
     entry = cfg.data.resolved_cache_dir() / data.fingerprint
-    print(f"# {'cached' if data.from_cache else 'prepared'}: {entry if cfg.data.source != 'modadd' else 'in memory'}")
+    where = entry if entry.is_dir() else "in memory"  # a registered source need not use the cache
+    print(f"# {'cached' if data.from_cache else 'prepared'}: {where}")
     print(json.dumps({"fingerprint": data.fingerprint, "seq_len": int(data.train.shape[1]), **data.stats}, indent=1))
     if args.show:
         print(show_examples(data, tokenizer, args.show))

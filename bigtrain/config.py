@@ -31,6 +31,29 @@ class ConfigError(ValueError):
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
+# Built-in architectures for ``model.preset``, by name: Hugging Face ``LlamaConfig`` keyword arguments
+# (RMSNorm, RoPE, SwiGLU), so one code path (bigtrain.model.preset_config) builds them all. They live
+# here, not in bigtrain.model, because config validation needs the names and must not import torch's
+# model code. A benchmark's own architecture is added with register_preset by its launch script before
+# the config is parsed: bigtrain does not import benchmarks, so it does not ship their presets.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny-llama": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=4),
+    "small-llama": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                        num_key_value_heads=8),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8),
+}
+
+
+def register_preset(name: str, arch: dict[str, int]) -> None:
+    """Make ``model.preset=name`` build a Llama with ``arch`` (``LlamaConfig`` keyword arguments). Call
+    it on every rank before the config is parsed. The same architecture again is a no-op; another one
+    under a taken name is refused, so a preset's name always means one model."""
+    if PRESETS.get(name, arch) != arch:
+        raise ValueError(f"model.preset {name!r} is already registered with another architecture")
+    PRESETS[name] = dict(arch)
+
 
 @dataclass
 class ModelConfig:
@@ -38,9 +61,9 @@ class ModelConfig:
     """Local Hugging Face model directory to fine-tune (``save_pretrained`` layout). None: build
     ``preset`` from scratch. The tokenizer is loaded from this directory when it has one."""
     preset: str = "tiny-llama"
-    """Built-in architecture when ``path`` is None: ``tiny-llama`` (2 layers, d=64, the CPU default),
-    ``small-llama`` (4 layers, d=256), ``llama-1b`` (a ~1B Llama for GPUs), ``modadd`` (1 layer,
-    d=128, 4 heads: the low-loss Adam spike recipe, used with ``data.source=modadd``)."""
+    """Architecture built from scratch when ``path`` is None: ``tiny-llama`` (2 layers, d=64, the CPU
+    default), ``small-llama`` (4 layers, d=256), ``llama-1b`` (a ~1B Llama for GPUs), or a name added
+    with ``bigtrain.config.register_preset`` by a launch script."""
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass (``gradient_checkpointing_enable``): less memory,
     ~30% more compute."""
@@ -55,9 +78,9 @@ class ModelConfig:
     ``train.micro_batch=1``, the only shape transformers runs as variable-length sequences)."""
 
     def __post_init__(self) -> None:
-        presets = ("tiny-llama", "small-llama", "llama-1b", "modadd")
-        if self.path is None and self.preset not in presets:
-            raise ConfigError(f"model.preset must be one of {list(presets)}, got {self.preset!r}")
+        if self.path is None and self.preset not in PRESETS:
+            raise ConfigError(f"model.preset must be one of {list(PRESETS)}, got {self.preset!r} (a launch script "
+                              "adds one with bigtrain.config.register_preset before calling bigtrain.cli.main())")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ConfigError(f"model.attn_implementation must be one of {list(ATTN_IMPLEMENTATIONS)}, "
                               f"got {self.attn_implementation!r}")

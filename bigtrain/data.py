@@ -22,8 +22,12 @@ collective, so no distributed timeout applies), then map the finished directory,
 one atomic rename. On a shared filesystem that refuses ``flock`` (NFS mounted ``nolock``, some FUSE
 mounts) every process prepares in its own work directory (host, pid and a random suffix in the name,
 as pids repeat across the containers of a job) and the first rename wins; the others map that
-entry, with a warning that says to run ``bigtrain prepare`` ahead of the job. The synthetic
-``modadd`` source is built in memory instead.
+entry, with a warning that says to run ``bigtrain prepare`` ahead of the job.
+
+``data.source`` names an entry of ``SOURCES``: the built-in stdlib, files and hub go through the
+preparation above; another source (a benchmark's synthetic task) is added with ``register_source`` by
+a launch script before the config is parsed, and builds its ``PackedData`` its own way. bigtrain does
+not import such sources, so it does not ship them.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import sys
 import sysconfig
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,23 +59,19 @@ import transformers
 
 log = logging.getLogger("bigtrain")
 
-__all__ = ["DataConfig", "PackedData", "build_tokenizer", "build_dataset", "show_examples", "EOS_TOKEN"]
+__all__ = ["DataConfig", "PackedData", "build_tokenizer", "build_dataset", "register_source", "show_examples",
+           "EOS_TOKEN"]
 
 EOS_TOKEN = "<|endoftext|>"
 # Bump when the packing or the cache layout changes: old cache entries are then ignored.
 _FORMAT_VERSION = 2
 _LOADERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-_SOURCES = ("stdlib", "files", "hub", "modadd")
 _FORMATS = ("text", "chat", "prompt_completion")
-# The modadd task (docs/design.md sec. 3): [a, b, "=", c] with c = (a + b) mod 97.
-MODADD_P = 97
-MODADD_EQ = MODADD_P  # token id of "="; ids 0..96 are the numbers themselves
-MODADD_SEQ_LEN = 4
 # Parts of the standard library left out of the embedded default: third-party code, caches and
 # test data (which holds deliberately malformed and oddly encoded files).
 _STDLIB_EXCLUDE = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-# Per-token flag bits stored beside the tokens (chat / prompt_completion / modadd).
+# Per-token flag bits stored beside the tokens (chat / prompt_completion, or a registered source).
 LABEL = 1  # this token is a loss target (its label is the token itself; the model shifts)
 START = 2  # an example (or the padding after the last one) starts here: position ids restart
 # Per-document status written by the tokenizing map.
@@ -89,10 +89,7 @@ class DataConfig:
     "hub": a Hugging Face dataset: ``hub_name`` is a hub name (``load_dataset``; needs the network or
     a warm HF cache), a directory written by ``save_to_disk``, or a local dataset repository
     directory (data files ``load_dataset`` understands); ``split`` picks the split.
-    "modadd": the built-in synthetic task a + b mod 97 (docs/design.md sec. 3, the low-loss
-    Adam spike recipe; use it with ``model.preset=modadd`` and ``data.seq_len=4``): every sample is
-    the 4 tokens [a, b, 97 ("="), c], loss on c only; ``modadd_train_fraction`` of the 9,409 pairs
-    train, the rest eval. Built in memory from nothing, never cached."""
+    Any other name must have been added with ``bigtrain.data.register_source`` by a launch script."""
 
     files: list[str] = field(default_factory=list)
     """Paths or glob patterns (source="files"). .txt/.text: one document per file; .json/.jsonl:
@@ -164,15 +161,10 @@ class DataConfig:
     num_proc: int = 1
     """Worker processes for loading and tokenizing (datasets ``num_proc``). Default: 1."""
 
-    modadd_train_fraction: float = 0.5
-    """Share of the 9,409 (a, b) pairs used for training (source="modadd"); the rest is the eval
-    set. Which pairs is a fixed permutation seeded by ``train.seed``. 0.5 is the recipe's value: half
-    the table is enough to generalise, and the loss then falls low enough for Adam to spike.
-    Default: 0.5."""
-
     def __post_init__(self) -> None:
-        if self.source not in _SOURCES:
-            raise ValueError(f"data.source must be one of {list(_SOURCES)}, got {self.source!r}")
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source must be one of {list(SOURCES)}, got {self.source!r} (a launch script "
+                             "adds one with bigtrain.data.register_source before calling bigtrain.cli.main())")
         if self.format not in _FORMATS:
             raise ValueError(f"data.format must be one of {list(_FORMATS)}, got {self.format!r}")
         if self.overlong not in ("truncate", "drop"):
@@ -191,23 +183,7 @@ class DataConfig:
         if self.source == "stdlib" and self.format != "text":
             raise ValueError(f"data.source='stdlib' is plain text: set data.format=text (got {self.format!r}) "
                              "or point data.source at your own files")
-        if self.source == "modadd":
-            if self.seq_len != MODADD_SEQ_LEN:
-                raise ValueError(
-                    f"data.seq_len must be {MODADD_SEQ_LEN} for data.source='modadd' (each sample is "
-                    f"[a, b, =, c]), got {self.seq_len}: set data.seq_len={MODADD_SEQ_LEN}"
-                )
-            n_train = round(self.modadd_train_fraction * MODADD_P**2)
-            if not 1 <= n_train < MODADD_P**2:
-                raise ValueError(
-                    f"data.modadd_train_fraction must leave at least one pair in train and in eval, "
-                    f"got {self.modadd_train_fraction}"
-                )
-        elif self.seq_len < 8:
-            raise ValueError(
-                f"data.seq_len must be >= 8, got {self.seq_len} (only data.source=modadd takes "
-                f"seq_len={MODADD_SEQ_LEN})"
-            )
+        SOURCES[self.source].check(self)  # what the source needs of seq_len and the other keys
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.max_bytes < 1:
@@ -1039,16 +1015,23 @@ def data_fingerprint(cfg: DataConfig, tokenizer, plan: _Plan | None = None) -> s
 def build_dataset(
     cfg: DataConfig, tokenizer: transformers.PreTrainedTokenizerBase, seed: int, tokenizer_dir: str | None = None
 ) -> PackedData:
+    """The blocks of ``cfg.source``: a built-in source's prepared data (:func:`_prepared`), or what a
+    registered source builds. ``seed`` is the run's ``train.seed``; ``tokenizer_dir`` is where the
+    tokenizer came from (None: the built-in one), for error messages."""
+    return SOURCES[cfg.source].build(cfg, tokenizer, seed, tokenizer_dir)
+
+
+def _prepared(
+    cfg: DataConfig, tokenizer: transformers.PreTrainedTokenizerBase, seed: int, tokenizer_dir: str | None = None
+) -> PackedData:
     """Map the prepared data for ``cfg``, preparing it first if no process has.
 
     Every rank of a job may call this at once: the first to take the entry's file lock prepares,
     the others block on the lock (outside any collective) and then map the finished entry.
     ``seed`` does not change the packed data of text sources: the split is by document hash and
     shuffling is the Sampler's, so runs that differ only in seed share one cache entry and one eval
-    set. Only source="modadd" uses it, to draw its train/eval split of the pairs.
+    set.
     """
-    if cfg.source == "modadd":
-        return _modadd(cfg, tokenizer, seed)
     check_tokenizer(cfg, tokenizer, tokenizer_dir)
     plan = _plan(cfg)
     fingerprint = data_fingerprint(cfg, tokenizer, plan)
@@ -1075,42 +1058,45 @@ def build_dataset(
     return packed
 
 
-def _modadd(cfg: DataConfig, tokenizer: transformers.PreTrainedTokenizerBase, seed: int) -> PackedData:
-    """The a + b mod 97 table as 4-token samples [a, b, =, c], labels only on c.
+def _check_prepared(cfg: DataConfig) -> None:
+    """What the built-in sources need beyond DataConfig's own checks."""
+    if cfg.seq_len < 8:
+        raise ValueError(f"data.seq_len must be >= 8, got {cfg.seq_len} (data.source={cfg.source!r})")
 
-    Token ids are the numbers themselves (0..96) and 97 for "=", so any tokenizer with at least 98
-    ids gives the model a large enough vocabulary (the byte-level default has 257); the text the
-    ids would decode to is irrelevant. The split is a permutation of the 9,409 pairs seeded by
-    ``seed`` (the research script fixed it at 0). Sample id k of train is the k-th pair of that
-    permutation; doc_names name every pair ("modadd:12+40"), train pairs first.
-    """
-    if len(tokenizer) < MODADD_EQ + 1:
-        raise ValueError(
-            f"data.source='modadd' needs token ids 0..{MODADD_EQ}, but the tokenizer has only "
-            f"{len(tokenizer)}: use the built-in tokenizer (model.path=null)"
-        )
-    p = MODADD_P
-    a = np.arange(p).repeat(p)  # pair i is (i // p, i % p)
-    b = np.tile(np.arange(p), p)
-    tokens = np.stack([a, b, np.full_like(a, MODADD_EQ), (a + b) % p], axis=1).astype(np.uint16)
-    flags = np.zeros_like(tokens, dtype=np.uint8)
-    flags[:, 0], flags[:, 3] = START, LABEL  # HF shifts labels: the logits at "=" predict c
-    order = torch.randperm(p * p, generator=torch.Generator().manual_seed(seed)).numpy()
-    n_train = round(cfg.modadd_train_fraction * p * p)
-    train_ids, eval_ids = order[:n_train], order[n_train:]
-    index = np.arange(p * p, dtype=np.int64)
-    fingerprint = hashlib.sha256(
-        json.dumps(["modadd", _FORMAT_VERSION, p, cfg.modadd_train_fraction, seed]).encode()
-    ).hexdigest()[:32]
-    names = DocNames([f"modadd:{x}+{y}" for x, y in zip(a.tolist(), b.tolist())], order.astype(np.int32),
-                     np.full(p * p, -1, dtype=np.int64))
-    return PackedData(
-        train=tokens[train_ids], eval=tokens[eval_ids],
-        train_docs=np.repeat(index[:n_train, None], 2, axis=1), eval_docs=np.repeat(index[n_train:, None], 2, axis=1),
-        doc_names=names, from_cache=False, fingerprint=fingerprint,
-        train_flags=flags[train_ids], eval_flags=flags[eval_ids],
-        stats={"documents": p * p, "train_blocks": n_train, "eval_blocks": p * p - n_train},
-    )
+
+# ----------------------------------------------------------------------------------------------
+# The source registry
+
+
+SourceBuilder = Callable[[DataConfig, transformers.PreTrainedTokenizerBase, int, str | None], PackedData]
+
+
+def _no_check(cfg: DataConfig) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A ``data.source``. ``build(cfg, tokenizer, seed, tokenizer_dir)`` is called on every rank and must
+    give every rank the same blocks (the Sampler's positions index them); ``check(cfg)`` runs when the
+    config is parsed, before anything heavy, and raises ValueError naming the key to fix."""
+
+    build: SourceBuilder
+    check: Callable[[DataConfig], None] = _no_check
+
+
+SOURCES: dict[str, DataSource] = {name: DataSource(_prepared, _check_prepared) for name in ("stdlib", "files", "hub")}
+
+
+def register_source(name: str, build: SourceBuilder, check: Callable[[DataConfig], None] = _no_check) -> None:
+    """Make ``data.source=name`` build its blocks with ``build`` (see :class:`DataSource`). Call it on every
+    rank before the config is parsed: a launch script that registers, then runs ``bigtrain.cli.main()``.
+    This is how a benchmark's synthetic task plugs in without bigtrain importing the benchmark. The same
+    functions again are a no-op; others under a taken name are refused."""
+    source = DataSource(build, check)
+    if SOURCES.get(name, source) != source:
+        raise ValueError(f"data.source {name!r} is already registered")
+    SOURCES[name] = source
 
 
 # ----------------------------------------------------------------------------------------------

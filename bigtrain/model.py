@@ -8,20 +8,9 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig
 
-from bigtrain.config import ConfigError, ModelConfig
+from bigtrain.config import PRESETS, ConfigError, ModelConfig
 
-# Built-in architectures, all Llama-style (RMSNorm, RoPE, SwiGLU) so one code path covers them.
-PRESETS: dict[str, dict] = {
-    "tiny-llama": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=4),
-    "small-llama": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                        num_key_value_heads=8),
-    "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8),
-    # The low-loss Adam spike recipe (docs/design.md sec. 3): 1 layer, d=128, 4 heads.
-    "modadd": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
-                   num_key_value_heads=4),
-}
+# The preset registry (PRESETS, register_preset) lives in bigtrain.config, beside the validation that needs it.
 
 
 def preset_config(cfg: ModelConfig, vocab_size: int, seq_len: int, pad_token_id: int | None) -> PretrainedConfig:

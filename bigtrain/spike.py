@@ -2,13 +2,13 @@
 
 Everything here is pure Python (no torch, no I/O, no ranks, no clock, no randomness): the trainer
 feeds each monitor the *globally reduced* loss, grad norm and flags once per step, so every rank
-computes the same verdict and takes the same collective action (DESIGN.md "All ranks agree").
-Detection is a small object with a ``state_dict``; recovery stays in the trainer's control flow
-(STYLE.md 2, after OLMo-core's SkipStepOptimizer and StabilityMonitorCallback).
+computes the same verdict and takes the same collective action. Detection is a small object with a
+``state_dict``; recovery stays in the trainer's control flow (after OLMo-core's SkipStepOptimizer and
+StabilityMonitorCallback).
 
-Three competitors are reproduced next to bigtrain's own monitor so a benchmark can run them under
-the same trainer: OLMo-core's skip-step rule, llm-foundry's KillLossSpike and plain DeepSpeed.
-Their rules and upstream files (allenai/OLMo-core, mosaicml/llm-foundry) are in docs/design.md sec. 2.
+Monitors are looked up by name in ``MONITORS`` (``spike.monitor``). Only bigtrain's own and "none" are
+built in; the spike benchmark's reproductions of competitors' rules register themselves from outside
+(bench/competitors.py), because a product that imported its benchmark would ship it.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-POLICIES = ("bigtrain", "olmo_skip_step", "llmfoundry_kill", "none")
-
-# Verdict kinds. SPIKE and INCIDENT mean "roll back"; SKIP_UPDATE (OLMo-core) means "undo this one
-# update"; STOP (llm-foundry) means "end the run".
+# Verdict kinds, the whole vocabulary a monitor can answer with; the trainer acts on the kind, not on
+# which monitor gave it. SPIKE and INCIDENT mean "roll back"; SKIP_UPDATE means "undo this one update"
+# (a one-step rule such as OLMo-core's skip-step optimizer); STOP means "end the run" (a kill rule such
+# as llm-foundry's KillLossSpike). bigtrain's own SpikeMonitor gives only the first four.
 OK, ANOMALOUS, SPIKE, INCIDENT = "ok", "anomalous", "spike", "incident"
 SKIP_UPDATE, STOP = "skip_update", "stop"
 
@@ -35,13 +36,13 @@ class SpikeConfig:
     """Config section ``spike``: detection thresholds, escalation ladder and budgets."""
 
     enabled: bool = True
-    """Watch for spikes at all. False behaves like policy "none" (plain DeepSpeed)."""
+    """Watch for spikes at all. False behaves like monitor "none" (plain DeepSpeed)."""
 
-    policy: str = "bigtrain"
-    """Detector and reaction: "bigtrain" (robust detector, rollback + skip + escalation),
-    "olmo_skip_step" (OLMo-core: skip the single update beyond 6 sigma), "llmfoundry_kill"
-    (llm-foundry: stop after 5 steps at >= 2x the window mean), "none" (do nothing). The
-    competitors exist so that the benchmark compares against their exact rules."""
+    monitor: str = "bigtrain"
+    """The detector, by registered name: "bigtrain" (robust detector, rollback + skip + escalation) or
+    "none" (do nothing). Other monitors are added by a launch script that calls
+    ``bigtrain.spike.register_monitor(name, factory)`` and then ``bigtrain.cli.main()``; the settings
+    below belong to "bigtrain"."""
 
     window: int = 64
     """Accepted (non-anomalous) steps the median/MAD use. 64 is half of OLMo-core's 128: medians
@@ -69,10 +70,10 @@ class SpikeConfig:
     min_spike_loss: float = 1e-3
     """A loss below this is never anomalous, whatever its ratio to the level, and below it only a
     grad-norm blow-up (``grad_blowup_ratio`` x the run's max) counts: the research rule
-    (docs/design.md sec. 3) is loss > max(1e-3, 10 x the recent minimum). Without it, a memorised
-    task at loss ~1e-5 (modadd, bf16) showed loss "spikes" to 1e-4 and runs of 3 grad-norm
-    anomalies every few steps, and the rollbacks they triggered spent the budget. Language-model
-    losses are far above it."""
+    (docs/design.md sec. 3) is loss > max(1e-3, 10 x the recent minimum). Once a task is memorised,
+    the relative noise of a tiny loss and grad norm is large and harmless, and rollbacks for it only
+    spend the budget (docs/spike_benchmark.md, "Where the spike defaults come from").
+    Language-model losses are far above it."""
 
     min_grad_ratio: float = 3.0
     """Same guard for the grad norm, which is far noisier than the loss (OPT/GLM logs show 2-3x
@@ -88,11 +89,11 @@ class SpikeConfig:
     grad_blowup_ratio: float = 10.0
     """Grad norm this many times the largest accepted one of the run (and z above threshold) is a
     spike at once: Megatron-LM's large-grad check is 10x the max of its first 100 values
-    (rerun_state_machine.is_unexpectedly_large), a catastrophe detector. Against the median, a grad
-    norm rising from 0.7 to 1.6 and then 13.5 while the loss fell fast (modadd's phase transition)
-    was a false alarm; against a recent window, bursts from 1e-4 to 0.02 at loss 1e-5 (modadd
-    memorised) fired every few steps and spent the rollback budget (docs/spike_benchmark.md).
-    Moderate grad anomalies still count through the persistence rule."""
+    (rerun_state_machine.is_unexpectedly_large), a catastrophe detector. The reference is the run's
+    largest, not the median (a grad norm that climbs while the loss falls fast is learning, not a
+    blow-up) nor a recent window (once a task is memorised its grad norm decays by orders of
+    magnitude, and ordinary bursts would look like blow-ups; docs/spike_benchmark.md). Moderate grad
+    anomalies still count through the persistence rule."""
 
     loss_blowup_ratio: float = 4.0
     """Loss this many times the median (and z above threshold) is a spike at once: waiting for
@@ -109,8 +110,8 @@ class SpikeConfig:
     Bad data comes in blocks (PaLM skipped 200-500 batches after rewinding ~100 steps, i.e. 100-400
     past the spike; OLMo 2 traced spikes to runs of repeated n-gram documents), and a spike is
     detected at the block's first batch, not its last. Skipping costs no compute (the step count is
-    unchanged), only those samples go unseen. With 2, a 6-batch bad block outlasted the skip, a
-    second rollback escalated and its LR cut cost +3.8% held-out loss (docs/spike_benchmark.md).
+    unchanged), only those samples go unseen. A margin shorter than a bad block lets its tail cause
+    a second rollback, which escalates and cuts the LR for nothing (docs/spike_benchmark.md).
     0 skips exactly the restored-position-to-spike window."""
 
     eps_factor: float = 0.1
@@ -129,13 +130,13 @@ class SpikeConfig:
     lowered the LR by hand."""
 
     lr_floor_scale: float = 0.01
-    """Never scale the LR below this fraction of the schedule: halving on every rollback drove the
-    LR to 2^-20 and stalled training in docs/design.md sec. 3."""
+    """Never scale the LR below this fraction of the schedule: halving on every rollback without a
+    floor drives the LR towards zero and stalls training (docs/design.md sec. 3)."""
 
     lr_cooldown_steps: int = 200
     """A lowered LR returns linearly to the schedule over this many steps after the rollback (a
-    cool-down, not a permanent cut); 0 keeps it lowered for the rest of the run. A permanent halving
-    cost +5.6% held-out loss on the bad-data scenario of docs/spike_benchmark.md."""
+    cool-down, not a permanent cut); 0 keeps it lowered for the rest of the run. A cut that is never
+    undone keeps costing held-out loss long after the spike is gone (docs/spike_benchmark.md)."""
 
     region_steps: int = 200
     """A spike whose onset lies within this many steps of the previous rollback's onset is "the
@@ -144,23 +145,24 @@ class SpikeConfig:
 
     max_rollbacks: int = 10
     """Rollbacks allowed with onsets within ``region_steps`` steps of each other before stopping
-    with a report: that many in one stretch means the run is not getting past it (the 6.2 probe hit
-    a cap of 20 while still spiking). A cap per run would end healthy long runs: PaLM met ~20
-    spikes in one run, and modadd's low-loss regime spiked every ~50-100 steps while its loss kept
-    falling (a per-run cap of 10 gave up at step 971 of 1000 with held-out loss 0.0036)."""
+    with a report: that many in one stretch means the run is not getting past it. A cap per run
+    would end healthy long runs, which meet spikes throughout while their loss keeps falling (PaLM
+    met ~20 in one run; docs/spike_benchmark.md)."""
 
     max_wasted_fraction: float = 0.5
     """Stop when steps discarded by rollbacks exceed this share of all steps run (counted over at
     least ``region_steps`` steps, so an incident early in the run rolls back like any other): plain
-    rewind-and-skip threw away 1,902 of 2,500 steps in docs/design.md sec. 3."""
+    rewind-and-skip can discard most of the compute on optimizer-driven spikes (docs/design.md
+    sec. 3)."""
 
     escalate_lr_factor: float = 0.5
     """Extra LR multiplier from escalation level 1 on: a recurring spike in the same region is
-    optimizer dynamics, not data, and a lower LR gave the lowest final loss in 6.2."""
+    optimizer dynamics, not data, and a lower LR gave the lowest final loss (docs/design.md sec. 3)."""
 
     escalate_beta2: float | None = 0.95
     """Adam beta2 set from escalation level 2 on if the current one is larger (OPT went 0.98 ->
-    0.95; a large beta2 made spikes earlier and more frequent in 6.2). None leaves beta2 alone."""
+    0.95; a larger beta2 brings spikes earlier and more often, docs/design.md sec. 3). None leaves
+    beta2 alone."""
 
     max_skip_multiplier: int = 16
     """Cap on the widening of the skipped data window (1, 2, 4, ...) so escalation cannot skip an
@@ -169,15 +171,14 @@ class SpikeConfig:
     sample_window: int = 256
     """Per-sample losses (summed token loss / label count of each sample) of recent accepted steps that
     the attribution's median/MAD use: at a global batch of 16 that is the last 16 steps, at 1,024 a
-    quarter of the last step. Short, so the reference follows a falling loss (a 512-value window
-    over 64 early steps put the older, higher losses 1.5x above the median at z 2.5)."""
+    quarter of the last step. Short, so the reference follows a falling loss: a long window holds
+    older, higher losses that widen the spread and hide outliers."""
 
     sample_z: float = 3.0
     """Robust z-score of a sample's log loss against that median/MAD above which the sample is an
-    outlier. Per-sample losses spread far more than step losses (sigma ~0.16 in log space at 32-token
-    blocks of stdlib code) but with a light upper tail: none of 392 accepted samples lay above z 2.5.
-    Random-token garbage sits at ~ln(vocab): 1.5x the median with a 257-token vocab (z ~2.5-3.5),
-    ~3x with a 32k one."""
+    outlier. Per-sample losses spread far more than step losses but with a light upper tail, and
+    random-token garbage sits at ~ln(vocab): 1.5x the median with a 257-token vocab, ~3x with a 32k
+    one, so 3 sigma separates it (measurements: docs/spike_benchmark.md)."""
 
     sample_min_ratio: float = 1.25
     """An outlier sample's loss must also be at least this multiple of the recent median sample's."""
@@ -186,7 +187,7 @@ class SpikeConfig:
     """Family-wise false-alarm rate of the outlier test: with n samples tested, the z bar is
     ``max(sample_z, Phi^-1(1 - sample_alpha / n))`` (Bonferroni), so a global batch of 1,024 needs
     z ~3.9 where one of 16 needs ``sample_z``. A fixed bar flags ~n x 0.13% clean samples of a normal
-    spread (more of a heavy-tailed one) in every spike: at a global batch of 1,024 some always stood out."""
+    spread (more of a heavy-tailed one) in every spike, so a large batch would always convict some."""
 
     max_convicted_blocks: int = 65_536
     """Absolute cap on the blocks one rollback skips as whole documents (each document is also held to
@@ -198,17 +199,21 @@ class SpikeConfig:
     """A document convicted by an outlier sample is skipped whole (every block, in every epoch) only
     if its blocks are at most this share of the training blocks; a larger one loses only its flagged
     blocks. What a wrong conviction costs is the share of the corpus it removes, so the bound is a
-    share: a 800-block book in 10^9 blocks may go, a file that is half of a small corpus may not (one
-    outlier block of a 2,938-block file in a 6,187-block corpus skipped half of it). 0.02 convicted
-    all but the largest of the bad documents (1,854 blocks = 3%) in a tuning run (seed 11 of the
-    diluted benchmark; 0.0083 there missed 10 of 40). 1.0: no limit."""
+    share: a 800-block book in 10^9 blocks may go, a file that is half of a small corpus may not.
+    0.02 is the value that convicted nearly all injected bad documents in the diluted benchmark's
+    tuning run (docs/spike_benchmark.md). 1.0: no limit."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, rule: str) -> None:
             if not ok:
                 raise ValueError(f"spike.{name} must be {rule}, got {getattr(self, name)!r}")
 
-        need(self.policy in POLICIES, "policy", f"one of {', '.join(POLICIES)}")
+        if self.monitor not in MONITORS:
+            raise ValueError(
+                f"spike.monitor must be a registered monitor ({', '.join(sorted(MONITORS))}), got "
+                f"{self.monitor!r}: a monitor from outside bigtrain is registered by a launch script that "
+                "calls bigtrain.spike.register_monitor(name, factory) and then bigtrain.cli.main() "
+                "(the repository's bench/bench_entry.py does so for the spike benchmark's competitors)")
         need(self.window >= 8, "window", ">= 8")
         need(4 <= self.warmup <= self.window, "warmup", "between 4 and spike.window")
         need(self.z_threshold > 0, "z_threshold", "> 0")
@@ -261,7 +266,10 @@ class Verdict:
 
 
 class Monitor(Protocol):
-    """The seam the trainer uses; all four monitors below satisfy it."""
+    """The seam the trainer uses: SpikeMonitor and NullMonitor satisfy it, and so must any monitor
+    added with :func:`register_monitor`. ``observe`` gets only globally reduced values and must be
+    deterministic, so every rank reaches the same verdict and takes the same collective action; ``state_dict`` travels in
+    every checkpoint and is restored on resume and rollback."""
 
     def observe(self, step: int, loss: float, grad_norm: float, nonfinite: bool = False,
                 ds_skipped: bool = False) -> Verdict: ...
@@ -283,8 +291,8 @@ def _median_mad(xs: deque[float] | list[float], floor: float) -> tuple[float, fl
     Level: median of the last ``_LEVEL_WINDOW`` values. Noise: MAD of successive differences over the
     whole window, / sqrt(2) (the differences of i.i.d. noise have sqrt(2) x its spread). Differencing
     removes the trend, so early in training - loss falling fast - the noise estimate is the
-    step-to-step jitter, not the slope; a plain MAD around the window median counted the slope as
-    noise and missed a 1.7x jump of 4 poisoned steps (seen on the stdlib default run).
+    step-to-step jitter, not the slope; a plain MAD around the window median counts the slope as
+    noise and misses moderate jumps of a few bad steps.
     """
     xs = list(xs)
     level = statistics.median(xs[-_LEVEL_WINDOW:])
@@ -439,141 +447,9 @@ class SpikeMonitor:
         self.samples.load_state_dict(d.get("samples", {}))  # absent before per-sample losses existed
 
 
-def _competitor_nonfinite(loss: float, nonfinite: bool, ds_skipped: bool) -> Verdict | None:
-    """Shared non-finite handling for the competitors: both upstream trainers raise on a
-    non-finite loss (OLMo-core train/trainer.py L1430-1436, Composer NaNMonitor); non-finite grads
-    that DeepSpeed skipped are DeepSpeed's business, not theirs."""
-    if not math.isfinite(loss):
-        return Verdict(INCIDENT, f"non-finite loss {loss}")
-    if nonfinite and not ds_skipped:
-        return Verdict(INCIDENT, "non-finite gradients applied")
-    if nonfinite:
-        return Verdict(OK, "DeepSpeed skipped a non-finite step")
-    return None
-
-
-class OlmoSkipStepMonitor:
-    """OLMo-core ``SkipStepOptimizer.get_step_factor`` (src/olmo_core/optim/skip_step_optimizer.py).
-
-    Keeps the last 129 values (128 previous + current); no decision until 64 values including the
-    current one (``len(self._losses) < max(20, 128 // 2)``); mean and unbiased std
-    (``torch.std_mean``) of the previous values; skip iff ``loss - mu > 6 sigma`` or
-    ``gnorm - mu > 6 sigma`` (one-sided). Every value enters the lists, flagged or not.
-    Upstream does not checkpoint the lists (docs/design.md sec. 2); the state_dict here
-    exists for the common interface, and a faithful benchmark does not restore it.
-    """
-
-    rolling_interval_length = 128
-    sigma_factor = 6.0
-
-    def __init__(self) -> None:
-        self._losses: list[float] = []
-        self._grad_norms: list[float] = []
-
-    def observe(self, step: int, loss: float, grad_norm: float, nonfinite: bool = False,
-                ds_skipped: bool = False) -> Verdict:
-        bad = _competitor_nonfinite(loss, nonfinite, ds_skipped)
-        if bad is not None:
-            return bad
-        keep = self.rolling_interval_length + 1
-        self._losses = (self._losses + [loss])[-keep:]  # latest_loss setter
-        if math.isfinite(grad_norm) and grad_norm > 0:  # latest_grad_norm setter (GradClipper)
-            self._grad_norms = (self._grad_norms + [grad_norm])[-keep:]
-        if len(self._losses) < max(20, self.rolling_interval_length // 2):
-            return Verdict(OK, "warmup")
-        prev = self._losses[:-1]
-        mu, sd = statistics.fmean(prev), statistics.stdev(prev)
-        stats = {"loss_mean": mu, "loss_std": sd}
-        flagged = loss - mu > self.sigma_factor * sd
-        severity = (loss - mu) / sd if sd > 0 else 0.0  # z-score of the loss
-        # Upstream uses the grad rule whenever grad norms were set; std needs two previous values.
-        if len(self._grad_norms) >= 3:
-            prev_g = self._grad_norms[:-1]
-            mu_g, sd_g = statistics.fmean(prev_g), statistics.stdev(prev_g)
-            stats |= {"grad_mean": mu_g, "grad_std": sd_g}
-            flagged = flagged or self._grad_norms[-1] - mu_g > self.sigma_factor * sd_g
-        if flagged:
-            return Verdict(SKIP_UPDATE, "loss or grad norm > mean + 6 sigma of last 128", step,
-                           severity, stats)
-        return Verdict(OK, "normal", stats=stats)
-
-    def reset_pending(self) -> None:
-        """Nothing is pending in a one-step rule."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"losses": list(self._losses), "grad_norms": list(self._grad_norms)}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        self._losses = [float(x) for x in d["losses"]]
-        self._grad_norms = [float(x) for x in d["grad_norms"]]
-
-
-class KillLossSpikeMonitor:
-    """llm-foundry ``KillLossSpike`` (llmfoundry/callbacks/kill_loss_spike_callback.py).
-
-    ``window_size = max(100, round(0.05 * total_steps))``; nothing is checked until the window is
-    full; outlier iff ``loss >= 2 * mean(window)``, stop when the outlier counter exceeds
-    ``patience = 4`` (the 5th consecutive outlier); otherwise, after ``2 * window_size`` steps, stop
-    when ``count(loss > loss_cap) >= window_size / 2`` with ``loss_cap = min(max(first full
-    window), 10)``. Every loss is appended after the check, spikes included. Upstream reads the
-    rank-local last-microbatch loss; here it gets the all-reduced one like every monitor.
-    """
-
-    patience = 4
-    outlier_multiplier = 2.0
-
-    def __init__(self, total_steps: int) -> None:
-        self.window_size = max(100, round(0.05 * total_steps))  # _MIN_WINDOW_SIZE, _WINDOW_FRACTION
-        self._window: deque[float] = deque(maxlen=self.window_size)
-        self._outliers = 0
-        self._seen = 0  # losses observed, standing in for Composer's state.timestamp.batch
-        self._loss_cap = 10.0  # _MAX_LOSS_CAP
-        self._cap_set = False
-
-    def observe(self, step: int, loss: float, grad_norm: float, nonfinite: bool = False,
-                ds_skipped: bool = False) -> Verdict:
-        bad = _competitor_nonfinite(loss, nonfinite, ds_skipped)
-        if bad is not None:
-            return bad
-        self._seen += 1
-        verdict = Verdict(OK, "warmup" if len(self._window) < self.window_size else "normal")
-        if len(self._window) == self.window_size:
-            if not self._cap_set:
-                # Upstream sets the cap when state.timestamp.batch == window_size, documented as
-                # "the maximum loss from the first loss window"; we take that first full window.
-                self._loss_cap, self._cap_set = min(max(self._window), self._loss_cap), True
-            mean = statistics.fmean(self._window)
-            stats = {"window_mean": mean, "loss_cap": self._loss_cap}
-            high = sum(1 for x in self._window if x > self._loss_cap)
-            if loss >= mean * self.outlier_multiplier:
-                self._outliers += 1
-            else:
-                self._outliers = 0
-            if self._outliers > self.patience:  # _detect_loss_spike
-                verdict = Verdict(STOP, f"loss >= 2x window mean for {self._outliers} steps",
-                                  step - self._outliers + 1, loss / mean, stats)
-            # `elif` upstream: the high-loss rule runs whenever the spike rule did not fire.
-            elif self._seen >= 2 * self.window_size and high >= self.window_size / 2:
-                verdict = Verdict(STOP, f"{high}/{self.window_size} losses above "
-                                  f"{self._loss_cap:.4g}", None, float(high), stats)
-        self._window.append(loss)
-        return verdict
-
-    def reset_pending(self) -> None:
-        self._outliers = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"window": list(self._window), "outliers": self._outliers, "seen": self._seen,
-                "loss_cap": self._loss_cap, "cap_set": self._cap_set}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        self._window = deque((float(x) for x in d["window"]), maxlen=self.window_size)
-        self._outliers, self._seen = int(d["outliers"]), int(d["seen"])
-        self._loss_cap, self._cap_set = float(d["loss_cap"]), bool(d["cap_set"])
-
-
 class NullMonitor:
-    """Plain DeepSpeed: no detector. Non-finite steps are left to DeepSpeed's own overflow skip."""
+    """``spike.monitor=none``, plain DeepSpeed: no detector. Non-finite steps are left to DeepSpeed's
+    own overflow skip."""
 
     def observe(self, step: int, loss: float, grad_norm: float, nonfinite: bool = False,
                 ds_skipped: bool = False) -> Verdict:
@@ -589,15 +465,34 @@ class NullMonitor:
         pass
 
 
+MonitorFactory = Callable[[SpikeConfig, int], Monitor]
+"""Builds a monitor from the ``spike`` section and the run's total steps (a window may be sized by it)."""
+
+# Monitors by name, for ``spike.monitor``. A monitor from outside bigtrain (the spike benchmark's
+# competitor rules, a user's own detector) is added with register_monitor by a launch script before
+# it calls bigtrain.cli.main(): bigtrain never imports them, so the product carries no benchmark code
+# and this module keeps its rule of no imports beyond the standard library.
+MONITORS: dict[str, MonitorFactory] = {
+    "bigtrain": lambda cfg, total_steps: SpikeMonitor(cfg),
+    "none": lambda cfg, total_steps: NullMonitor(),
+}
+
+
+def register_monitor(name: str, factory: MonitorFactory) -> None:
+    """Make ``spike.monitor=name`` build ``factory(spike_config, total_steps)``. Call it on every rank
+    before the config is parsed (a script that registers, then runs ``bigtrain.cli.main()``), since
+    validating ``spike.monitor`` looks the name up here. Registering the same factory again is a no-op;
+    another factory under a taken name is refused, so two plug-ins cannot silently replace each other."""
+    if MONITORS.get(name, factory) is not factory:
+        raise ValueError(f"spike.monitor {name!r} is already registered")
+    MONITORS[name] = factory
+
+
 def build_monitor(cfg: SpikeConfig, total_steps: int) -> Monitor:
-    """The monitor for ``cfg.policy``; ``total_steps`` sizes llm-foundry's window."""
-    if not cfg.enabled or cfg.policy == "none":
+    """The monitor registered as ``cfg.monitor``; ``spike.enabled=false`` is "none" whatever the name."""
+    if not cfg.enabled:
         return NullMonitor()
-    if cfg.policy == "olmo_skip_step":
-        return OlmoSkipStepMonitor()
-    if cfg.policy == "llmfoundry_kill":
-        return KillLossSpikeMonitor(total_steps)
-    return SpikeMonitor(cfg)
+    return MONITORS[cfg.monitor](cfg, total_steps)
 
 
 # Causes of a recovery (spike.attribute): they pick the medicine (Escalation.decide).
@@ -706,7 +601,7 @@ class SampleLosses:
     The reference separates level from spread so that a falling loss does not look like noise: the
     level is the median of the newest ``_LEVEL_SAMPLES`` log losses; the spread is the MAD of each
     sample's deviation from its own step's median, which removes the trend between steps (a plain
-    window median lagged 16% behind a loss falling over 40 steps and inflated the MAD with the slope).
+    window median lags behind a falling loss and counts its slope as spread).
     """
 
     max_pending_steps = 16

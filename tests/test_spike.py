@@ -1,4 +1,5 @@
-"""Unit tests for bigtrain.spike: detectors on synthetic curves, competitor rules, escalation."""
+"""Unit tests for bigtrain.spike: detectors on synthetic curves, the monitor registry, escalation.
+The competitors' rules live in the benchmark (tests/test_bench_competitors.py)."""
 
 import json
 import math
@@ -7,13 +8,14 @@ import statistics
 
 import pytest
 
+from bigtrain import spike
+from bigtrain.config import ConfigError, load_config
 from bigtrain.spike import (
     Escalation,
-    KillLossSpikeMonitor,
     NullMonitor,
-    OlmoSkipStepMonitor,
     SpikeConfig,
     SpikeMonitor,
+    Verdict,
     build_monitor,
 )
 
@@ -208,107 +210,61 @@ def test_verdict_stats_are_json_floats():
     json.dumps(v.stats, allow_nan=False)
 
 
-# --- OLMo-core SkipStepOptimizer -----------------------------------------------------------------
-
-
-def test_olmo_waits_for_64_values_then_flags_beyond_6_sigma():
-    mon = OlmoSkipStepMonitor()
-    base = [1.0, 3.0] * 40  # mean 2, unbiased std ~1.0
-    for t in range(63):
-        assert mon.observe(t, base[t], 1.0 + 0.1 * (t % 2)).kind == "ok"
-    # The 64th value is the first checked: 63 previous values.
-    prev = base[:63]
-    mu = sum(prev) / 63
-    sd = math.sqrt(sum((x - mu) ** 2 for x in prev) / 62)
-    assert mon.observe(63, mu + 6 * sd - 1e-9, 1.0).kind == "ok"
-    v = mon.observe(64, 100.0, 1.0)
-    assert v.kind == "skip_update" and v.onset_step == 64
-
-
-def test_olmo_flagged_values_enter_the_window_and_window_is_128():
-    mon = OlmoSkipStepMonitor()
-    for t in range(200):
-        mon.observe(t, 2.0 + 0.01 * (t % 3), 1.0 + 0.01 * (t % 2))
-    assert mon.observe(200, 50.0, 1.0).kind == "skip_update"
-    state = mon.state_dict()
-    assert state["losses"][-1] == 50.0 and len(state["losses"]) == 129
-    # The spike now inflates sigma: a 3x loss right after is no longer flagged (upstream caveat).
-    assert mon.observe(201, 6.0, 1.0).kind == "ok"
-
-
-def test_olmo_grad_rule_and_nonfinite():
-    mon = OlmoSkipStepMonitor()
-    for t in range(100):
-        mon.observe(t, 2.0 + 0.01 * (t % 3), 1.0 + 0.01 * (t % 2))
-    assert mon.observe(100, 2.0, 5.0).kind == "skip_update"
-    assert mon.observe(101, float("inf"), 1.0).kind == "incident"
-
-
-# --- llm-foundry KillLossSpike -------------------------------------------------------------------
-
-
-def test_kill_window_size():
-    assert KillLossSpikeMonitor(1000).window_size == 100
-    assert KillLossSpikeMonitor(10_000).window_size == 500
-
-
-def test_kill_stops_on_fifth_consecutive_2x_step_not_fourth():
-    mon = KillLossSpikeMonitor(total_steps=1000)
-    for t in range(100):
-        assert mon.observe(t, 1.0, 1.0).kind == "ok"  # filling the window: nothing checked
-    kinds = [mon.observe(100 + i, 10.0, 1.0).kind for i in range(5)]
-    assert kinds == ["ok", "ok", "ok", "ok", "stop"]
-
-
-def test_kill_counter_resets_and_mean_includes_spikes():
-    mon = KillLossSpikeMonitor(total_steps=1000)
-    for t in range(100):
-        mon.observe(t, 1.0, 1.0)
-    for i in range(4):
-        mon.observe(100 + i, 2.0, 1.0)  # exactly 2x counts (>=)
-    assert mon.observe(104, 1.0, 1.0).kind == "ok"  # resets the counter
-    # Window mean is now (95 + 4*2 + 1) / 100 = 1.04, so 2.0 is no longer an outlier.
-    assert [mon.observe(105 + i, 2.0, 1.0).kind for i in range(5)] == ["ok"] * 5
-
-
-def test_kill_high_loss_rule():
-    mon = KillLossSpikeMonitor(total_steps=1000)  # window 100
-    for t in range(100):
-        mon.observe(t, 3.0 if t == 0 else 2.0, 1.0)  # first full window max 3 -> loss_cap 3
-    kinds = [mon.observe(100 + i, 3.5, 1.0).kind for i in range(100)]
-    # 3.5 < 2 * mean, so never an outlier. The rule is first checked at the 200th loss
-    # (current_step >= 2 * window), when the window holds 99 values of 3.5 > cap 3 (>= 50).
-    assert kinds == ["ok"] * 99 + ["stop"]
-
-
-def test_kill_high_loss_needs_half_the_window():
-    mon = KillLossSpikeMonitor(total_steps=1000)
-    for t in range(100):
-        mon.observe(t, 3.0 if t == 0 else 2.0, 1.0)
-    kinds = [mon.observe(100 + i, 3.5 if i % 3 == 0 else 2.0, 1.0).kind for i in range(200)]
-    assert "stop" not in kinds  # about a third of the window is above the cap
-
-
-def test_competitors_round_trip_and_null():
-    for mon in (OlmoSkipStepMonitor(), KillLossSpikeMonitor(100)):
-        for t in range(150):
-            mon.observe(t, 2.0 + 0.01 * (t % 5), 1.0)
-        twin = type(mon)() if isinstance(mon, OlmoSkipStepMonitor) else KillLossSpikeMonitor(100)
-        twin.load_state_dict(json.loads(json.dumps(mon.state_dict())))
-        for t, l in enumerate([2.0, 9.0, 9.0, 9.0, 9.0, 9.0, 2.0], start=150):
-            assert mon.observe(t, l, 1.0) == twin.observe(t, l, 1.0)
+def test_build_monitor():
+    assert isinstance(build_monitor(SpikeConfig(), 1000), SpikeMonitor)
+    assert isinstance(build_monitor(SpikeConfig(monitor="none"), 1000), NullMonitor)
+    assert isinstance(build_monitor(SpikeConfig(enabled=False), 1000), NullMonitor)
     null = NullMonitor()
     assert null.observe(0, float("nan"), float("nan"), nonfinite=True).kind == "ok"
 
 
-def test_build_monitor():
-    assert isinstance(build_monitor(SpikeConfig(), 1000), SpikeMonitor)
-    assert isinstance(build_monitor(SpikeConfig(policy="olmo_skip_step"), 1000),
-                      OlmoSkipStepMonitor)
-    kill = build_monitor(SpikeConfig(policy="llmfoundry_kill"), 10_000)
-    assert isinstance(kill, KillLossSpikeMonitor) and kill.window_size == 500
-    assert isinstance(build_monitor(SpikeConfig(policy="none"), 1000), NullMonitor)
-    assert isinstance(build_monitor(SpikeConfig(enabled=False), 1000), NullMonitor)
+class Constant:
+    """A registered monitor of the seam tests: says ``kind`` at every step."""
+
+    def __init__(self, kind: str, total_steps: int) -> None:
+        self.kind, self.total_steps = kind, total_steps
+
+    def observe(self, step, loss, grad_norm, nonfinite=False, ds_skipped=False):
+        return Verdict(self.kind, "constant")
+
+    def reset_pending(self):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, d):
+        pass
+
+
+def test_a_registered_monitor_is_accepted_by_name_and_built(monkeypatch):
+    monkeypatch.setattr(spike, "MONITORS", dict(spike.MONITORS))  # the registry as it was, after the test
+
+    def factory(cfg, total_steps):
+        return Constant("stop", total_steps)
+
+    with pytest.raises(ConfigError, match=r"spike\.monitor must be a registered monitor \(bigtrain, none\), got "
+                                          r"'mine'.*bigtrain\.spike\.register_monitor.*bigtrain\.cli\.main\(\)"):
+        load_config(None, ["spike.monitor=mine"])
+    spike.register_monitor("mine", factory)
+    spike.register_monitor("mine", factory)  # the same factory again: a no-op (every rank, every import)
+    cfg = load_config(None, ["spike.monitor=mine", "train.steps=300"])
+    monitor = build_monitor(cfg.spike, cfg.train.steps)
+    assert isinstance(monitor, Constant) and monitor.total_steps == 300
+    assert monitor.observe(1, 1.0, 1.0).kind == "stop"
+    assert isinstance(build_monitor(SpikeConfig(monitor="mine", enabled=False), 300), NullMonitor)
+    with pytest.raises(ValueError, match="already registered"):
+        spike.register_monitor("mine", lambda cfg, total_steps: NullMonitor())
+    with pytest.raises(ValueError, match="already registered"):
+        spike.register_monitor("bigtrain", factory)
+
+
+def test_the_old_key_and_the_competitors_are_not_in_the_product():
+    with pytest.raises(ConfigError, match=r"unknown config key 'spike\.policy'"):
+        load_config(None, ["spike.policy=bigtrain"])
+    with pytest.raises(ConfigError, match=r"spike\.monitor must be a registered monitor"):
+        load_config(None, ["spike.monitor=olmo_skip_step"])
+    assert not hasattr(spike, "OlmoSkipStepMonitor") and not hasattr(spike, "KillLossSpikeMonitor")
 
 
 # --- Escalation ----------------------------------------------------------------------------------
@@ -395,7 +351,7 @@ def test_escalation_rejects_inconsistent_steps():
 @pytest.mark.parametrize("kwargs, field", [
     ({"window": 3}, "spike.window"),
     ({"warmup": 100}, "spike.warmup"),
-    ({"policy": "magic"}, "spike.policy"),
+    ({"monitor": "magic"}, "spike.monitor"),
     ({"patience": 0}, "spike.patience"),
     ({"z_threshold": 0.0}, "spike.z_threshold"),
     ({"eps_factor": 2.0}, "spike.eps_factor"),

@@ -1,13 +1,31 @@
-"""The built-in modadd source: a + b mod 97 as 4-token samples with a label only on the answer."""
+"""The spike benchmark's modadd task (bench/modadd.py): a + b mod 97 as 4-token samples with a label only
+on the answer, plugged into bigtrain as a registered data source and model preset."""
+
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from bigtrain import config, data
 from bigtrain.config import ConfigError, load_config
 from bigtrain.data import DataConfig, build_dataset, build_tokenizer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import modadd  # noqa: E402
+
 P = 97
+
+
+@pytest.fixture(autouse=True)
+def registered(monkeypatch):
+    """modadd registered, and the registries as they were after each test."""
+    monkeypatch.setattr(data, "SOURCES", dict(data.SOURCES))
+    monkeypatch.setattr(config, "PRESETS", dict(config.PRESETS))
+    modadd.register()
+    modadd.register()  # every rank, every import: registering again is a no-op
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +72,7 @@ def test_deterministic_per_seed_and_fraction(tok):
         assert np.array_equal(getattr(one, name), getattr(again, name))
     assert one.fingerprint == again.fingerprint != other.fingerprint
     assert not np.array_equal(one.train, other.train)
-    small = build_dataset(DataConfig(source="modadd", seq_len=4, modadd_train_fraction=0.3), tok, seed=1)
+    small = modadd.build(DataConfig(source="modadd", seq_len=4), tok, seed=1, train_fraction=0.3)
     assert small.train.shape[0] == round(0.3 * P * P) and small.fingerprint != one.fingerprint
 
 
@@ -62,9 +80,7 @@ def test_deterministic_per_seed_and_fraction(tok):
     "kwargs, match",
     [
         (dict(source="modadd", seq_len=8), r"data\.seq_len must be 4 for data\.source='modadd'"),
-        (dict(source="modadd", seq_len=4, modadd_train_fraction=1.0), r"modadd_train_fraction"),
-        (dict(source="modadd", seq_len=4, modadd_train_fraction=0.0), r"modadd_train_fraction"),
-        (dict(source="stdlib", seq_len=4), r"data\.seq_len must be >= 8, got 4 \(only data\.source=modadd"),
+        (dict(source="stdlib", seq_len=4), r"data\.seq_len must be >= 8, got 4 \(data\.source='stdlib'\)"),
     ],
 )
 def test_bad_config_is_one_line_error(kwargs, match):
@@ -72,11 +88,33 @@ def test_bad_config_is_one_line_error(kwargs, match):
         DataConfig(**kwargs)
 
 
+@pytest.mark.parametrize("fraction", [1.0, 0.0])
+def test_train_fraction_must_leave_pairs_on_both_sides(tok, fraction):
+    with pytest.raises(ValueError, match="train_fraction"):
+        modadd.build(DataConfig(source="modadd", seq_len=4), tok, seed=0, train_fraction=fraction)
+
+
 def test_config_tree_accepts_modadd_and_rejects_default_seq_len():
     cfg = load_config(None, ["data.source=modadd", "data.seq_len=4", "model.preset=modadd"])
-    assert cfg.data.source == "modadd" and cfg.data.modadd_train_fraction == 0.5
+    assert cfg.data.source == "modadd" and config.PRESETS["modadd"]["num_hidden_layers"] == 1
     with pytest.raises(ConfigError, match=r"set data\.seq_len=4"):
         load_config(None, ["data.source=modadd"])
+
+
+def test_registering_another_task_under_the_name_is_refused():
+    with pytest.raises(ValueError, match="already registered"):
+        data.register_source("modadd", lambda cfg, tok, seed, where: None)
+    with pytest.raises(ValueError, match="already registered"):
+        config.register_preset("modadd", {**modadd.PRESET, "num_hidden_layers": 2})
+
+
+def test_bigtrain_alone_knows_no_modadd(monkeypatch):
+    monkeypatch.setattr(data, "SOURCES", {k: v for k, v in data.SOURCES.items() if k != "modadd"})
+    monkeypatch.setattr(config, "PRESETS", {k: v for k, v in config.PRESETS.items() if k != "modadd"})
+    with pytest.raises(ConfigError, match=r"data\.source must be one of \['stdlib', 'files', 'hub'\].*register_source"):
+        load_config(None, ["data.source=modadd", "data.seq_len=4"])
+    with pytest.raises(ConfigError, match=r"model\.preset must be one of .*register_preset"):
+        load_config(None, ["model.preset=modadd"])
 
 
 def test_small_tokenizer_is_refused():

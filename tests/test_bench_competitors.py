@@ -1,0 +1,163 @@
+"""The spike benchmark's competitor rules (bench/competitors.py) and the seam they plug into: they are
+registered by name through bigtrain.spike.register_monitor, never imported by bigtrain."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bigtrain import spike
+from bigtrain.config import load_config
+from bigtrain.spike import SpikeConfig, build_monitor
+from conftest import BIN, read_jsonl, run_bigtrain
+
+ROOT = Path(__file__).resolve().parent.parent
+ENTRY = str(ROOT / "bench" / "bench_entry.py")
+sys.path.insert(0, str(ROOT / "bench"))
+
+import competitors  # noqa: E402
+from competitors import KillLossSpikeMonitor, OlmoSkipStepMonitor  # noqa: E402
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    """The competitors registered, and the registry as it was after the test."""
+    monkeypatch.setattr(spike, "MONITORS", dict(spike.MONITORS))
+    competitors.register()
+    competitors.register()  # every rank, every import: registering again is a no-op
+
+
+def test_registered_names_build_the_competitors(registered):
+    assert isinstance(build_monitor(load_config(None, ["spike.monitor=olmo_skip_step"]).spike, 1000),
+                      OlmoSkipStepMonitor)
+    kill = build_monitor(SpikeConfig(monitor="llmfoundry_kill"), 10_000)
+    assert isinstance(kill, KillLossSpikeMonitor) and kill.window_size == 500
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_only_the_benchmark_entry_knows_the_competitors_and_modadd(tmp_path):
+    bench = ["train", "--dry-run", "spike.monitor=llmfoundry_kill", "model.preset=modadd", "data.source=modadd",
+             "data.seq_len=4"]
+    proc = _run([ENTRY, *bench])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "monitor: llmfoundry_kill" in proc.stdout and "preset: modadd" in proc.stdout
+    proc = _run(["-m", "bigtrain", "train", "spike.monitor=olmo_skip_step", f"run_dir={tmp_path / 'run'}"])
+    assert proc.returncode == 2
+    assert "spike.monitor must be a registered monitor (bigtrain, none), got 'olmo_skip_step'" in proc.stderr
+    assert not (tmp_path / "run").exists()  # refused before the run started
+
+
+@pytest.mark.slow
+def test_a_registered_monitor_acts_in_a_two_rank_run(tmp_path):
+    """OLMo-core's rule through bench/bench_entry.py on the modadd task: the 1000x gradient at step 70 is
+    one skipped update (the trainer's generic SKIP_UPDATE path: restore the step before, go on)."""
+    run_dir = tmp_path / "run"
+    run_bigtrain([f"run_dir={run_dir}", "model.preset=modadd", "data.source=modadd", "data.seq_len=4",
+                  "train.micro_batch=32", "train.steps=75", "optim.warmup_steps=5", "train.eval_interval=0",
+                  "checkpoint.interval=0", "checkpoint.snapshot_interval=1", "spike.monitor=olmo_skip_step",
+                  "faults.scale_grad_steps=[70]"], script=ENTRY)
+    events = [e for e in read_jsonl(run_dir / "spikes.jsonl") if e.get("event") == "skip_update"]
+    assert [e["step"] for e in events] == [70], read_jsonl(run_dir / "spikes.jsonl")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 75 and math.isfinite(summary["final_loss"])
+
+
+# --- OLMo-core SkipStepOptimizer -----------------------------------------------------------------
+
+
+def test_olmo_waits_for_64_values_then_flags_beyond_6_sigma():
+    mon = OlmoSkipStepMonitor()
+    base = [1.0, 3.0] * 40  # mean 2, unbiased std ~1.0
+    for t in range(63):
+        assert mon.observe(t, base[t], 1.0 + 0.1 * (t % 2)).kind == "ok"
+    # The 64th value is the first checked: 63 previous values.
+    prev = base[:63]
+    mu = sum(prev) / 63
+    sd = math.sqrt(sum((x - mu) ** 2 for x in prev) / 62)
+    assert mon.observe(63, mu + 6 * sd - 1e-9, 1.0).kind == "ok"
+    v = mon.observe(64, 100.0, 1.0)
+    assert v.kind == "skip_update" and v.onset_step == 64
+
+
+def test_olmo_flagged_values_enter_the_window_and_window_is_128():
+    mon = OlmoSkipStepMonitor()
+    for t in range(200):
+        mon.observe(t, 2.0 + 0.01 * (t % 3), 1.0 + 0.01 * (t % 2))
+    assert mon.observe(200, 50.0, 1.0).kind == "skip_update"
+    state = mon.state_dict()
+    assert state["losses"][-1] == 50.0 and len(state["losses"]) == 129
+    # The spike now inflates sigma: a 3x loss right after is no longer flagged (upstream caveat).
+    assert mon.observe(201, 6.0, 1.0).kind == "ok"
+
+
+def test_olmo_grad_rule_and_nonfinite():
+    mon = OlmoSkipStepMonitor()
+    for t in range(100):
+        mon.observe(t, 2.0 + 0.01 * (t % 3), 1.0 + 0.01 * (t % 2))
+    assert mon.observe(100, 2.0, 5.0).kind == "skip_update"
+    assert mon.observe(101, float("inf"), 1.0).kind == "incident"
+
+
+# --- llm-foundry KillLossSpike -------------------------------------------------------------------
+
+
+def test_kill_window_size():
+    assert KillLossSpikeMonitor(1000).window_size == 100
+    assert KillLossSpikeMonitor(10_000).window_size == 500
+
+
+def test_kill_stops_on_fifth_consecutive_2x_step_not_fourth():
+    mon = KillLossSpikeMonitor(total_steps=1000)
+    for t in range(100):
+        assert mon.observe(t, 1.0, 1.0).kind == "ok"  # filling the window: nothing checked
+    kinds = [mon.observe(100 + i, 10.0, 1.0).kind for i in range(5)]
+    assert kinds == ["ok", "ok", "ok", "ok", "stop"]
+
+
+def test_kill_counter_resets_and_mean_includes_spikes():
+    mon = KillLossSpikeMonitor(total_steps=1000)
+    for t in range(100):
+        mon.observe(t, 1.0, 1.0)
+    for i in range(4):
+        mon.observe(100 + i, 2.0, 1.0)  # exactly 2x counts (>=)
+    assert mon.observe(104, 1.0, 1.0).kind == "ok"  # resets the counter
+    # Window mean is now (95 + 4*2 + 1) / 100 = 1.04, so 2.0 is no longer an outlier.
+    assert [mon.observe(105 + i, 2.0, 1.0).kind for i in range(5)] == ["ok"] * 5
+
+
+def test_kill_high_loss_rule():
+    mon = KillLossSpikeMonitor(total_steps=1000)  # window 100
+    for t in range(100):
+        mon.observe(t, 3.0 if t == 0 else 2.0, 1.0)  # first full window max 3 -> loss_cap 3
+    kinds = [mon.observe(100 + i, 3.5, 1.0).kind for i in range(100)]
+    # 3.5 < 2 * mean, so never an outlier. The rule is first checked at the 200th loss
+    # (current_step >= 2 * window), when the window holds 99 values of 3.5 > cap 3 (>= 50).
+    assert kinds == ["ok"] * 99 + ["stop"]
+
+
+def test_kill_high_loss_needs_half_the_window():
+    mon = KillLossSpikeMonitor(total_steps=1000)
+    for t in range(100):
+        mon.observe(t, 3.0 if t == 0 else 2.0, 1.0)
+    kinds = [mon.observe(100 + i, 3.5 if i % 3 == 0 else 2.0, 1.0).kind for i in range(200)]
+    assert "stop" not in kinds  # about a third of the window is above the cap
+
+
+def test_competitors_round_trip():
+    for mon in (OlmoSkipStepMonitor(), KillLossSpikeMonitor(100)):
+        for t in range(150):
+            mon.observe(t, 2.0 + 0.01 * (t % 5), 1.0)
+        twin = type(mon)() if isinstance(mon, OlmoSkipStepMonitor) else KillLossSpikeMonitor(100)
+        twin.load_state_dict(json.loads(json.dumps(mon.state_dict())))
+        for t, l in enumerate([2.0, 9.0, 9.0, 9.0, 9.0, 9.0, 2.0], start=150):
+            assert mon.observe(t, l, 1.0) == twin.observe(t, l, 1.0)
