@@ -379,6 +379,14 @@ def check_tokenizer(cfg: DataConfig, tokenizer: transformers.PreTrainedTokenizer
 # Sources: what to read, without reading it (cheap, so a cache hit never touches the documents)
 
 
+def _glob(pattern: str) -> list[str]:
+    """The files ``pattern`` matches, sorted; ``**`` spans directories. Python's ``glob``, not
+    ``datasets.data_files.resolve_pattern``: that one silently skips files a corpus may hold (behind
+    a symlinked directory, in a ``__name__`` directory, or named README.md, config.json and the
+    like); docs/data.md, "Globs", has the comparison."""
+    return sorted(m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
+
+
 def _resolve_files(patterns: list[str]) -> tuple[list[Path], list[str], str]:
     """Expand ``data.files`` into absolute paths (pattern order, sorted within a glob), a stable key
     per file and their one loader. The key (path relative to the glob's fixed prefix, or the bare
@@ -388,7 +396,7 @@ def _resolve_files(patterns: list[str]) -> tuple[list[Path], list[str], str]:
     for pattern in patterns:
         expanded = os.path.expanduser(pattern)
         if glob.has_magic(expanded):
-            matches = sorted(m for m in glob.glob(expanded, recursive=True) if os.path.isfile(m))
+            matches = _glob(expanded)
             if not matches:
                 raise ValueError(f"data.files: no files match {pattern!r}: fix the pattern or remove it")
             fixed = []
@@ -421,23 +429,33 @@ def _resolve_files(patterns: list[str]) -> tuple[list[Path], list[str], str]:
     return paths, keys, loaders[0]
 
 
-def _stdlib_files(max_bytes: int) -> tuple[Path, list[Path]]:
-    """Sorted stdlib .py files (tests and site-packages excluded), greedily taken in path order
-    while the running total stays within ``max_bytes``."""
+def _stdlib_globs() -> tuple[Path, list[str]]:
+    """The default corpus as files globs: ``<stdlib>/*.py`` and ``<stdlib>/<dir>/**/*.py`` for each
+    top-level directory but the excluded ones. One ``<stdlib>/**/*.py`` would name the same files
+    but walk site-packages too (1.1 s against 0.03 s here, on every start, cache hit or not)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    candidates: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_EXCLUDE)
-        candidates.extend(Path(dirpath, f) for f in filenames if f.endswith(".py"))
-    chosen, total = [], 0
-    for path in sorted(candidates, key=lambda p: p.relative_to(root).as_posix()):
+    dirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name not in _STDLIB_EXCLUDE)
+    return root, [str(root / "*.py"), *(str(root / d / "**" / "*.py") for d in dirs)]
+
+
+def _stdlib_files(max_bytes: int) -> tuple[list[Path], list[str]]:
+    """The stdlib globs' files (excluded directories left out at any depth) and their keys (paths
+    relative to the stdlib directory), greedily taken in key order while the running total stays
+    within ``max_bytes``; empty files are skipped."""
+    root, patterns = _stdlib_globs()
+    found = sorted((Path(m).relative_to(root).as_posix(), Path(m)) for p in patterns for m in _glob(p))
+    paths, keys, total = [], [], 0
+    for key, path in found:
+        if _STDLIB_EXCLUDE.intersection(key.split("/")[:-1]):
+            continue
         size = path.stat().st_size
         if size and total + size <= max_bytes:
-            chosen.append(path)
+            paths.append(path)
+            keys.append(key)
             total += size
-    if not chosen:
+    if not paths:
         raise ValueError(f"data.max_bytes={max_bytes} is smaller than any stdlib file: raise data.max_bytes")
-    return root, chosen
+    return paths, keys
 
 
 def _stamps(paths: list[Path], keys: list[str]) -> list[tuple[str, int, int]]:
@@ -473,8 +491,7 @@ def _saved_dataset_dir(path: Path, split: str) -> Path | None:
 
 def _plan(cfg: DataConfig) -> _Plan:
     if cfg.source == "stdlib":
-        root, paths = _stdlib_files(cfg.max_bytes)
-        keys = [p.relative_to(root).as_posix() for p in paths]
+        paths, keys = _stdlib_files(cfg.max_bytes)  # then loaded like data.files' .txt files
         return _Plan("stdlib", paths, keys, [f"stdlib:{k}" for k in keys],
                      [list(sys.version_info[:3]), _stamps(paths, keys), cfg.max_bytes])
     if cfg.source == "files":

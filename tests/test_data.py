@@ -131,6 +131,51 @@ def test_eval_split_is_by_document_hash_and_stable(tmp_path, tok):
     assert 0 < len(eval_big) < 40
 
 
+def test_globs_keep_what_datasets_resolve_pattern_would_skip(tmp_path):
+    """data.files expands with Python's glob: datasets.data_files.resolve_pattern would silently
+    drop the files behind a symlinked directory, in a __name__ directory and named config.json
+    (docs/data.md, "Globs"). Hidden files are skipped by both; keys are relative to the fixed prefix."""
+    from bigtrain.data import _resolve_files
+
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    for rel in ("a.txt", "sub/deep/b.txt", "__x__/c.txt", ".hidden.txt", ".dir/d.txt", "config.json", "rows.json"):
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        _write(data / rel, "x")
+    elsewhere.mkdir()
+    _write(elsewhere / "e.txt", "x")
+    (data / "link").symlink_to(elsewhere, target_is_directory=True)
+    paths, keys, loader = _resolve_files([str(data / "**" / "*.txt")])
+    assert keys == ["__x__/c.txt", "a.txt", "link/e.txt", "sub/deep/b.txt"] and loader == "text"
+    assert paths[2] == (elsewhere / "e.txt").resolve()
+    assert _resolve_files([str(data / "*.json")])[1] == ["config.json", "rows.json"]
+    assert _resolve_files([str(data / ".*.txt"), str(data / "a.txt")])[1] == [".hidden.txt", "a.txt"]
+
+
+def test_stdlib_default_is_a_glob_naming_the_files_it_always_did():
+    """The stdlib default is expanded like data.files (one glob per top-level directory); its file
+    set and keys equal the directory walk it replaced, so the default's cache entry stays valid."""
+    import os
+    import sysconfig
+    from pathlib import Path
+
+    from bigtrain.data import _STDLIB_EXCLUDE, _plan
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    walked, total = [], 0
+    for dirpath, dirnames, filenames in os.walk(root):  # the replaced walk, as it was
+        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_EXCLUDE)
+        walked.extend(Path(dirpath, f) for f in filenames if f.endswith(".py"))
+    expected = []
+    for path in sorted(walked, key=lambda p: p.relative_to(root).as_posix()):
+        size = path.stat().st_size
+        if size and total + size <= 300_000:
+            expected.append(path.relative_to(root).as_posix())
+            total += size
+    plan = _plan(DataConfig(max_bytes=300_000))
+    assert plan.keys == expected and plan.prefixes == [f"stdlib:{k}" for k in expected]
+    assert [p.relative_to(root).as_posix() for p in plan.paths] == expected
+
+
 def test_tokenizer_round_trips_through_save_pretrained(tmp_path, tok):
     text = "def f(x):\n    return x  # héllo ✓ <|endoftext|>"
     ids = tok(text, add_special_tokens=False)["input_ids"]
