@@ -24,7 +24,7 @@ import yaml
 
 from bigtrain import checkpoint, snapshot
 from bigtrain.checkpoint import CheckpointStore, TrainState
-from bigtrain.config import Config, ConfigError
+from bigtrain.config import Config, ConfigError, upgrade_saved
 from bigtrain.data import LABEL, PackedData, build_dataset, build_tokenizer
 from bigtrain.distributed import init_distributed, node_local_rank, setup_logging
 from bigtrain.engine import (build_engine, check_hparams, keep_loss_scale, loss_scale, lr_at, optimizer_hparams,
@@ -653,7 +653,7 @@ def apply_changes(cfg: Config, state: TrainState, path: Path) -> None:
     the deliberate ones. lr, beta1 and weight decay are set from the config after every load anyway;
     eps and beta2 are the run's state (recovery lowers them), so a changed config value replaces them
     here. A new train.steps reshapes the cosine schedule: its effect on the next LR is logged."""
-    before, after = _flat(state.config), _flat(cfg.to_dict())
+    before, after = _flat(upgrade_saved(state.config)), _flat(cfg.to_dict())
     changed = {k: (before.get(k), v) for k, v in after.items() if k in before and before[k] != v}
     for key, (old, new) in sorted(changed.items()):
         log.warning("resume from %s: %s changed %r -> %r (applied)", path, key, old, new)
