@@ -511,8 +511,11 @@ def train(cfg: Config, resume: str | None = None) -> int:
 
     state = TrainState(eps=cfg.optim.eps, beta2=cfg.optim.beta2, fingerprint=cfg.fingerprint(), world_size=world,
                        zero_stage=zero_stage(ds_config), config=cfg.to_dict())
+    resume_load_seconds = None
     if resume_path is not None:
+        t_load = time.perf_counter()
         state = checkpoint.load_resume(engine, resume_path, world, run_dir / "checkpoints" / checkpoint.UNIVERSAL)
+        resume_load_seconds = round(time.perf_counter() - t_load, 4)
         apply_changes(cfg, state, resume_path)
         state.config, state.world_size, state.zero_stage = cfg.to_dict(), world, zero_stage(ds_config)
         monitor.load_state_dict(state.monitor)
@@ -630,6 +633,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
                "ds_skipped_steps": state.ds_skipped_steps, "skipped_ranges": state.skipped,
                "skipped_samples": len(state.skipped_samples), "skipped_docs": len(state.skipped_docs),
                "checkpoint": str(final), "final_save_seconds": round(save_seconds, 3),
+               "resume_load_seconds": resume_load_seconds,
                "peak_rss_mb_max_rank": memory_mb["peak"], "memory_mb": memory_mb,
                "parameters": snapshot.count_parameters(model)}
     log.info("done: %s", json.dumps(summary))
@@ -773,7 +777,9 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
     spike_step = state.step
     persistent = {k: getattr(state, k) for k in TrainState.PERSISTENT}
     scale = loss_scale(engine)
+    t_load = time.perf_counter()
     old = checkpoint.load(engine, store.root / checkpoint.tag_for(target_step))  # collective
+    load_seconds = time.perf_counter() - t_load
     keep_loss_scale(engine, scale)
     train_mode(engine)
     faults.maybe_crash()
@@ -817,7 +823,8 @@ def recover(cfg: Config, engine, stores: list[CheckpointStore], state: TrainStat
                **skip.event,
                "eps_before": before["eps"], "eps_after": state.eps, "lr_scale_before": before["lr_scale"],
                "lr_scale_after": state.lr_scale, "beta2_before": before["beta2"], "beta2_after": state.beta2,
-               "wasted_steps": spike_step - target_step, "recover_seconds": round(time.time() - t0, 3)})
+               "wasted_steps": spike_step - target_step, "recover_seconds": round(time.time() - t0, 3),
+               "load_seconds": round(load_seconds, 4)})
     log.warning("step %d: %s -> cause %s, rolled back to step %d, skipping %d samples (%d documents), eps %.3g -> %.3g",
                 spike_step, verdict.reason, skip.event.get("cause"), target_step, skip.event["skipped_samples"],
                 len(skip.event.get("offending_documents", [])), before["eps"], state.eps)
