@@ -39,6 +39,8 @@ BENCH = ROOT / "bench"
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 sys.path.insert(0, str(ROOT))
 
+import harness  # noqa: E402
+
 CONTENDERS = {
     # label: (script, extra overrides)
     "bare_deepspeed": ("bare_deepspeed.py", []),
@@ -74,14 +76,12 @@ class Runner:
     def launch(self, script: str, args: list[str], nproc: int, meta: dict, timeout: int = 900) -> dict | None:
         self.n += 1
         result = self.work / f"job{self.n:03d}.json"
-        env = {**os.environ, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
-               "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)), "TOKENIZERS_PARALLELISM": "false",
-               "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+        env = harness.job_env(omp_threads=max(1, (os.cpu_count() or 1) // nproc))
         cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", str(nproc), str(BENCH / script),
                "--result", str(result), "--launched", repr(time.time()), *args]
         t0 = time.time()
         try:
-            proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+            proc = harness.run(cmd, env, timeout=timeout, cwd=ROOT)
             code, err = proc.returncode, proc.stderr
         except subprocess.TimeoutExpired as exc:
             code, err = "timeout", (exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) \
@@ -384,19 +384,12 @@ def count_params(hf_config) -> int:
 
 
 def environment() -> list[str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
-    import accelerate
-    import deepspeed
-    import torch
-    import transformers
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "bigtrain"], cwd=ROOT, capture_output=True, text=True).stdout
-    return [f"* CPU: {cpu}, {os.cpu_count()} logical cores; {platform.platform()}",
-            f"* Python {platform.python_version()}, torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
-            f"transformers {transformers.__version__}, accelerate {accelerate.__version__}",
-            f"* bigtrain commit {commit or '?'}{' + uncommitted changes under bigtrain/' if dirty else ''}"]
+    v = harness.versions(("torch", "deepspeed", "transformers", "accelerate"))
+    commit, dirty = harness.code_version()
+    return [f"* CPU: {harness.cpu_model() or '?'}, {os.cpu_count()} logical cores; {platform.platform()}",
+            f"* Python {platform.python_version()}, torch {v['torch']}, deepspeed {v['deepspeed']}, "
+            f"transformers {v['transformers']}, accelerate {v['accelerate']}",
+            f"* bigtrain commit {commit}{' + uncommitted changes under bigtrain/' if dirty else ''}"]
 
 
 def loadavg() -> float:

@@ -1,13 +1,15 @@
-"""bigtrain under a stopwatch: runs ``bigtrain.train.train`` unchanged and times it from the outside.
+"""bigtrain under a stopwatch: runs ``bigtrain.train.train`` unchanged and reads the timings it logs.
 
-The loop itself is not edited; four module attributes are wrapped so the benchmark sees what the loop
-does not log:
-  Recorder.step          -> a perf_counter stamp per logged step (train.log_interval=1: every step), taken
-                            after eval / snapshot / checkpoint of that step, so step-to-step intervals
-                            are the whole loop iteration, the same quantity bench/bare_deepspeed.py times
-  CheckpointStore.save   -> seconds per save, by store (snapshot ring or durable)
-  checkpoint.load        -> seconds per load (resume and rollback)
-  train.recover          -> seconds from the spike verdict to the end of the rollback
+From the run directory (rank 0, after the run):
+  metrics.jsonl ``time``   -> a wall-clock stamp per logged step (train.log_interval=1: every step), taken
+                              after eval / snapshot / checkpoint of that step, so step-to-step intervals
+                              are the whole loop iteration, the same quantity bench/bare_deepspeed.py times
+  metrics.jsonl ``snapshot_seconds`` / ``checkpoint_seconds``, summary.json ``final_save_seconds``
+                           -> seconds per save, by store (snapshot ring or durable; the initial save
+                              before the first step is not logged)
+  summary.json ``resume_load_seconds``, spikes.jsonl rollbacks' ``load_seconds``
+                           -> seconds per load (resume and rollback)
+  spikes.jsonl rollbacks' ``recover_seconds`` -> seconds from the spike verdict to the end of the rollback
 
 Usage (bigtrain's own arguments after the worker's):
     GLOO_SOCKET_IFNAME=lo OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 bench/perf_worker.py \
@@ -28,51 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch.distributed as dist  # noqa: E402
 
-from bigtrain import checkpoint  # noqa: E402
-from bigtrain import train as train_mod  # noqa: E402
 from bigtrain.config import load_config  # noqa: E402
 from bigtrain.distributed import shutdown  # noqa: E402
-
-ends: list[float] = []
-steps: list[int] = []
-saves: list[dict] = []
-loads: list[dict] = []
-recovers: list[dict] = []
-first_wall: list[float] = []
-
-
-class TimedRecorder(train_mod.Recorder):
-    def step(self, row):
-        ends.append(time.perf_counter())
-        steps.append(row["step"])
-        if not first_wall:
-            first_wall.append(time.time())
-        super().step(row)
-
-
-_save, _load, _recover = checkpoint.CheckpointStore.save, checkpoint.load, train_mod.recover
-
-
-def timed_save(self, engine, state):
-    t0 = time.perf_counter()
-    path = _save(self, engine, state)
-    kind = "durable" if self.hf_files else "snapshot"  # only the durable store writes hf/ files
-    saves.append({"kind": kind, "step": state.step, "seconds": time.perf_counter() - t0, "root": str(self.root)})
-    return path
-
-
-def timed_load(engine, path):
-    t0 = time.perf_counter()
-    state = _load(engine, path)
-    loads.append({"path": str(path), "seconds": time.perf_counter() - t0})
-    return state
-
-
-def timed_recover(*args, **kwargs):
-    t0 = time.perf_counter()
-    reason = _recover(*args, **kwargs)
-    recovers.append({"seconds": time.perf_counter() - t0, "at_end_index": len(ends)})
-    return reason
+from bigtrain.report import read_jsonl  # noqa: E402
+from bigtrain.train import train  # noqa: E402
 
 
 def main() -> int:
@@ -84,28 +45,33 @@ def main() -> int:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
-    train_mod.Recorder = TimedRecorder
-    checkpoint.CheckpointStore.save = timed_save
-    checkpoint.load = timed_load
-    train_mod.recover = timed_recover
-
     cfg = load_config(None, args.overrides)
-    t_fit = time.perf_counter()
-    code = train_mod.train(cfg, resume=args.resume)
+    t_fit = time.time()
+    code = train(cfg, resume=args.resume)
     if dist.get_rank() == 0:
         run_dir = Path(cfg.run_dir)
         summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
-        spikes = [json.loads(x) for x in (run_dir / "spikes.jsonl").read_text().splitlines() if x.strip()] \
-            if (run_dir / "spikes.jsonl").exists() else []
-        metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        # This job's rows only: a run directory resumed into keeps the earlier jobs' lines.
+        spikes = [x for x in read_jsonl(run_dir / "spikes.jsonl") if x["time"] >= T_IMPORT]
+        metrics = [x for x in read_jsonl(run_dir / "metrics.jsonl") if x["time"] >= T_IMPORT]
+        rollbacks = [s for s in spikes if s.get("event") == "rollback"]
+        ends, steps = [m["time"] for m in metrics], [m["step"] for m in metrics]
+        saves = [{"kind": kind, "step": m["step"], "seconds": m[key]} for m in metrics
+                 for kind, key in (("snapshot", "snapshot_seconds"), ("durable", "checkpoint_seconds")) if key in m]
+        if summary.get("final_save_seconds") is not None:
+            saves.append({"kind": "durable", "step": summary["steps"], "seconds": summary["final_save_seconds"]})
+        loads = ([{"path": args.resume, "seconds": summary["resume_load_seconds"]}]
+                 if summary.get("resume_load_seconds") is not None else [])
+        loads += [{"path": s["restored_from"], "seconds": s["load_seconds"]} for s in rollbacks]
+        recovers = [{"seconds": s["recover_seconds"], "step": s["step"]} for s in rollbacks]
         row = {"contender": args.label, "world": dist.get_world_size(), "exit_code": code,
                "tokens_per_step": cfg.train.micro_batch * cfg.train.grad_accum * dist.get_world_size()
                * cfg.data.seq_len,
                "ends": ends, "steps": steps, "t_fit_start": t_fit,
-               "first_step_end_wall": first_wall[0] if first_wall else None, "launched": args.launched,
+               "first_step_end_wall": ends[0] if ends else None, "launched": args.launched,
                "t_import": T_IMPORT, "saves": saves, "loads": loads, "recovers": recovers,
                "rollbacks": [{k: s.get(k) for k in ("step", "restored_step", "restored_from", "recover_seconds")}
-                             for s in spikes if s.get("event") == "rollback"],
+                             for s in rollbacks],
                "loop_tokens_per_sec": [m["tokens_per_sec"] for m in metrics],
                "peak_rss_mb_max_rank": summary.get("peak_rss_mb_max_rank"),
                "final_save_seconds": summary.get("final_save_seconds"), "resume": args.resume,

@@ -22,16 +22,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import re
 import shlex
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,10 +41,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bigtrain.report import discarded_mask, read_jsonl, surviving_rows  # noqa: E402  (no torch import)
+from harness import environment, free_port, group_rss, job_env, start  # noqa: E402
+from harness import watch as watch_job  # noqa: E402
 
 NOTES_MARKER = "<!-- notes -->"
 ENTRY = REPO / "bench" / "bench_entry.py"  # registers the competitors and modadd, then runs bigtrain's CLI
-PLUGINS = ("bench/bench_entry.py", "bench/competitors.py", "bench/modadd.py")  # code the runs execute
 
 # ------------------------------------------------------------------------------------------------
 # Scenarios
@@ -154,16 +151,8 @@ EARLY, LATE = 2, 10
 # Running
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_env() -> dict[str, str]:
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = job_env()
     # DeepSpeed JIT-builds its shared-memory comm op into the torch extensions dir. Processes that
     # build it with different flags rebuild it in turn in the shared default dir (~30 s each, under a
     # file lock); a private dir is built once and then reused.
@@ -203,7 +192,7 @@ def run_one(sc: Scenario, policy: str, seed: int, steps: int, work: Path, env: d
     t0 = time.monotonic()
     with open(run_dir / "log.txt", "w") as log:
         # Own session, so the watchdog can end torchrun and its workers together by group id.
-        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = start(cmd, env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         killed = watch(proc, run_dir / "metrics.jsonl", t0, timeout)
     wall = time.monotonic() - t0
     result = parse_run(run_dir, sc, policy, seed, steps, proc.returncode, wall)
@@ -230,9 +219,11 @@ def watch(proc: subprocess.Popen, metrics: Path, t0: float, timeout: int) -> str
     """Wait for the run; stop it on a recovery loop, too much memory or a timeout. Returns why it was
     stopped, or None."""
     counts: dict[int, int] = {}
-    offset, why = 0, None
-    while proc.poll() is None:
-        time.sleep(1.0)
+    offset = 0
+
+    def reason() -> str | None:
+        nonlocal offset
+        why = None
         if metrics.exists():
             with open(metrics, "rb") as f:
                 f.seek(offset)
@@ -244,46 +235,12 @@ def watch(proc: subprocess.Popen, metrics: Path, t0: float, timeout: int) -> str
                 counts[step] = counts.get(step, 0) + 1
                 if counts[step] >= LOOP_LIMIT and why is None:
                     why = f"killed by the benchmark: step {step} executed {LOOP_LIMIT} times (recovery loop)"
-        rss = run_rss(proc.pid)
+        rss = group_rss(proc.pid)
         if why is None and rss > MEMORY_LIMIT:
             why = f"killed by the benchmark: memory {rss / 2**30:.1f} GiB > {MEMORY_LIMIT / 2**30:.0f} GiB"
-        if why is None and time.monotonic() - t0 > timeout:
-            why = f"killed by the benchmark: timeout ({timeout} s)"
-        if why is not None:
-            stop(proc)
-            break
-    return why
+        return why
 
-
-def run_rss(pid: int) -> int:
-    """Resident bytes of torchrun and its workers."""
-    import psutil  # a DeepSpeed dependency
-
-    try:
-        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
-        return 0
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the run's process group (torchrun + workers), SIGKILL what is left after 15 s."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    return watch_job(proc, t0, timeout, reason)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -632,37 +589,6 @@ def plot(results: list[dict], scs: dict[str, Scenario], out: Path) -> list[str]:
         plt.close(fig)
         names.append(name)
     return names
-
-
-def environment() -> dict[str, str]:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for pkg in ("torch", "deepspeed", "transformers"):
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            versions[pkg] = "not installed"
-    try:
-        commit = subprocess.run(["git", "log", "-1", "--format=%h"], cwd=REPO, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "bigtrain", "ds_configs", *PLUGINS],
-                               cwd=REPO).returncode
-        commit += " + uncommitted changes in bigtrain/ or its bench plug-ins" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    # What the runs execute, so a change in the middle of a benchmark is noticed.
-    code = hashlib.sha256(b"".join(p.read_bytes() for p in sorted([*REPO.glob("bigtrain/*.py"),
-                                                                   *REPO.glob("ds_configs/*.json"),
-                                                                   *(REPO / f for f in PLUGINS)])))
-    return {"python": platform.python_version(), **versions, "cpu": cpu, "cores": str(os.cpu_count()),
-            "os": platform.platform(), "bigtrain": commit, "code_sha256": code.hexdigest()[:12]}
 
 
 def write_report(results: list[dict], meta: dict, scs: dict[str, Scenario], out: Path) -> Path:

@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -109,8 +109,10 @@ class OptimConfig:
     """Decoupled (AdamW) weight decay."""
     grad_clip: float = 1.0
     """Clip the global gradient 2-norm to this value; 0 turns clipping off."""
-    torch_adam: str = "auto"
-    """``auto``: torch's AdamW on CPU, DeepSpeed's FusedAdam on CUDA. ``true`` / ``false`` force it."""
+    torch_adam: bool | Literal["auto"] = "auto"
+    """Step with torch's AdamW (``true``; on CUDA its fused kernel) or DeepSpeed's FusedAdam
+    (``false``: a JIT build that needs nvcc at run time, and a slow C++ build on CPU). ``auto``: torch's
+    AdamW everywhere."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -128,8 +130,8 @@ class OptimConfig:
             raise ConfigError(f"optim.eps must be >= 0, got {self.eps}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("optim.weight_decay and optim.grad_clip must be >= 0")
-        if self.torch_adam not in ("auto", "true", "false"):
-            raise ConfigError(f"optim.torch_adam must be auto, true or false, got {self.torch_adam!r}")
+        if not isinstance(self.torch_adam, bool) and self.torch_adam != "auto":
+            raise ConfigError(f"optim.torch_adam must be true, false or auto, got {self.torch_adam!r}")
 
 
 @dataclass
@@ -309,7 +311,14 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
                 return _check_type(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
+        if len(errors) > 1:
+            allowed = " or ".join(_type_name(arg) for arg in args if arg is not type(None))
+            raise ConfigError(f"{key} must be {allowed}, got {value!r} ({type(value).__name__})")
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if any(value == allowed and type(value) is type(allowed) for allowed in typing.get_args(tp)):
+            return value
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
@@ -332,11 +341,15 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, bool):  # yaml reads `true` as bool; some str fields take "true"/"false"
-            return "true" if value else "false"
     else:
         return value
-    raise ConfigError(f"{key} must be {getattr(tp, '__name__', tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(v) for v in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
@@ -425,5 +438,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return _build(Config, tree, "")
 
 
-def config_from_dict(tree: dict[str, Any]) -> Config:
-    return _build(Config, tree, "")
+def upgrade_saved(tree: dict[str, Any]) -> dict[str, Any]:
+    """A config dict saved by an older bigtrain (a checkpoint's ``TrainState.config``) in today's form,
+    so a resume compares like with like: ``optim.torch_adam`` was a string, "true" or "false"."""
+    optim = tree.get("optim")
+    if isinstance(optim, dict) and optim.get("torch_adam") in ("true", "false"):
+        tree = {**tree, "optim": {**optim, "torch_adam": optim["torch_adam"] == "true"}}
+    return tree

@@ -32,6 +32,7 @@ not import such sources, so it does not ship them.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import glob
 import hashlib
@@ -520,11 +521,12 @@ def _load(builder: str, paths: list[Path], cfg: DataConfig, **kwargs: Any) -> da
     """One ``load_dataset`` call (Arrow files on disk, memory-mapped); failures name the files."""
     shown = str(paths[0]) if len(paths) == 1 else f"{len(paths)} files from {paths[0]}"
     try:
-        return datasets.load_dataset(
-            builder, data_files=[str(p) for p in paths], split="train",
-            cache_dir=str(cfg.resolved_cache_dir() / "hf"),
-            num_proc=cfg.num_proc if cfg.num_proc > 1 and len(paths) > 1 else None, **kwargs,
-        )
+        with _local_load(paths):
+            return datasets.load_dataset(
+                builder, data_files=[str(p) for p in paths], split="train",
+                cache_dir=str(cfg.resolved_cache_dir() / "hf"),
+                num_proc=cfg.num_proc if cfg.num_proc > 1 and len(paths) > 1 else None, **kwargs,
+            )
     except Exception as e:
         raise _load_error("data.files", shown, builder, e, f"check the file is valid {builder} (UTF-8 for text)") from e
 
@@ -537,14 +539,37 @@ def _load_hub(cfg: DataConfig, plan: _Plan) -> datasets.Dataset:
             ds = ds[cfg.split]
         return ds
     try:
-        return datasets.load_dataset(cfg.hub_name if not plan.paths else str(plan.paths[0]), split=cfg.split,
-                                     revision=cfg.revision, cache_dir=str(cfg.resolved_cache_dir() / "hf"),
-                                     num_proc=cfg.num_proc if cfg.num_proc > 1 else None)
+        # A download from the hub keeps its bars: they show real progress.
+        with _local_load(plan.paths) if plan.paths else contextlib.nullcontext():
+            return datasets.load_dataset(cfg.hub_name if not plan.paths else str(plan.paths[0]), split=cfg.split,
+                                         revision=cfg.revision, cache_dir=str(cfg.resolved_cache_dir() / "hf"),
+                                         num_proc=cfg.num_proc if cfg.num_proc > 1 else None)
     except Exception as e:
         fix = ("check the directory holds data files datasets can load and data.split names one of its splits"
                if plan.paths else "check the name, data.split, data.revision and the network, or use a local "
                "directory (save_to_disk) or data.source=files")
         raise _load_error(where, f"split {cfg.split!r}", "a dataset", e, fix) from e
+
+
+@contextlib.contextmanager
+def _local_load(paths: list[Path]) -> Iterator[None]:
+    """Without datasets' progress bars when ``paths`` (files or directories on this disk) are small:
+    its "Downloading data" (local files are not downloaded) and "Generating train split" then finish
+    in about a second and read as network work to a newcomer, while bigtrain's own "tokenizing" bar
+    shows the part that takes time. Larger data keeps them: converting it to Arrow takes a while."""
+    size = sum(f.stat().st_size for p in paths for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file())
+    shown = not datasets.are_progress_bars_disabled()
+    if size > _QUIET_LOAD_BYTES or not shown:
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
+
+
+_QUIET_LOAD_BYTES = 256 << 20  # below this, the Arrow conversion is a matter of seconds
 
 
 def _columns(cfg: DataConfig) -> dict[str, str]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import socket
 import sys
+import warnings
 
 import torch.distributed as dist
 
@@ -27,6 +30,7 @@ def init_distributed() -> tuple[int, int, int]:
     ``broadcast_object_list`` in ``prepare_run_dir``) ever runs with every local rank on device 0:
     NCCL refuses two ranks on one GPU, and object tensors go to the *current* device.
     """
+    quiet_libraries()
     import deepspeed
 
     env = os.environ
@@ -46,11 +50,49 @@ def init_distributed() -> tuple[int, int, int]:
         _init_elastic_round(env)
     # Also after the elastic join: DeepSpeed's comm layer must know the group before zero.Init (under
     # ZeRO-3 the model is built before deepspeed.initialize), or it sizes batches for a world of 1.
-    deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, verbose=False)
+    with _without_line(_SHM_BUILT):
+        deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, verbose=False)
     world = dist.get_world_size()
     # torchrun: LOCAL_WORLD_SIZE; deepspeed launcher: LOCAL_SIZE; srun: mapped by map_slurm_env.
     local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world)))
     return dist.get_rank(), world, local_world
+
+
+def quiet_libraries() -> None:
+    """Silence, at the source, what the libraries say on every rank that no user can act on; called
+    before DeepSpeed is imported (it warns at import). Each filter names one message: every other
+    warning still shows."""
+    import torch
+
+    if torch.version.cuda is None and torch.version.hip is None:
+        # torch's CPU build can use no other device: DeepSpeed's "Setting accelerator to CPU. If you
+        # have GPU ..., we were unable to detect it" tells nothing (a CUDA build on a machine without
+        # a GPU still shows it: there it may be news).
+        logging.getLogger("DeepSpeed").addFilter(_not_cpu_fallback)
+    # DeepSpeed's ZeRO gathers call the deprecated name; torch warns on every rank and the fix is DeepSpeed's.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
+
+
+def _not_cpu_fallback(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Setting accelerator to CPU.")
+
+
+# DeepSpeed prints it on every rank at every start, also when it loads its cached build
+# (deepspeed/comm/torch.py build_shm_op).
+_SHM_BUILT = "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully"
+
+
+@contextlib.contextmanager
+def _without_line(line: str):
+    """Pass on what the block prints to stdout, less the lines equal to ``line`` (after the block)."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            yield
+    finally:
+        sys.stdout.write("".join(kept for kept in out.getvalue().splitlines(keepends=True)
+                                 if kept.rstrip("\n") != line))
 
 
 def select_device(local_rank: int) -> int:

@@ -39,7 +39,7 @@ def use_torch_adam(optim: OptimConfig) -> bool:
         # torch's AdamW everywhere: DeepSpeed's FusedAdam is a JIT build that needs nvcc on the user's
         # machine at run time (and a slow C++ build on CPU); on CUDA torch's own fused kernel is used.
         return True
-    return optim.torch_adam == "true"
+    return optim.torch_adam
 
 
 def resolve_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:

@@ -68,7 +68,7 @@ class Recorder:
     def step(self, row: dict[str, Any]) -> None:
         if not self._open:
             return
-        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.write(json.dumps({**row, "time": time.time()}) + "\n")  # after the step's eval and saves
         for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "eps", "eval_loss"):
             if row.get(key) is not None:
                 self._tb.add_scalar(f"train/{key}" if key != "eval_loss" else "eval/loss", row[key], row["step"])

@@ -191,12 +191,13 @@ def plan_recovery(run: Run, verdict: Verdict, onset: int, target_step: int, caus
                                  cause, kind=verdict.kind)
 
 
-def restore(run: Run, store: CheckpointStore, plan: RecoveryPlan) -> None:
+def restore(run: Run, store: CheckpointStore, plan: RecoveryPlan) -> float:
     """Load the target (collective) and put the run's progress back to it: one assignment, since the
     history (what was learned, what is skipped) survives. The fp16 loss scale is kept (see
-    ``keep_loss_scale``); the model goes back to train mode."""
-    spike_step, scale = run.state.progress.step, loss_scale(run.engine)
+    ``keep_loss_scale``); the model goes back to train mode. Returns the load's seconds."""
+    spike_step, scale, t0 = run.state.progress.step, loss_scale(run.engine), time.perf_counter()
     old = checkpoint.load(run.engine, store.root / checkpoint.tag_for(plan.restored_step))
+    load_seconds = time.perf_counter() - t0
     keep_loss_scale(run.engine, scale)
     run.engine.train()
     run.faults.after_rollback(spike_step)
@@ -204,6 +205,7 @@ def restore(run: Run, store: CheckpointStore, plan: RecoveryPlan) -> None:
     if plan.restore_monitor:
         run.monitor.load_state_dict(old.progress.monitor)  # statistics from before the onset
     run.monitor.reset_pending()
+    return load_seconds
 
 
 def recover(run: Run, verdict: Verdict, row: dict) -> GiveUp | None:
@@ -224,7 +226,7 @@ def recover(run: Run, verdict: Verdict, row: dict) -> GiveUp | None:
     target_step, store = target
     attribution, suspects = attribute_spike(run.monitor, verdict, cfg.spike, run.layout.per_rank)
     plan = plan_recovery(run, verdict, onset, target_step, attribution.cause if attribution else OPTIMIZER)
-    restore(run, store, plan)
+    load_seconds = restore(run, store, plan)
     if plan.stop:
         run.rec.event({**event, "event": "give_up", "action": "stop", "restored_step": target_step,
                        "reason": plan.reason, "level": plan.level})
@@ -249,7 +251,8 @@ def recover(run: Run, verdict: Verdict, row: dict) -> GiveUp | None:
                    "restored_from": str(store.root), **skip.event,
                    "eps_before": before["eps"], "eps_after": h.eps, "lr_scale_before": before["lr_scale"],
                    "lr_scale_after": h.lr_scale, "beta2_before": before["beta2"], "beta2_after": h.beta2,
-                   "wasted_steps": plan.wasted_steps, "recover_seconds": round(time.time() - t0, 3)})
+                   "wasted_steps": plan.wasted_steps, "recover_seconds": round(time.time() - t0, 3),
+                   "load_seconds": round(load_seconds, 4)})
     log.warning("step %d: %s -> cause %s, rolled back to step %d, skipping %d samples (%d documents), eps %.3g -> %.3g",
                 spike_step, verdict.reason, skip.event.get("cause"), target_step, skip.event["skipped_samples"],
                 len(skip.event.get("offending_documents", [])), before["eps"], h.eps)

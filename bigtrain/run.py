@@ -59,6 +59,7 @@ class Run:
     durable: CheckpointStore
     memory: MemoryReport = field(default_factory=MemoryReport)
     started: float = field(default_factory=time.time)
+    resume_load_seconds: float | None = None
     skips: SkipSet = field(init=False)
     """Sample ids never trained on (``state.history.skipped_samples``), rebuilt by each recovery: the
     only place that list grows."""

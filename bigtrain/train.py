@@ -21,7 +21,7 @@ import yaml
 
 from bigtrain import checkpoint, snapshot
 from bigtrain.checkpoint import CheckpointStore, TrainState
-from bigtrain.config import Config, ConfigError
+from bigtrain.config import Config, ConfigError, upgrade_saved
 from bigtrain.data import LABEL, PackedData, build_dataset, build_tokenizer
 from bigtrain.distributed import init_distributed, node_local_rank, setup_logging
 from bigtrain.engine import apply_hparams, build_engine, lr_at, optimizer_hparams, resolve_ds_config, zero_stage
@@ -142,7 +142,7 @@ def summarise(run: Run, row: dict, eval_loss: float | None) -> None:
                "skipped_samples": len(h.skipped_samples), "skipped_docs": len(h.skipped_docs),
                "checkpoint": str(final), "final_save_seconds": round(save_seconds, 3),
                "peak_rss_mb_max_rank": memory_mb["peak"], "memory_mb": memory_mb,
-               "parameters": snapshot.count_parameters(run.model)}
+               "parameters": snapshot.count_parameters(run.model), "resume_load_seconds": run.resume_load_seconds}
     log.info("done: %s", json.dumps(summary))
     run.rec.write_json("summary.json", summary)
 
@@ -214,8 +214,9 @@ def setup(cfg: Config, resume: str | None) -> Run:
 def resume_from(run: Run, path: Path) -> None:
     """Load a checkpoint into the run (collective): DeepSpeed's state, bigtrain's state, the monitor's,
     the escalation's and the fault injector's; config changes since the checkpoint applied."""
-    cfg = run.cfg
+    cfg, t_load = run.cfg, time.perf_counter()
     state = checkpoint.load_resume(run.engine, path, run.layout.world, path.parent / checkpoint.UNIVERSAL)
+    run.resume_load_seconds = round(time.perf_counter() - t_load, 4)
     apply_changes(cfg, state, path)
     state.config, state.world_size, state.zero_stage = cfg.to_dict(), run.state.world_size, run.state.zero_stage
     run.monitor.load_state_dict(state.progress.monitor)
@@ -474,7 +475,7 @@ def apply_changes(cfg: Config, state: TrainState, path: Path) -> None:
     the deliberate ones. lr, beta1 and weight decay are set from the config after every load anyway;
     eps and beta2 are the run's state (recovery lowers them), so a changed config value replaces them
     here. A new train.steps reshapes the cosine schedule: its effect on the next LR is logged."""
-    before, after = _flat(state.config), _flat(cfg.to_dict())
+    before, after = _flat(upgrade_saved(state.config)), _flat(cfg.to_dict())
     changed = {k: (before.get(k), v) for k, v in after.items() if k in before and before[k] != v}
     for key, (old, new) in sorted(changed.items()):
         log.warning("resume from %s: %s changed %r -> %r (applied)", path, key, old, new)

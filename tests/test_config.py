@@ -8,7 +8,7 @@ import math
 import pytest
 
 from bigtrain.cli import main
-from bigtrain.config import ConfigError, load_config
+from bigtrain.config import ConfigError, load_config, upgrade_saved
 from bigtrain.engine import DS_CONFIG_DIR, lr_at, resolve_ds_config
 
 
@@ -38,6 +38,30 @@ def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as exc:
         load_config(None, [override])
     assert needle in str(exc.value)
+
+
+@pytest.mark.parametrize("value,parsed,used", [("true", True, True), ("false", False, False), ("auto", "auto", True)])
+def test_torch_adam_takes_a_boolean_or_auto(tmp_path, value, parsed, used):
+    f = tmp_path / "c.yaml"
+    f.write_text(f"optim:\n  torch_adam: {value}\n")
+    for cfg in (load_config(None, [f"optim.torch_adam={value}"]), load_config(f)):
+        assert cfg.optim.torch_adam == parsed and type(cfg.optim.torch_adam) is type(parsed)
+        assert resolve_ds_config(cfg, 1)["optimizer"]["params"]["torch_adam"] is used
+
+
+@pytest.mark.parametrize("value", ["maybe", "1", "'true'", "[true]"])
+def test_torch_adam_refuses_anything_else(value):
+    with pytest.raises(ConfigError, match=r"optim.torch_adam must be bool or 'auto', got"):
+        load_config(None, [f"optim.torch_adam={value}"])
+
+
+def test_a_checkpoint_config_of_an_older_bigtrain_compares_equal():
+    # Earlier versions saved optim.torch_adam as a string: a resume must not report it as changed.
+    for old, new in (("true", True), ("false", False), ("auto", "auto")):
+        cfg = load_config(None, [f"optim.torch_adam={new if isinstance(new, str) else str(new).lower()}"])
+        saved = cfg.to_dict()
+        saved["optim"]["torch_adam"] = old
+        assert upgrade_saved(saved) == cfg.to_dict()
 
 
 def test_missing_config_file_is_named(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 
+from bigtrain import data
 from bigtrain.data import DataConfig, PackedData, build_dataset, build_tokenizer
 
 SEQ = 32
@@ -696,3 +697,16 @@ def position_ids_of(flags) -> list[int]:
         pos = 0 if f & 2 else pos + 1
         out.append(pos)
     return out
+
+
+def test_datasets_progress_bars_are_off_only_around_a_small_local_load(tmp_path, monkeypatch):
+    # A first run's "Downloading data" of a local file reads as network work; large data keeps its bars.
+    f = tmp_path / "a.txt"
+    f.write_text("hello\n")
+    assert not datasets.are_progress_bars_disabled()
+    with data._local_load([f]):
+        assert datasets.are_progress_bars_disabled()
+    assert not datasets.are_progress_bars_disabled()
+    monkeypatch.setattr(data, "_QUIET_LOAD_BYTES", 1)
+    with data._local_load([tmp_path]):
+        assert not datasets.are_progress_bars_disabled()

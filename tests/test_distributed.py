@@ -159,3 +159,30 @@ def test_a_worker_dead_before_joining_does_not_split_the_next_round(tmp_path):
             raise AssertionError(f"round 1 hung (ranks split across store prefixes)\n{stderr[-3000:]}")
     assert popen.returncode == 0, stderr[-3000:]
     assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["round 1 sum 2"] * 2
+
+
+QUIET_SCRIPT = textwrap.dedent("""
+    import logging, sys, warnings
+    from bigtrain.distributed import _SHM_BUILT, _without_line, quiet_libraries
+    quiet_libraries()
+    import deepspeed, torch  # DeepSpeed warns at import on a CPU machine
+    logging.getLogger("DeepSpeed").warning("another DeepSpeed warning")
+    warnings.warn_explicit("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning,
+                           "c10d_logger.py", 83, module="torch.distributed.c10d_logger")
+    warnings.warn("another FutureWarning", FutureWarning)
+    with _without_line(_SHM_BUILT):
+        print(_SHM_BUILT)
+        print("another line")
+    print("cpu build", torch.version.cuda is None and torch.version.hip is None)
+""")
+
+
+def test_library_noise_is_silenced_message_by_message():
+    proc = subprocess.run([sys.executable, "-c", QUIET_SCRIPT], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONWARNINGS": "default"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "another DeepSpeed warning" in out and "another FutureWarning" in out and "another line" in out
+    assert "all_gather_into_tensor" not in out and "built successfully" not in out
+    if "cpu build True" in out:
+        assert "Setting accelerator to CPU" not in out
