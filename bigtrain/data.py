@@ -201,10 +201,16 @@ class DataConfig:
         path component, so moving the data (and editing the paths) keeps a run resumable; the
         prepared cache's own key checks the content."""
         d = {k: v for k, v in vars(self).items() if k not in ("cache_dir", "num_proc")}
+        d.update(_RETIRED)
         d["files"] = [Path(os.path.expanduser(f)).name for f in self.files]
         if self.hub_name and Path(os.path.expanduser(self.hub_name)).is_dir():
             d["hub_name"] = Path(os.path.expanduser(self.hub_name)).resolve().name
         return d
+
+
+# Settings since removed, at the one value they always had: still in the fingerprint, so checkpoints
+# saved before their removal stay resumable.
+_RETIRED = {"modadd_train_fraction": 0.5}
 
 
 class DocNames(Sequence):

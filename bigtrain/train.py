@@ -453,11 +453,6 @@ class StopRequest:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, handler)
 
-    @classmethod
-    def uninstall(cls) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, signal.SIG_DFL)
-
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

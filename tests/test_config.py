@@ -238,3 +238,11 @@ def test_flash_attention_is_refused_before_any_work_on_a_machine_without_cuda(tm
     rc = main(["train", f"run_dir={tmp_path / 'run'}", "model.attn_implementation=flash_attention_2"])
     assert rc == 2 and "needs a CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_run_fingerprint_is_stable_across_versions():
+    """A resume is refused when the fingerprint differs: removing or renaming a data/model setting
+    must not change it, or every checkpoint saved before becomes unresumable. These values are the
+    ones bigtrain computed before the modadd task left the product (data.modadd_train_fraction)."""
+    assert load_config(None, []).fingerprint() == "00ab6ca205d7bafd"
+    assert load_config(None, ["data.source=files", 'data.files=["/x/a.txt"]']).fingerprint() == "d097864fc649791b"
