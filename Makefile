@@ -1,6 +1,6 @@
 # bigtrain: two commands for a fresh machine.
 #   make demo   - install, then train the default model on the embedded default data (2 ranks, ZeRO-2, CPU ok)
-#   make test   - install, then run the whole test suite (make test-quick: the fast tier only)
+#   make test   - install, then lint (ruff) and run the whole test suite (make test-quick: the fast tier only)
 # Everything installs into .venv. TORCH pins the torch build installed first: the default is the CPU
 # build this project is tested with; on a GPU machine use e.g. `make demo TORCH='torch==2.13.0' NPROC=1`.
 
@@ -29,9 +29,11 @@ demo: install
 		launch/local.sh run_dir=runs/demo-$$(date +%Y%m%d-%H%M%S) $(ARGS)
 
 test: install
+	$(BIN)/ruff check bigtrain bench tests tools
 	PATH="$(CURDIR)/$(BIN):$$PATH" GLOO_SOCKET_IFNAME=lo $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-quick: install
+	$(BIN)/ruff check bigtrain bench tests tools
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean:

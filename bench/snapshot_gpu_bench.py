@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import threading
 import time
@@ -95,7 +94,7 @@ def main() -> int:
             blocked = time.perf_counter() - t0
             done = {}
 
-            def write():
+            def write(engine=engine, event=event, t0=t0):
                 event.synchronize()
                 done["copied"] = time.perf_counter() - t0
                 engine.write()

@@ -15,7 +15,7 @@ import pytest
 from bigtrain import spike
 from bigtrain.config import load_config
 from bigtrain.spike import SpikeConfig, build_monitor
-from conftest import BIN, read_jsonl, run_bigtrain
+from helpers import BIN, read_jsonl, run_bigtrain
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY = str(ROOT / "bench" / "bench_entry.py")

@@ -9,6 +9,7 @@ import pytest
 
 from bigtrain.checkpoint import (MARKER, STATE_FILE, CheckpointStore, History, Progress, TrainState, complete_checkpoints, finish_swaps,
                                  is_complete, resolve_resume, rng_state, set_rng_state, tag_for, wait_for_discards)
+from helpers import FakeEngine
 
 
 def fake_ckpt(root, step, complete=True):
@@ -92,17 +93,6 @@ def test_rng_state_round_trips_through_json():
 def test_train_state_is_plain_json():
     state = TrainState(Progress(step=3), History(skipped=[[1, 5]], eps=1e-9))
     assert TrainState.from_json(json.loads(json.dumps(state.to_json()))) == state
-
-
-class FakeEngine:
-    """Writes one file per save whose content is the engine's weights, as DeepSpeed writes its partitions."""
-
-    def __init__(self, weights: bytes):
-        self.weights = weights
-
-    def save_checkpoint(self, root, tag, client_state, save_latest):
-        (Path(root) / tag).mkdir(parents=True, exist_ok=True)
-        (Path(root) / tag / "mp_rank_00_model_states.pt").write_bytes(self.weights)
 
 
 def test_a_save_over_a_torn_checkpoint_writes_the_new_state(tmp_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY, read_jsonl, run_bigtrain
+from helpers import TINY, read_jsonl, run_bigtrain
 
 
 def _tiny_llama(layers: int = 2):

@@ -202,21 +202,6 @@ def test_cli_reports_config_errors_in_one_line(capsys):
     assert err.startswith("bigtrain: error: optim.lr must be > 0") and "\n" not in err
 
 
-def test_rollback_lr_cut_cools_down_back_to_the_schedule():
-    from bigtrain.checkpoint import History, Progress, TrainState
-    from bigtrain.engine import lr_multiplier
-
-    cfg = load_config(None, ["spike.lr_cooldown_steps=100"])
-    state = TrainState(Progress(step=50), History(lr_scale=0.5, lr_scale_step=50))
-    assert lr_multiplier(cfg, state) == 0.5
-    state.progress.step = 100
-    assert lr_multiplier(cfg, state) == pytest.approx(0.75)
-    state.progress.step = 400
-    assert lr_multiplier(cfg, state) == 1.0
-    permanent = load_config(None, ["spike.lr_cooldown_steps=0"])
-    assert lr_multiplier(permanent, state) == 0.5
-
-
 def test_flash_attention_with_packed_examples_needs_micro_batch_one():
     """transformers separates packed examples for flash-attention only in a one-row micro-batch; with
     more rows they would attend to each other, so the config is refused with the fix."""

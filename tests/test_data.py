@@ -537,7 +537,7 @@ def _saved_dataset(path):
 @pytest.mark.parametrize("make", [_chat_jsonl, _pc_parquet, _saved_dataset], ids=["chat-jsonl", "pc-parquet",
                                                                                     "save-to-disk"])
 def test_fine_tune_a_local_model_on_instruction_data_with_2_ranks(tmp_path, chat_model, make):
-    from conftest import read_jsonl, run_bigtrain
+    from helpers import read_jsonl, run_bigtrain
 
     data_args = make(tmp_path / "data.jsonl") if make is _chat_jsonl else make(tmp_path / "data")
     if make is not _saved_dataset:

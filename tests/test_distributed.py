@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from conftest import BIN, free_port
+from helpers import BIN, free_port
 from bigtrain.distributed import map_slurm_env, slurm_tasks_on_node
 
 # Records the accelerator's set_device and the process group's creation/first collective in order,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, run_bigtrain
+from helpers import TINY, run_bigtrain
 
 
 def save_tied_tiny_model(path: Path) -> Path:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bigtrain.checkpoint import complete_checkpoints, resolve_resume, verify
-from conftest import BIN, TINY, read_jsonl, run_bigtrain
+from helpers import BIN, TINY, read_jsonl, run_bigtrain
 
 pytestmark = pytest.mark.slow
 

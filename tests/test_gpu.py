@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, read_jsonl, run_bigtrain
+from helpers import TINY, read_jsonl, run_bigtrain
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -38,7 +38,7 @@ def test_fp16_overflow_step_is_skipped_and_counted(tmp_path, data_cache):
 
 def test_zero3_partitioned_load_nan_rollback_export_resume(tmp_path, data_cache):
     from bigtrain.cli import main
-    from test_train_mode import save_tiny_model
+    from helpers import save_tiny_model
 
     model = save_tiny_model(tmp_path / "m", 0.1, dtype=torch.bfloat16)
     common = ["train.deepspeed=zero3", f"model.path={model}", "train.steps=7", "checkpoint.snapshot_interval=1",

@@ -11,7 +11,7 @@ import pytest
 
 from bigtrain.checkpoint import read_state
 from bigtrain.sampler import Sampler
-from conftest import TINY, read_jsonl, run_bigtrain
+from helpers import TINY, read_jsonl, run_bigtrain
 
 STEPS = 44
 FAULTS = ["faults.nan_steps=[14]", "faults.scale_grad_steps=[20]", "faults.corrupt_weights_step=26",
@@ -234,7 +234,7 @@ def test_giving_up_without_a_healthy_state_saves_nothing_and_names_the_last_heal
     """Issue 11.2: with no rollback target the state still holds the spiked weights: never save them."""
     from bigtrain.checkpoint import CheckpointStore, Progress, TrainState, complete_checkpoints
     from bigtrain.recovery import GiveUp, give_up
-    from test_checkpoint import FakeEngine
+    from helpers import FakeEngine
 
     def run(engine, state):  # what give_up uses of a Run
         return types.SimpleNamespace(durable=store, state=state, save=lambda s: s.save(engine, state))

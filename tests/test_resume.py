@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import BIN, TINY, read_jsonl, run_bigtrain
+from helpers import BIN, TINY, read_jsonl, run_bigtrain
 
 
 def fp32_weights(ckpt):

@@ -106,7 +106,7 @@ def test_the_snapshot_directory_is_removed_on_exit(tmp_path, ending):
 @pytest.mark.slow
 def test_snapshot_bytes_match_the_estimate(tmp_path, data_cache):
     """The per-parameter figure is what DeepSpeed really writes (1-rank tiny run, bf16, ZeRO-2)."""
-    from conftest import TINY, run_bigtrain
+    from helpers import TINY, run_bigtrain
 
     run_bigtrain([*TINY, f"data.cache_dir={data_cache}", f"run_dir={tmp_path / 'run'}", "train.steps=2",
                   "checkpoint.snapshot_interval=1", "checkpoint.interval=1", "train.deepspeed=zero2"], nproc=1)

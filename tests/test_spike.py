@@ -381,7 +381,6 @@ def test_an_incident_in_the_first_interval_is_within_the_waste_budget():
 # ------------------------------------------------------------------------------------------------
 # Attribution (issue 14): which samples caused a spike, and what that says about the cause.
 
-import random  # noqa: E402
 import time  # noqa: E402
 
 from bigtrain.spike import DATA, OPTIMIZER, CAUSE_INCIDENT, SampleLosses, attribute  # noqa: E402

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, read_jsonl, run_bigtrain
+from helpers import TINY, read_jsonl, run_bigtrain
 
 
 @pytest.mark.slow

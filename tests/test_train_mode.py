@@ -3,30 +3,10 @@ resume stays bit-exact with dropout drawing from every rank's RNG (issue 9 item 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import TINY, read_jsonl, run_bigtrain
-
-
-def save_tiny_model(path: Path, attention_dropout: float, dtype: torch.dtype = torch.float32) -> Path:
-    """A tiny-llama model directory (config, weights, tokenizer) as ``save_pretrained`` writes it."""
-    from transformers import AutoModelForCausalLM
-
-    from bigtrain.config import ModelConfig
-    from bigtrain.data import build_tokenizer
-    from bigtrain.model import preset_config
-
-    tok = build_tokenizer(None)
-    config = preset_config(ModelConfig(), len(tok), 32, tok.pad_token_id)
-    config.attention_dropout = attention_dropout
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+from helpers import TINY, read_jsonl, run_bigtrain, save_tiny_model
 
 
 @pytest.mark.slow

@@ -13,8 +13,8 @@ import textwrap
 import pytest
 import torch
 
-from conftest import TINY, free_port, read_jsonl, run_bigtrain
-from test_train_mode import save_tiny_model
+from helpers import TINY, free_port, read_jsonl, run_bigtrain
+from helpers import save_tiny_model
 
 BUILD_SCRIPT = textwrap.dedent("""
     import sys, torch
