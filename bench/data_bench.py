@@ -33,7 +33,8 @@ import numpy as np
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT / "bench"))
+from harness import BIN, free_port, job_env  # noqa: E402
 WORDS = ("the of and to in is was for on that with as by at from his her an which or be are this had not but "
          "model data train token block rank memory disk cache loss spike step batch layer weight").split()
 
@@ -95,8 +96,7 @@ def main() -> int:
     p.add_argument("--work", default=None, help="scratch directory (default: a new one under /tmp)")
     p.add_argument("--out", default=str(ROOT / "docs" / "data_bench.jsonl"))
     args = p.parse_args()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    env = job_env()
     base_meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host_cpus": os.cpu_count(),
                  "python": platform.python_version(), "bench_command": " ".join([Path(sys.executable).name, *sys.argv])}
     results = []
@@ -130,7 +130,7 @@ def main() -> int:
             if args.skip_train:
                 continue
             run_dir = work / "run"
-            cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(29500 + n_tokens % 1000),
+            cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
                    "-m", "bigtrain", "train", *data, f"data.cache_dir={cache}", f"run_dir={run_dir}",
                    f"train.steps={args.steps}", "train.micro_batch=4", "train.eval_interval=0", "train.eval_batches=2",
                    "optim.warmup_steps=2", "checkpoint.snapshot_interval=0", "checkpoint.interval=0",

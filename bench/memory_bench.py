@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT / "bench"))
+from harness import BIN, free_port, job_env, run  # noqa: E402
 PHASES = ("before_model_load", "after_model_load", "peak_at_after_model_load", "after_engine_init", "peak_at_after_engine_init",
           "after_first_step", "peak_at_after_first_step", "peak")
 
@@ -100,9 +101,7 @@ def main() -> int:
                    help="scratch: model directory (kept and reused), data cache, run directories")
     p.add_argument("--out", default=str(ROOT / "docs" / "memory.jsonl"))
     args = p.parse_args()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}",
-           "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    env = job_env()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model_dir = work / f"llama-h{args.hidden}-l{args.layers}-i{args.intermediate}-v{args.vocab}-bf16-{args.shard}"
@@ -151,7 +150,7 @@ def main() -> int:
         probe_dir = work / f"probe-{i}"
         shutil.rmtree(probe_dir, ignore_errors=True)
         target = [str(ROOT / "bench" / "memory_probe.py")] if args.probe else ["-m", "bigtrain"]
-        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(args.nproc), "--master_port", str(29650 + i), *target,
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(args.nproc), "--master_port", str(free_port()), *target,
                "train", *data, f"train.deepspeed={ds}", "train.precision=bf16",
                f"train.steps={args.steps}", f"train.micro_batch={args.micro_batch}", "train.grad_accum=1",
                "optim.warmup_steps=0",
@@ -163,7 +162,7 @@ def main() -> int:
             run_env["MEMPROBE_OUT"] = str(probe_dir)
         print(f"[{name}] {' '.join(f'{k}={v}' for k, v in extra_env.items())} {' '.join(cmd)}".strip(), flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True)
+        proc = run(cmd, run_env)
         seconds = time.perf_counter() - t0
         if proc.returncode != 0:
             print(proc.stdout[-3000:], proc.stderr[-5000:], sep="\n", file=sys.stderr)

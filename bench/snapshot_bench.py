@@ -16,22 +16,17 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT / "bench"))
+from harness import BIN, free_port, job_env  # noqa: E402
+from harness import run as run_job  # noqa: E402
+
 GOAL = 0.25
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_model(path: Path, layers: int, hidden: int, inter: int, heads: int) -> int:
@@ -62,10 +57,9 @@ def run(name: str, args: argparse.Namespace, model: Path, work: Path, asynchrono
                  f"checkpoint.async_snapshots={str(asynchronous).lower()}"]
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(args.ranks), "--master_port", str(free_port()),
            "-m", "bigtrain", "train", *overrides]
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "PATH": f"{BIN}:{os.environ['PATH']}",
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = job_env(os.environ.get("OMP_NUM_THREADS", "1"))
     t0 = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    proc = run_job(cmd, env, timeout=args.timeout)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
