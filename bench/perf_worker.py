@@ -52,8 +52,9 @@ def main() -> int:
         run_dir = Path(cfg.run_dir)
         summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
         # This job's rows only: a run directory resumed into keeps the earlier jobs' lines.
-        spikes = [x for x in read_jsonl(run_dir / "spikes.jsonl") if x["time"] >= T_IMPORT]
-        metrics = [x for x in read_jsonl(run_dir / "metrics.jsonl") if x["time"] >= T_IMPORT]
+        # (rows without a time were written by an older bigtrain: an earlier job's)
+        spikes = [x for x in read_jsonl(run_dir / "spikes.jsonl") if x.get("time", 0) >= T_IMPORT]
+        metrics = [x for x in read_jsonl(run_dir / "metrics.jsonl") if x.get("time", 0) >= T_IMPORT]
         rollbacks = [s for s in spikes if s.get("event") == "rollback"]
         ends, steps = [m["time"] for m in metrics], [m["step"] for m in metrics]
         saves = [{"kind": kind, "step": m["step"], "seconds": m[key]} for m in metrics
@@ -62,7 +63,8 @@ def main() -> int:
             saves.append({"kind": "durable", "step": summary["steps"], "seconds": summary["final_save_seconds"]})
         loads = ([{"path": args.resume, "seconds": summary["resume_load_seconds"]}]
                  if summary.get("resume_load_seconds") is not None else [])
-        loads += [{"path": s["restored_from"], "seconds": s["load_seconds"]} for s in rollbacks]
+        loads += [{"path": s["restored_from"], "seconds": s["load_seconds"]} for s in spikes
+                  if s.get("event") in ("rollback", "skip_update") and "load_seconds" in s]
         recovers = [{"seconds": s["recover_seconds"], "step": s["step"]} for s in rollbacks]
         row = {"contender": args.label, "world": dist.get_world_size(), "exit_code": code,
                "tokens_per_step": cfg.train.micro_batch * cfg.train.grad_accum * dist.get_world_size()

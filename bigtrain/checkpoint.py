@@ -520,15 +520,19 @@ class CheckpointStore:
             self.last_write_seconds = None
         return path
 
-    def remove(self) -> None:
+    def remove(self, wait_for_discards_too: bool = False) -> None:
         """Delete the whole directory (rank 0; the others wait, collective): a snapshot ring at the start
         (an earlier, killed process's snapshots are not ours and must not count as used space) and at
-        the end of a run."""
+        the end of a run. ``wait_for_discards_too`` (the end of a run only): rank 0 also waits, after the
+        barrier, for the background deletions of pruned checkpoints, so no trash outlives a finished
+        run. Never at the start: a requeued job's rank 0 would make every rank wait for a killed run's
+        trash (a 70B checkpoint is ~1 TB of files)."""
         if _rank() == 0:
             shutil.rmtree(self.root, ignore_errors=True)
-            wait_for_discards()
         _barrier()
         self.saved = []
+        if wait_for_discards_too and _rank() == 0:
+            wait_for_discards()
 
     def save(self, engine, state: TrainState) -> Path:
         """Write ``state`` and the engine's state as the checkpoint of its step, always in full.

@@ -433,15 +433,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         tree = yaml.safe_load(path.read_text()) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = upgrade_saved(tree)
     for item in overrides:
         apply_override(tree, item)
     return _build(Config, tree, "")
 
 
 def upgrade_saved(tree: dict[str, Any]) -> dict[str, Any]:
-    """A config dict saved by an older bigtrain (a checkpoint's ``TrainState.config``) in today's form,
-    so a resume compares like with like: ``optim.torch_adam`` was a string, "true" or "false"."""
+    """A config tree written by an older bigtrain (RUN_DIR/config.yaml, a checkpoint's
+    ``TrainState.config``) in today's form, so it loads and a resume compares like with like:
+    ``optim.torch_adam`` was a string, "true" or "false"; ``data.modadd_train_fraction`` was always
+    0.5 and left with the modadd task; ``spike.policy`` became ``spike.monitor`` (the competitors'
+    names need the benchmark's launch script, which registers them)."""
+    tree = dict(tree)
     optim = tree.get("optim")
     if isinstance(optim, dict) and optim.get("torch_adam") in ("true", "false"):
-        tree = {**tree, "optim": {**optim, "torch_adam": optim["torch_adam"] == "true"}}
+        tree["optim"] = {**optim, "torch_adam": optim["torch_adam"] == "true"}
+    data = tree.get("data")
+    if isinstance(data, dict) and data.get("modadd_train_fraction") == 0.5:
+        tree["data"] = {k: v for k, v in data.items() if k != "modadd_train_fraction"}
+    spike = tree.get("spike")
+    if isinstance(spike, dict) and "policy" in spike and "monitor" not in spike:
+        tree["spike"] = {**{k: v for k, v in spike.items() if k != "policy"}, "monitor": spike["policy"]}
     return tree

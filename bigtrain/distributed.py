@@ -85,14 +85,29 @@ _SHM_BUILT = "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfu
 
 @contextlib.contextmanager
 def _without_line(line: str):
-    """Pass on what the block prints to stdout, less the lines equal to ``line`` (after the block)."""
-    out = io.StringIO()
+    """Pass on what the block prints to stdout as it comes, line by line, less the lines equal to
+    ``line``: a rendezvous that hangs inside the block still shows what it printed."""
+    real = sys.stdout
+
+    class Filter(io.TextIOBase):
+        def __init__(self):
+            self.partial = ""
+
+        def write(self, s: str) -> int:
+            *whole, self.partial = (self.partial + s).split("\n")
+            for kept in whole:
+                if kept != line:
+                    real.write(kept + "\n")
+            real.flush()
+            return len(s)
+
+    out = Filter()
     try:
         with contextlib.redirect_stdout(out):
             yield
     finally:
-        sys.stdout.write("".join(kept for kept in out.getvalue().splitlines(keepends=True)
-                                 if kept.rstrip("\n") != line))
+        if out.partial and out.partial != line:
+            real.write(out.partial)
 
 
 def select_device(local_rank: int) -> int:

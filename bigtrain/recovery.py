@@ -214,7 +214,7 @@ def recover(run: Run, verdict: Verdict, row: dict) -> GiveUp | None:
     hyper-parameters unchanged; optimizer -> skip the window from there to the spike and climb the
     eps/LR/beta2 ladder; incident -> rewind only. Returns the reason when the budget is spent (the
     state is then the last healthy one; the caller saves and exits): never loops."""
-    t0, cfg, h, spike_step = time.time(), run.cfg, run.state.history, run.state.progress.step
+    t0, spike_step = time.time(), run.state.progress.step
     onset = verdict.onset_step if verdict.onset_step is not None else spike_step
     event = {"step": spike_step, "onset_step": onset, "verdict": verdict.kind, "reason": verdict.reason,
              "severity": verdict.severity, "stats": verdict.stats, "loss": row["loss"], "grad_norm": row["grad_norm"]}
@@ -224,36 +224,59 @@ def recover(run: Run, verdict: Verdict, row: dict) -> GiveUp | None:
         run.rec.event({**event, "event": "give_up", "action": "stop", "reason": reason})
         return GiveUp(reason, restored=False, onset=onset)
     target_step, store = target
-    attribution, suspects = attribute_spike(run.monitor, verdict, cfg.spike, run.layout.per_rank)
+    attribution, suspects = attribute_spike(run.monitor, verdict, run.cfg.spike, run.layout.per_rank)
     plan = plan_recovery(run, verdict, onset, target_step, attribution.cause if attribution else OPTIMIZER)
-    load_seconds = restore(run, store, plan)
+    event["load_seconds"] = round(restore(run, store, plan), 4)
     if plan.stop:
         run.rec.event({**event, "event": "give_up", "action": "stop", "restored_step": target_step,
                        "reason": plan.reason, "level": plan.level})
-        apply_hparams(cfg, run.engine, run.state)
+        apply_hparams(run.cfg, run.engine, run.state)
         return GiveUp(plan.reason, restored=True, onset=onset)
-    window = (run.state.progress.cursor, spike_step - target_step, run.layout.global_batch, plan.skip_multiplier, plan.margin_batches)
-    max_blocks = max(1, min(int(cfg.spike.max_document_share * run.data.train.shape[0]), cfg.spike.max_convicted_blocks))
-    skip = quarantine(h, run.sampler, run.data, attribution, suspects, window, max_blocks, cfg.spike.max_convicted_blocks)
+    skip = skip_samples(run, plan, attribution, suspects, spike_step)
+    before = apply_plan(run, plan)
+    run.rec.quarantine({**r, "sources": run.data.sources(r["sample_id"]), "rollback": run.state.history.rollbacks}
+                       for r in skip.rows)
+    record_rollback(run, event, plan, skip, before, store, time.time() - t0)
+    return None
+
+
+def skip_samples(run: Run, plan: RecoveryPlan, attribution: Attribution | None, suspects: Suspects,
+                 spike_step: int) -> Quarantine:
+    """What this rollback skips (``quarantine``), from the restored cursor; the run's skip set rebuilt."""
+    cfg, h = run.cfg.spike, run.state.history
+    window = (run.state.progress.cursor, spike_step - plan.restored_step, run.layout.global_batch,
+              plan.skip_multiplier, plan.margin_batches)
+    max_blocks = max(1, min(int(cfg.max_document_share * run.data.train.shape[0]), cfg.max_convicted_blocks))
+    skip = quarantine(h, run.sampler, run.data, attribution, suspects, window, max_blocks, cfg.max_convicted_blocks)
     run.skips = SkipSet(h.skipped_samples)
-    before = {"eps": h.eps, "lr_scale": lr_multiplier(cfg, run.state), "beta2": h.beta2}
+    return skip
+
+
+def apply_plan(run: Run, plan: RecoveryPlan) -> dict:
+    """The plan's settings into the run's history and the optimizer; checkpoints newer than the
+    target forgotten. Returns the settings before (for the event)."""
+    h = run.state.history
+    before = {"eps": h.eps, "lr_scale": lr_multiplier(run.cfg, run.state), "beta2": h.beta2}
     h.eps, h.lr_scale, h.beta2, h.lr_scale_step = plan.eps, plan.lr_scale, plan.beta2, plan.restored_step
     h.rollbacks += 1
     h.wasted_steps += plan.wasted_steps
-    apply_hparams(cfg, run.engine, run.state, check=True)  # DeepSpeed's load restored the old eps: prove it is set
+    apply_hparams(run.cfg, run.engine, run.state, check=True)  # DeepSpeed's load restored the old eps: prove it is set
     for s in run.stores:
-        s.drop_after(target_step)
-    run.rec.quarantine({**r, "sources": run.data.sources(r["sample_id"]), "rollback": h.rollbacks} for r in skip.rows)
+        s.drop_after(plan.restored_step)
+    return before
+
+
+def record_rollback(run: Run, event: dict, plan: RecoveryPlan, skip: Quarantine, before: dict,
+                    store: CheckpointStore, seconds: float) -> None:
+    h = run.state.history
     changed = "".join(f"+{k}" for k, key in (("eps", "eps"), ("lr", "lr_scale"), ("beta2", "beta2"))
                       if getattr(plan, key) != before[key])
     run.rec.event({**event, "event": "rollback" if plan.budgeted else "skip_update", "action": "rollback+skip" + changed,
-                   "rollback": h.rollbacks, "level": plan.level, "restored_step": target_step,
+                   "rollback": h.rollbacks, "level": plan.level, "restored_step": plan.restored_step,
                    "restored_from": str(store.root), **skip.event,
                    "eps_before": before["eps"], "eps_after": h.eps, "lr_scale_before": before["lr_scale"],
                    "lr_scale_after": h.lr_scale, "beta2_before": before["beta2"], "beta2_after": h.beta2,
-                   "wasted_steps": plan.wasted_steps, "recover_seconds": round(time.time() - t0, 3),
-                   "load_seconds": round(load_seconds, 4)})
+                   "wasted_steps": plan.wasted_steps, "recover_seconds": round(seconds, 3)})
     log.warning("step %d: %s -> cause %s, rolled back to step %d, skipping %d samples (%d documents), eps %.3g -> %.3g",
-                spike_step, verdict.reason, skip.event.get("cause"), target_step, skip.event["skipped_samples"],
-                len(skip.event.get("offending_documents", [])), before["eps"], h.eps)
-    return None
+                event["step"], event["reason"], skip.event.get("cause"), plan.restored_step,
+                skip.event["skipped_samples"], len(skip.event.get("offending_documents", [])), before["eps"], h.eps)

@@ -725,7 +725,7 @@ class Escalation:
                              f"{rollback_to_step}, {onset_step}, {step}")
         wasted = step - rollback_to_step
         if kind == SKIP_UPDATE:
-            return RecoveryPlan(False, "skip one update", 0, 1, eps, lr_scale, beta2, wasted, rollback_to_step,
+            return RecoveryPlan(False, "skip one update (no budget applies)", 0, 1, eps, lr_scale, beta2, wasted, rollback_to_step,
                                 margin_batches=0, budgeted=False, restore_monitor=False)
         # Chain on the previous rollback (not the first of the region): spikes that drift a
         # little later after each rollback still escalate, as in docs/design.md sec. 3.

@@ -134,7 +134,7 @@ def summarise(run: Run, row: dict, eval_loss: float | None) -> None:
     save_seconds = time.perf_counter() - t_save
     memory_mb = run.memory.reduce(run.engine.device)  # collective: every rank reaches the end of the loop
     log.info("memory (host RSS, max over ranks): %s", format_mb(memory_mb))
-    run.snaps.remove()  # with the pruned checkpoints' deletion: no trash outlives a finished run
+    run.snaps.remove(wait_for_discards_too=True)  # no trash outlives a finished run
     p, h = run.state.progress, run.state.history
     summary = {"steps": p.step, "seconds": round(time.time() - run.started, 1), "final_loss": row.get("loss"),
                "eval_loss": eval_loss, "rollbacks": h.rollbacks, "wasted_steps": h.wasted_steps,
@@ -208,6 +208,7 @@ def setup(cfg: Config, resume: str | None) -> Run:
     # pruned by checkpoint.keep like any other).
     if ck.snapshot_interval or not durable.saved:
         run.save(snaps if ck.snapshot_interval else durable)
+    run.started = time.time()  # summary.json's seconds: the loop's, not the start-up's
     return run
 
 
@@ -215,7 +216,8 @@ def resume_from(run: Run, path: Path) -> None:
     """Load a checkpoint into the run (collective): DeepSpeed's state, bigtrain's state, the monitor's,
     the escalation's and the fault injector's; config changes since the checkpoint applied."""
     cfg, t_load = run.cfg, time.perf_counter()
-    state = checkpoint.load_resume(run.engine, path, run.layout.world, path.parent / checkpoint.UNIVERSAL)
+    state = checkpoint.load_resume(run.engine, path, run.layout.world,
+                                   Path(cfg.run_dir) / "checkpoints" / checkpoint.UNIVERSAL)
     run.resume_load_seconds = round(time.perf_counter() - t_load, 4)
     apply_changes(cfg, state, path)
     state.config, state.world_size, state.zero_stage = cfg.to_dict(), run.state.world_size, run.state.zero_stage

@@ -109,6 +109,14 @@ def test_registering_another_task_under_the_name_is_refused():
 
 
 def test_bigtrain_alone_knows_no_modadd(monkeypatch):
+    import subprocess
+
+    # The product's CLI in a fresh process, where no test registered anything: modadd is refused.
+    for args in (["data.source=modadd", "data.seq_len=4"], ["model.preset=modadd"]):
+        proc = subprocess.run([sys.executable, "-m", "bigtrain", "train", "--dry-run", *args], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2 and "modadd" in proc.stderr and "register_" in proc.stderr, proc.stderr
+    # And the messages name the seam.
     monkeypatch.setattr(data, "SOURCES", {k: v for k, v in data.SOURCES.items() if k != "modadd"})
     monkeypatch.setattr(config, "PRESETS", {k: v for k, v in config.PRESETS.items() if k != "modadd"})
     with pytest.raises(ConfigError, match=r"data\.source must be one of \['stdlib', 'files', 'hub'\].*register_source"):

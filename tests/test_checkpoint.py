@@ -250,3 +250,20 @@ def test_a_failed_async_write_is_a_checkpoint_error_and_never_a_target(tmp_path,
     store.save(engine, TrainState(Progress(step=6)))  # finishes nothing pending; the next one works again
     store.finish()
     assert store.saved == [2, 6]
+
+
+def test_a_state_written_before_the_progress_history_split_loads():
+    old = {"step": 12, "cursor": 96, "tokens": 3072, "skipped": [[32, 104]], "skipped_samples": [5, 6],
+           "skipped_docs": [1], "eps": 1e-9, "lr_scale": 0.5, "lr_scale_step": 8, "beta2": 0.95,
+           "monitor": {"log_loss": [1.0]}, "escalation": {"rollbacks": 1}, "ds_skipped_steps": 0, "rollbacks": 1,
+           "wasted_steps": 2, "executed_steps": 14, "poisoned": [[5, 7]], "poisoned_docs": [1],
+           "faults_fired": ["poison@10"], "fingerprint": "f", "world_size": 2, "zero_stage": 2, "config": {}}
+    state = TrainState.from_json(old)
+    assert (state.progress.step, state.progress.cursor, state.progress.monitor) == (12, 96, {"log_loss": [1.0]})
+    assert (state.history.skipped, state.history.skipped_samples, state.history.rollbacks) == ([[32, 104]], [5, 6], 1)
+    assert state.history.faults == {"poisoned": [[5, 7]], "poisoned_docs": [1], "fired": ["poison@10"]}
+    assert (state.world_size, state.zero_stage) == (2, 2)
+    # Saved again, it keeps every field, flat (the faults under one key).
+    again = state.to_json()
+    assert {k: v for k, v in again.items() if k != "faults"} == {
+        k: v for k, v in old.items() if k not in ("poisoned", "poisoned_docs", "faults_fired")}

@@ -231,3 +231,14 @@ def test_the_run_fingerprint_is_stable_across_versions():
     ones bigtrain computed before the modadd task left the product (data.modadd_train_fraction)."""
     assert load_config(None, []).fingerprint() == "00ab6ca205d7bafd"
     assert load_config(None, ["data.source=files", 'data.files=["/x/a.txt"]']).fingerprint() == "d097864fc649791b"
+
+
+def test_a_config_yaml_written_by_an_older_bigtrain_still_loads(tmp_path):
+    """RUN_DIR/config.yaml is what the resume error tells users to relaunch with: the keys an older
+    bigtrain wrote (data.modadd_train_fraction, spike.policy, optim.torch_adam as a string) load."""
+    old = tmp_path / "config.yaml"
+    old.write_text("data:\n  seq_len: 64\n  modadd_train_fraction: 0.5\n"
+                   "spike:\n  policy: none\n  window: 32\noptim:\n  torch_adam: 'true'\n")
+    cfg = load_config(old)
+    assert (cfg.data.seq_len, cfg.spike.monitor, cfg.spike.window, cfg.optim.torch_adam) == (64, "none", 32, True)
+    assert cfg.fingerprint() == load_config(None, ["data.seq_len=64"]).fingerprint()

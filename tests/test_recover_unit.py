@@ -1,5 +1,6 @@
-"""recover() on one rank, in process, with a fake engine (quick tier): the rollback restores the
-progress and the weights, keeps the history, and treats each cause as its rule says."""
+"""Spike recovery (bigtrain/recovery.py), quick tier: recover() on one rank, in process, with a fake
+engine: the rollback restores the progress and the weights, keeps the history, and treats each cause
+as its rule says; the quarantine and the skip window it applies."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from bigtrain.faults import FaultInjector
 from bigtrain.recovery import GiveUp, recover
 from bigtrain.run import Layout, Run
 from bigtrain.sampler import Sampler
-from bigtrain.spike import DATA, OPTIMIZER, Escalation, build_monitor
+from bigtrain.spike import DATA, OPTIMIZER, SKIP_UPDATE, Escalation, Verdict, build_monitor
 
 GLOBAL_BATCH, BLOCKS, TOKENS = 8, 400, 4
 
@@ -55,7 +56,8 @@ class Events:
 
 
 def make_run(tmp_path: Path, *overrides: str) -> Run:
-    cfg = load_config(None, ["spike.warmup=4", "checkpoint.snapshot_interval=2", *overrides])
+    cfg = load_config(None, ["spike.warmup=4", "checkpoint.snapshot_interval=2", "faults.nan_steps=[13, 30]",
+                             *overrides])
     docs = torch.tensor([[b // 4, b // 4] for b in range(BLOCKS)])  # documents of 4 blocks
     data = types.SimpleNamespace(train=np.zeros((BLOCKS, TOKENS)), train_docs=docs,
                                  doc_names=[f"doc{d}" for d in range(BLOCKS // 4)], sources=lambda sid: [f"s{sid}"])
@@ -108,6 +110,27 @@ def test_an_optimizer_spike_rolls_back_skips_a_window_and_lowers_eps(tmp_path):
     assert start == cursor_at_12 and len(window) == (1 + 16) * GLOBAL_BATCH
     assert h.eps == 1e-9 == run.engine.optimizer.param_groups[0]["eps"]
     assert h.lr_scale_step == 12 and run.snaps.saved[-1] == 12
+    # The monitor's statistics are those saved at step 12 (the spike never entered them), and the
+    # transient fault scheduled at step 13 belongs to the discarded timeline: it never fires.
+    assert run.monitor.state_dict() == run.state.progress.monitor
+    assert "nan@13" in run.faults.fired and "nan@30" not in run.faults.fired
+
+
+def test_a_skip_update_verdict_restores_the_step_before_and_changes_nothing_else(tmp_path):
+    run = make_run(tmp_path)
+    healthy(run, 12)
+    step(run, [2.0] * GLOBAL_BATCH)  # step 13: not a snapshot step
+    before = run.monitor.state_dict()
+    cursor_at_12 = run.snaps.saved[-1], None
+    verdict = Verdict(SKIP_UPDATE, "grad norm beyond 6 sigma", onset_step=13)
+    assert recover(run, verdict, {"loss": 2.0, "grad_norm": 9.0}) is None
+    h, (event,) = run.state.history, run.rec.events
+    assert event["event"] == "skip_update" and event["restored_step"] == 12 and cursor_at_12[0] == 12
+    assert run.state.progress.step == 12 and h.rollbacks == 1 and h.eps == 1e-8 and h.lr_scale == 1.0
+    assert run.escalation.rollbacks == 0  # no budget applies
+    (start, end), = h.skipped
+    assert end - start == GLOBAL_BATCH  # exactly the step's samples: no margin
+    assert run.monitor.state_dict() == before  # the flagged value stays in the monitor's window
 
 
 def test_outlier_samples_are_data_skipped_by_id_with_their_documents_and_no_hyperparameter_changes(tmp_path):
@@ -133,10 +156,52 @@ def test_outlier_samples_are_data_skipped_by_id_with_their_documents_and_no_hype
 def test_a_spent_budget_gives_up_on_the_restored_healthy_state(tmp_path):
     run = make_run(tmp_path, "spike.max_rollbacks=1")
     healthy(run, 12)
-    for attempt in range(2):
-        verdict, _, row = step(run, [40.0] * GLOBAL_BATCH)
-        reason = recover(run, verdict, row)
+    verdict, _, row = step(run, [40.0] * GLOBAL_BATCH)
+    assert recover(run, verdict, row) is None
+    verdict, _, row = step(run, [40.0] * GLOBAL_BATCH)
+    reason = recover(run, verdict, row)
     assert isinstance(reason, GiveUp) and reason.restored and "rollback budget" in reason.reason
+    assert [e["event"] for e in run.rec.events] == ["rollback", "give_up"]
     assert run.state.progress.step == 12 and run.engine.weights == b"weights of step 12"
     assert run.state.history.rollbacks == 1  # the refused rollback is not counted
     assert run.engine.optimizer.param_groups[0]["eps"] == run.state.history.eps  # set back after the load
+
+
+def test_quarantine_optimizer_window_is_one_pass_and_document_convictions_are_capped():
+    from bigtrain.checkpoint import History
+    from bigtrain.recovery import quarantine
+    from bigtrain.sampler import Sampler
+    from bigtrain.spike import DATA, OPTIMIZER, Attribution
+
+    # 100 blocks, 10 documents of 10 blocks each
+    data = types.SimpleNamespace(train_docs=torch.tensor([[b // 10, b // 10] for b in range(100)]),
+                                 doc_names=[f"doc{d}" for d in range(10)])
+    sampler = Sampler(100, seed=1)
+    state = History()
+    # Optimizer: the window (2 rolled-back steps + 1 margin batch of 8) is a stream range, skipped once;
+    # no sample id is banned for later epochs (it held 24 ids before).
+    q = quarantine(state, sampler, data, Attribution(OPTIMIZER, [], {}), ([], [], []), (0, 2, 8, 1, 1))
+    assert state.skipped == [[0, 24]] and state.skipped_samples == [] and len(q.rows) == 24
+    assert {r["why"] for r in q.rows} == {"window"}
+    # Data: outliers in documents 2, 5 and 7; at most 15 blocks convicted per rollback -> one document
+    ids = [25, 51, 77, 3]
+    a = Attribution(DATA, [0, 1, 2], {})
+    q = quarantine(state, sampler, data, a, (ids, [9.0] * 4, [1.0] * 4), (24, 1, 8, 1, 1),
+                   max_document_blocks=10, max_convicted_blocks=15)
+    assert state.skipped_docs == [2] and q.event["offending_documents"] == [2]
+    assert state.skipped_samples == sorted({25, 51, 77} | set(range(20, 30)))
+    assert state.skipped == [[0, 24]]  # a data rollback skips no window
+
+
+def test_rollback_skip_window_counts_drawn_samples_not_stream_span():
+    from bigtrain.recovery import skip_window
+
+    s = Sampler(1000, seed=0)
+    # First rollback: restored at cursor 100, 3 steps of 8 samples rolled back, 2 margin batches.
+    newly, end = skip_window(s, 100, [], rolled_back_steps=3, global_batch=8, multiplier=1, margin_batches=2)
+    assert newly == list(range(100, 140)) and end == 140
+    # A repeat from the same restore point, escalated x2: 3 steps drawn again (at 140..164), so
+    # 2*3 + 2 = 8 batches of samples not skipped yet; the earlier skip is not multiplied.
+    newly, end = skip_window(s, 100, [(100, 140)], rolled_back_steps=3, global_batch=8, multiplier=2,
+                             margin_batches=2)
+    assert newly == list(range(140, 204)) and end == 204

@@ -76,20 +76,6 @@ def test_seed_determines_order():
         Sampler(0, seed=0)
 
 
-def test_rollback_skip_window_counts_drawn_samples_not_stream_span():
-    from bigtrain.recovery import skip_window
-
-    s = Sampler(1000, seed=0)
-    # First rollback: restored at cursor 100, 3 steps of 8 samples rolled back, 2 margin batches.
-    newly, end = skip_window(s, 100, [], rolled_back_steps=3, global_batch=8, multiplier=1, margin_batches=2)
-    assert newly == list(range(100, 140)) and end == 140
-    # A repeat from the same restore point, escalated x2: 3 steps drawn again (at 140..164), so
-    # 2*3 + 2 = 8 batches of samples not skipped yet; the earlier skip is not multiplied.
-    newly, end = skip_window(s, 100, [(100, 140)], rolled_back_steps=3, global_batch=8, multiplier=2,
-                             margin_batches=2)
-    assert newly == list(range(140, 204)) and end == 204
-
-
 # ------------------------------------------------------------------------------------------------
 # Skips by sample identity (issue 11 item 4): they hold in every epoch and at any batch/world size.
 

@@ -95,3 +95,38 @@ def test_export_gives_a_loadable_model_with_the_trained_eval_loss(tmp_path, data
                 n += tokens
     final = read_jsonl(run_dir / "metrics.jsonl")[-1]
     assert total / n == pytest.approx(final["eval_loss"], rel=1e-5)
+
+
+STOPPING_ENTRY = """
+import sys
+from bigtrain.cli import main
+from bigtrain.spike import OK, STOP, NullMonitor, Verdict, register_monitor
+
+class StopAtThree(NullMonitor):
+    def observe(self, step, loss, grad_norm, nonfinite=False, ds_skipped=False):
+        return Verdict(STOP if step == 3 else OK, "stop rule", severity=2.0)
+
+register_monitor("stop_at_three", lambda spike_cfg, total_steps: StopAtThree())
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+def test_a_monitor_that_stops_the_run_saves_it_as_it_is_and_exits_3(tmp_path, data_cache):
+    """finish(EXIT_GAVE_UP) through a monitor's STOP verdict (llm-foundry's kind of rule, plugged in
+    through the monitor registry): the step is logged with its event, the durable checkpoint holds
+    that step, no summary is written, exit 3."""
+    from bigtrain.checkpoint import complete_checkpoints, read_state
+
+    entry = tmp_path / "entry.py"
+    entry.write_text(STOPPING_ENTRY)
+    run_dir = tmp_path / "run"
+    proc = run_bigtrain([*TINY, f"data.cache_dir={data_cache}", f"run_dir={run_dir}", "train.steps=8",
+                         "spike.monitor=stop_at_three", "checkpoint.interval=0"], nproc=1, check=False,
+                        script=str(entry))
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
+    (event,) = read_jsonl(run_dir / "spikes.jsonl")
+    assert (event["event"], event["step"], event["reason"]) == ("stop", 3, "stop rule")
+    last = complete_checkpoints(run_dir / "checkpoints")[-1]
+    assert read_state(last).progress.step == 3 and not (run_dir / "summary.json").exists()

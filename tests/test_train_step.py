@@ -101,32 +101,6 @@ def test_train_step_adds_the_moe_aux_loss_to_the_gradient_not_the_reported_loss(
     assert torch.equal(a, b)  # loss sums and per-sample losses: cross-entropy only
 
 
-def test_quarantine_optimizer_window_is_one_pass_and_document_convictions_are_capped():
-    from bigtrain.checkpoint import History
-    from bigtrain.recovery import quarantine
-    from bigtrain.sampler import Sampler
-    from bigtrain.spike import DATA, OPTIMIZER, Attribution
-
-    # 100 blocks, 10 documents of 10 blocks each
-    data = types.SimpleNamespace(train_docs=torch.tensor([[b // 10, b // 10] for b in range(100)]),
-                                 doc_names=[f"doc{d}" for d in range(10)])
-    sampler = Sampler(100, seed=1)
-    state = History()
-    # Optimizer: the window (2 rolled-back steps + 1 margin batch of 8) is a stream range, skipped once;
-    # no sample id is banned for later epochs (it held 24 ids before).
-    q = quarantine(state, sampler, data, Attribution(OPTIMIZER, [], {}), ([], [], []), (0, 2, 8, 1, 1))
-    assert state.skipped == [[0, 24]] and state.skipped_samples == [] and len(q.rows) == 24
-    assert {r["why"] for r in q.rows} == {"window"}
-    # Data: outliers in documents 2, 5 and 7; at most 15 blocks convicted per rollback -> one document
-    ids = [25, 51, 77, 3]
-    a = Attribution(DATA, [0, 1, 2], {})
-    q = quarantine(state, sampler, data, a, (ids, [9.0] * 4, [1.0] * 4), (24, 1, 8, 1, 1),
-                   max_document_blocks=10, max_convicted_blocks=15)
-    assert state.skipped_docs == [2] and q.event["offending_documents"] == [2]
-    assert state.skipped_samples == sorted({25, 51, 77} | set(range(20, 30)))
-    assert state.skipped == [[0, 24]]  # a data rollback skips no window
-
-
 def test_label_counts_per_sample_match_the_global_count():
     import numpy as np
 
