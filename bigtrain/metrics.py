@@ -38,8 +38,16 @@ class Recorder:
         self._open = False
 
     def start(self, state: TrainState, resumed: bool) -> None:
-        if not self.enabled:
-            return
+        """Collective (every rank calls it): rank 0 opens the files; a failure there is every rank's."""
+        error = None
+        if self.enabled:
+            try:
+                self._open_files(state, resumed)
+            except Exception as exc:  # noqa: BLE001 - agreed below: rank 0 alone must not leave the others waiting
+                error = exc
+        _agree(error, "opening the run's logs")
+
+    def _open_files(self, state: TrainState, resumed: bool) -> None:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
@@ -55,9 +63,15 @@ class Recorder:
         self._open = True
 
     def write_json(self, name: str, obj: Any) -> None:
-        """A JSON file of the run (ds_config.json, summary.json), written by rank 0."""
+        """A JSON file of the run (ds_config.json, summary.json), written by rank 0. Collective: a
+        failure (a full disk) is raised on every rank."""
+        error = None
         if self.enabled:
-            (self.run_dir / name).write_text(json.dumps(obj, indent=2))
+            try:
+                (self.run_dir / name).write_text(json.dumps(obj, indent=2))
+            except Exception as exc:  # noqa: BLE001 - agreed below
+                error = exc
+        _agree(error, f"writing {name}")
 
     def maybe_log(self, row: dict[str, Any]) -> None:
         """Log the step's row every ``log_interval`` steps, at the last step, and whenever it carries
@@ -146,3 +160,13 @@ def keep_event(row: dict, state: TrainState) -> bool:
     if "rollback" in row:
         return row["rollback"] <= state.history.rollbacks
     return row.get("event") in ("give_up", "stop") or row.get("step", 0) <= state.progress.step
+
+
+def _agree(error: Exception | None, what: str) -> None:
+    """Raise on every rank when rank 0's write failed (one small all-reduce; without a process group,
+    this process's own outcome)."""
+    from bigtrain.checkpoint import all_ok
+
+    if not all_ok(error is None):
+        raise OSError(f"{what} failed on rank 0: {error}" if error is not None else
+                      f"{what} failed on rank 0 (see its log)") from error
