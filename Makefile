@@ -9,6 +9,9 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 NPROC ?= 2
 BIN := $(VENV)/bin
+# DeepSpeed JIT-builds its ops under torch's lock file; a process killed while holding it leaves the lock,
+# and every later load waits forever. Inside the venv, a clean clone never inherits one from the home cache.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: install demo test test-quick bench clean
 

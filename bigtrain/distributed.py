@@ -31,6 +31,7 @@ def init_distributed() -> tuple[int, int, int]:
     NCCL refuses two ranks on one GPU, and object tensors go to the *current* device.
     """
     quiet_libraries()
+    warn_stale_extension_locks()
     import deepspeed
 
     env = os.environ
@@ -72,6 +73,48 @@ def quiet_libraries() -> None:
     # DeepSpeed's ZeRO gathers call the deprecated name; torch warns on every rank and the fix is DeepSpeed's.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                             category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
+
+
+def extension_root() -> str:
+    """Where torch JIT-builds extensions (DeepSpeed's ops): TORCH_EXTENSIONS_DIR or torch's cache."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+
+
+STALE_LOCK_SECONDS = 600
+
+
+def stale_extension_locks(root: str, now: float | None = None, older_than: float = STALE_LOCK_SECONDS) -> list[str]:
+    """Lock files under ``root`` older than ``older_than`` seconds. torch's JIT build takes
+    ``<build dir>/lock`` in every process that loads an op (also when the op is cached: ninja checks it
+    under the lock) and removes it in a ``finally``; a process killed inside that window (SIGKILL, or a
+    SIGTERM before bigtrain's handler is installed) leaves it, and every later process that loads the op
+    waits for it to go, forever and silently (torch/utils/file_baton.py FileBaton.wait)."""
+    import glob
+    import time
+
+    now = time.time() if now is None else now
+    found = []
+    for lock in glob.glob(os.path.join(glob.escape(root), "*", "lock")) + \
+            glob.glob(os.path.join(glob.escape(root), "*", "*", "lock")):
+        try:
+            if now - os.path.getmtime(lock) > older_than:
+                found.append(lock)
+        except OSError:  # released meanwhile
+            pass
+    return sorted(found)
+
+
+def warn_stale_extension_locks() -> None:
+    """Say so (node-local rank 0, on stderr, before the wait that would otherwise hang unexplained)."""
+    if os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) != "0":
+        return
+    for lock in stale_extension_locks(extension_root()):
+        print(f"bigtrain: WARNING {lock} is more than {STALE_LOCK_SECONDS // 60} minutes old: a process "
+              "was killed while building or loading that op, and every process that loads it now waits for "
+              f"this file to go, forever. If no build is running on this machine, delete it: rm {lock}",
+              file=sys.stderr, flush=True)
 
 
 def _not_cpu_fallback(record: logging.LogRecord) -> bool:

@@ -2,7 +2,39 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
 import pytest
+
+from bigtrain.distributed import extension_root, stale_extension_locks
+
+# No test process holds torch's JIT-build lock between tests for longer than this (the op is built once,
+# at session start, and each load checks it in about a second).
+_LOCK_GRACE_SECONDS = 60
+
+
+def _clear_stale_locks() -> None:
+    """A test that kills a rank inside the load window leaves DeepSpeed's op lock behind, and every
+    later process would wait for it forever (see bigtrain.distributed.stale_extension_locks)."""
+    for lock in stale_extension_locks(extension_root(), time.time(), _LOCK_GRACE_SECONDS):
+        os.remove(lock)
+
+
+def pytest_sessionstart(session) -> None:
+    _clear_stale_locks()
+    # Build (or check) DeepSpeed's CPU comm op once, here, not inside the first test's ranks.
+    subprocess.run([sys.executable, "-c", "from deepspeed.accelerator import get_accelerator as g; "
+                    "b = g().create_op_builder('ShareMemCommBuilder'); b and b.load()"],
+                   check=False, capture_output=True, timeout=900)
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_extension_lock():
+    _clear_stale_locks()
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from helpers import BIN, free_port
-from bigtrain.distributed import map_slurm_env, slurm_tasks_on_node
+from bigtrain.distributed import map_slurm_env, slurm_tasks_on_node, stale_extension_locks, warn_stale_extension_locks
 
 # Records the accelerator's set_device and the process group's creation/first collective in order,
 # through a fake accelerator (no GPU needed), then runs bigtrain's real init_distributed.
@@ -186,3 +186,26 @@ def test_library_noise_is_silenced_message_by_message():
     assert "all_gather_into_tensor" not in out and "built successfully" not in out
     if "cpu build True" in out:
         assert "Setting accelerator to CPU" not in out
+
+
+def test_a_stale_extension_lock_is_named_with_the_fix_before_the_silent_wait(tmp_path, monkeypatch, capsys):
+    """A process killed while loading DeepSpeed's JIT op leaves ``<build dir>/lock``; torch then waits
+    for it forever in every later process, with no output (a CI run hung 90 minutes on exactly this)."""
+    import time
+
+    build = tmp_path / "py311_cpu" / "deepspeed_shm_comm"
+    build.mkdir(parents=True)
+    lock = build / "lock"
+    lock.touch()
+    assert stale_extension_locks(str(tmp_path)) == []  # a build under way holds a fresh one
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    assert stale_extension_locks(str(tmp_path)) == [str(lock)]
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    warn_stale_extension_locks()
+    err = capsys.readouterr().err
+    assert str(lock) in err and f"rm {lock}" in err
+    monkeypatch.setenv("LOCAL_RANK", "1")  # one line per node, not one per rank
+    warn_stale_extension_locks()
+    assert capsys.readouterr().err == ""
