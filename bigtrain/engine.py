@@ -222,3 +222,18 @@ def apply_hparams(cfg: Config, engine, state, check: bool = False) -> float:
     if check:
         check_hparams(engine, h.eps, h.beta2, beta1=o.beta1, weight_decay=o.weight_decay)
     return lr
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] next-token cross-entropy of every position (0 where the label is -100 or past the end).
+
+    The same computation as transformers' ForCausalLMLoss (loss_utils.py: logits upcast to float32,
+    labels shifted by padding, ignore_index -100), kept per token instead of summed, so the step's loss
+    and every sample's loss come from one cross-entropy: no second pass over the logits. Memory is
+    HF's own: the float32 copy of the logits (4 bytes x vocab per token: 0.5 MB at a 128k vocab, which
+    autograd keeps for the backward) is the one HF's loss makes too; the per-token result adds 4
+    bytes per token."""
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    return torch.nn.functional.cross_entropy(flat, shift.reshape(-1).to(flat.device), ignore_index=-100,
+                                             reduction="none").view(shift.shape)

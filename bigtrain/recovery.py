@@ -13,11 +13,14 @@ import math
 import time
 from dataclasses import dataclass
 
+import torch
+import torch.distributed as dist
+
 from bigtrain import checkpoint
 from bigtrain.checkpoint import CheckpointStore, History
 from bigtrain.data import PackedData
-from bigtrain.engine import apply_hparams, keep_loss_scale, loss_scale, lr_multiplier
-from bigtrain.run import Run
+from bigtrain.engine import apply_hparams, keep_loss_scale, loss_scale, lr_multiplier, token_losses
+from bigtrain.run import Layout, Run
 from bigtrain.sampler import Sampler, SkipSet, blocks_of_documents, implicated_documents
 from bigtrain.spike import CAUSE_INCIDENT, OPTIMIZER, SKIP_UPDATE, Attribution, RecoveryPlan, Verdict, attribute
 
@@ -36,18 +39,79 @@ def skip_window(sampler: Sampler, cursor: int, skipped: list, rolled_back_steps:
     return sampler.take(cursor, count, skipped, skips)
 
 
-def attribute_spike(monitor, verdict: Verdict, cfg, per_rank: int) -> tuple[Attribution | None, Suspects]:
-    """Which samples of the spiked steps stand out (bigtrain's monitor only; None for the competitors,
-    which skip a window as they always did). Every rank holds the same per-sample losses (they came
-    through the step's all-reduce), so every rank reaches the same attribution. Returns it with the
-    suspects it judged: (sample ids, loss sums, label counts) of the steps from the onset on."""
+@dataclass
+class Evidence:
+    """What the monitor knew at the spike, taken before the rollback replaces its state."""
+
+    ids: list[int]
+    sums: list[float]
+    counts: list[float]
+    """Sample ids, loss sums and label counts of the unaccepted steps from the onset on."""
+    reference: tuple[float, float] | None
+    band: float | None
+
+
+def gather_evidence(monitor, verdict: Verdict, cfg) -> Evidence | None:
+    """bigtrain's monitor only (None for the competitors, which skip a window as they always did, and
+    for a skip-update verdict). Every rank holds the same per-sample losses (they came through the
+    step's all-reduce), so every rank gathers the same evidence."""
     samples = getattr(monitor, "samples", None)
     if samples is None or verdict.kind == SKIP_UPDATE:
+        return None
+    ids, sums, counts = samples.suspects(verdict.onset_step if verdict.onset_step is not None else 0)
+    return Evidence(ids, sums, counts, samples.reference(cfg.mad_floor), monitor.loss_band())
+
+
+def rescore_positions(n: int, layout: Layout, rank: int) -> list[int]:
+    """Positions among ``n`` suspects (whole global batches, rank-major) that ``rank`` scores again: those
+    its neighbour ``rank - 1`` trained on."""
+    gb, per_rank, world = layout.global_batch, layout.per_rank, layout.world
+    return [i for i in range(n) if ((i % gb) // per_rank + 1) % world == rank]
+
+
+@torch.no_grad()
+def rescore(run: Run, ids: list[int]) -> list[float]:
+    """Each suspect's summed token loss under the weights just restored (forward only, eval mode), in
+    the order of ``ids``; identical on every rank (one all-reduce of 4 bytes per suspect).
+
+    Each rank scores the samples its neighbour trained on (the suspects are whole global batches,
+    rank-major): a fault of one rank's arithmetic does not follow its samples, bad data does. Every
+    rank runs the same number of forwards (ZeRO-3 gathers parameters collectively in each), padding
+    with a repeat whose result is dropped. Cost: the suspects' forward passes, about a third of a
+    training step per suspect step, once per rollback."""
+    layout, engine = run.layout, run.engine
+    n = len(ids)
+    rounds = max(-(-len(rescore_positions(n, layout, r)) // layout.micro) for r in range(layout.world)) if n else 0
+    mine = rescore_positions(n, layout, layout.rank)
+    out = torch.zeros(n, dtype=torch.float32, device=engine.device)
+    engine.eval()
+    try:
+        for k in range(rounds):
+            part = mine[k * layout.micro:(k + 1) * layout.micro]
+            sids = [ids[i] for i in part] or ids[:1]  # a rank with nothing left still joins the forward
+            batch = run.faults.corrupt(run.data.batch(sids), sids)  # data-bound poison is part of the data
+            labels = batch.pop("labels")
+            sums = token_losses(engine(**{k: v.to(engine.device) for k, v in batch.items()}).logits, labels).sum(1)
+            if part:
+                out[part] = sums.float()
+    finally:
+        engine.train()
+    dist.all_reduce(out)
+    return out.tolist()
+
+
+def attribute_spike(run: Run, verdict: Verdict, evidence: Evidence | None) -> tuple[Attribution | None, Suspects]:
+    """Which samples of the spiked steps stand out (:func:`bigtrain.spike.attribute`), judged again by
+    the restored weights (:func:`rescore`) when ``spike.rescore``. Returns the attribution with the
+    suspects it judged (sample ids, loss sums, label counts)."""
+    if evidence is None:
         return None, ([], [], [])
-    suspects = samples.suspects(verdict.onset_step if verdict.onset_step is not None else 0)
-    _, sums, counts = suspects
-    return attribute(sums, counts, samples.reference(cfg.mad_floor), cfg, incident=verdict.kind == "incident",
-                     per_rank=per_rank, band=monitor.loss_band()), suspects
+    cfg = run.cfg.spike
+    rescored = rescore(run, evidence.ids) if cfg.rescore and evidence.ids and evidence.reference else None
+    attribution = attribute(evidence.sums, evidence.counts, evidence.reference, cfg,
+                            incident=verdict.kind == "incident", per_rank=run.layout.per_rank, band=evidence.band,
+                            rescored=rescored)
+    return attribution, (evidence.ids, evidence.sums, evidence.counts)
 
 
 @dataclass
@@ -181,28 +245,28 @@ def give_up(run: Run, reason: GiveUp) -> None:
               "checkpoint is %s; see spikes.jsonl", reason.reason, step, where)
 
 
-def plan_recovery(run: Run, verdict: Verdict, onset: int, target_step: int, cause: str) -> RecoveryPlan:
-    """The escalation's plan, from the run's current settings. Budgets count steps run: progress kept so
-    far (every executed step not already discarded); the restored step would call the first
-    interval's incident "7 of 7 steps discarded"."""
-    h, step = run.state.history, run.state.progress.step
+def plan_recovery(run: Run, verdict: Verdict, onset: int, target_step: int, step: int, cause: str) -> RecoveryPlan:
+    """The escalation's plan for a spike at ``step``, from the run's current settings. Budgets count
+    steps run: progress kept so far (every executed step not already discarded); the restored step
+    would call the first interval's incident "7 of 7 steps discarded"."""
+    h = run.state.history
     kept = h.executed_steps - h.wasted_steps - (step - target_step)
     return run.escalation.decide(step, onset, target_step, kept, h.eps, lr_multiplier(run.cfg, run.state), h.beta2,
                                  cause, kind=verdict.kind)
 
 
-def restore(run: Run, store: CheckpointStore, plan: RecoveryPlan) -> float:
+def restore(run: Run, store: CheckpointStore, step: int, restore_monitor: bool) -> float:
     """Load the target (collective) and put the run's progress back to it: one assignment, since the
     history (what was learned, what is skipped) survives. The fp16 loss scale is kept (see
     ``keep_loss_scale``); the model goes back to train mode. Returns the load's seconds."""
     spike_step, scale, t0 = run.state.progress.step, loss_scale(run.engine), time.perf_counter()
-    old = checkpoint.load(run.engine, store.root / checkpoint.tag_for(plan.restored_step))
+    old = checkpoint.load(run.engine, store.root / checkpoint.tag_for(step))
     load_seconds = time.perf_counter() - t0
     keep_loss_scale(run.engine, scale)
     run.engine.train()
     run.faults.after_rollback(spike_step)
     run.state.progress = old.progress
-    if plan.restore_monitor:
+    if restore_monitor:
         run.monitor.load_state_dict(old.progress.monitor)  # statistics from before the onset
     run.monitor.reset_pending()
     return load_seconds
@@ -224,9 +288,12 @@ def recover(run: Run, verdict: Verdict, row: dict) -> GiveUp | None:
         run.rec.event({**event, "event": "give_up", "action": "stop", "reason": reason})
         return GiveUp(reason, restored=False, onset=onset)
     target_step, store = target
-    attribution, suspects = attribute_spike(run.monitor, verdict, run.cfg.spike, run.layout.per_rank)
-    plan = plan_recovery(run, verdict, onset, target_step, attribution.cause if attribution else OPTIMIZER)
-    event["load_seconds"] = round(restore(run, store, plan), 4)
+    evidence = gather_evidence(run.monitor, verdict, run.cfg.spike)  # before the load replaces the monitor's
+    event["load_seconds"] = round(restore(run, store, target_step, verdict.kind != SKIP_UPDATE), 4)
+    t1 = time.perf_counter()
+    attribution, suspects = attribute_spike(run, verdict, evidence)
+    event["attribution_seconds"] = round(time.perf_counter() - t1, 4)
+    plan = plan_recovery(run, verdict, onset, target_step, spike_step, attribution.cause if attribution else OPTIMIZER)
     if plan.stop:
         run.rec.event({**event, "event": "give_up", "action": "stop", "restored_step": target_step,
                        "reason": plan.reason, "level": plan.level})

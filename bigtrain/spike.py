@@ -203,6 +203,13 @@ class SpikeConfig:
     0.02 is the value that convicted nearly all injected bad documents in the diluted benchmark's
     tuning run (docs/spike_benchmark.md). 1.0: no limit."""
 
+    rescore: bool = True
+    """After the rollback's load, score the spiked steps' samples again with the restored weights
+    (forward only, each rank scoring its neighbour's samples) and attribute on both: a sample is bad
+    data only if the healthy weights also find it out of line, and the other samples are judged as the
+    healthy weights score them, not as the bad updates left them. Costs the suspects' forward passes
+    once per rollback. False: judge on the spiked steps' losses alone."""
+
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, rule: str) -> None:
             if not ok:
@@ -517,14 +524,26 @@ class Attribution:
     documents are not convicted on this evidence alone."""
 
 
+def _log_losses(sums: list[float], counts: list[float]) -> list[float | None]:
+    """Log mean token loss of each sample (None: no labelled token; inf: non-finite)."""
+    logs: list[float | None] = []
+    for s, c in zip(sums, counts):
+        x = s / c if c > 0 else None
+        logs.append(None if x is None else math.inf if not math.isfinite(x) else math.log(max(x, 1e-30)))
+    return logs
+
+
 def attribute(sums: list[float], counts: list[float], reference: tuple[float, float] | None, cfg: SpikeConfig,
-              incident: bool = False, per_rank: int = 0, band: float | None = None) -> Attribution:
+              incident: bool = False, per_rank: int = 0, band: float | None = None,
+              rescored: list[float] | None = None) -> Attribution:
     """Find the samples that caused a spike. Pure and cheap (milliseconds for thousands of samples).
 
     ``sums``/``counts``: each sample's summed token loss and label count over the steps from the
     spike's onset to the spike; ``reference``: (level, sigma) of the log per-sample loss of recent
     accepted samples (:meth:`SampleLosses.reference`), None while there are too few to judge;
-    ``band``: the highest step loss the monitor calls normal (:meth:`SpikeMonitor.loss_band`).
+    ``band``: the highest step loss the monitor calls normal (:meth:`SpikeMonitor.loss_band`);
+    ``rescored``: the same samples' loss sums again, computed by the restored model (the state before
+    the onset, whose own losses the monitor accepted) on other ranks (:func:`bigtrain.recovery.rescore`).
 
     A sample is an outlier when its loss is non-finite, or when its log loss lies more than
     ``z_n = max(cfg.sample_z, Phi^-1(1 - cfg.sample_alpha / n))`` sigmas above the level for n samples
@@ -536,17 +555,24 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
     - the loss of all the suspects is above ``band`` (the loss spiked: a spike on grad norm alone, with
       step losses inside the band, is never data), and the loss of the remaining samples is inside it
       (the outliers explain the spike: a heavy tail of an optimizer spike, whose bulk also rose, does not).
-    With no remaining sample (all stand out) the cause is OPTIMIZER.
+    With no remaining sample (all stand out) the cause is OPTIMIZER: losses taken while the weights
+    were moving cannot tell bad data from a blow-up.
+
+    With ``rescored``, the judgement uses what the healthy weights say, as Megatron-LM reruns a step
+    to tell a transient fault from a persistent one: a sample is an outlier only if it stands out in
+    both, and "the remaining samples" are judged by their rescored losses. So the updates of the bad
+    steps, which raise every sample's loss after the onset, no longer hide data behind a risen median;
+    a blow-up of the optimizer or of one rank's arithmetic leaves no outlier (the healthy weights score
+    those samples as usual, on another rank); and when every sample stands out under the healthy
+    weights too, the batch itself is bad: DATA, every sample an outlier.
     When most samples are non-finite the model state is broken (corrupted weights), not the data: no
     sample is an outlier (stats ``nonfinite_share``) and the recovery only rewinds.
     ``per_rank``: samples per rank per step (the lists are steps of whole global batches, rank-major),
     to recognise rank-aligned outliers; only at ``per_rank >= 4``: with one or two samples per rank
     every outlier is trivially "all of its rank's samples".
     """
-    logs: list[float | None] = []
-    for s, c in zip(sums, counts):
-        x = s / c if c > 0 else None
-        logs.append(None if x is None else math.inf if not math.isfinite(x) else math.log(max(x, 1e-30)))
+    logs = _log_losses(sums, counts)
+    again = _log_losses(rescored, counts) if rescored is not None else None
     tested = [x for x in logs if x is not None]
     stats: dict[str, float] = {"samples": float(len(sums))}
     bar = math.inf
@@ -558,30 +584,41 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
                   "outlier_above_loss": math.exp(min(bar, 700.0))}  # exp overflows past ~709
     nonfinite = sum(1 for x in tested if x == math.inf)
     stats["nonfinite_share"] = nonfinite / max(1, len(tested))
+
+    def high(xs: list[float | None], i: int) -> bool:
+        return xs[i] is not None and (xs[i] == math.inf or xs[i] > bar)
+
     if nonfinite * 2 > len(tested):
         outliers = []  # the model, not the data: see the docstring
     else:
-        outliers = [i for i, x in enumerate(logs) if x is not None and (x == math.inf or x > bar)]
+        outliers = [i for i in range(len(logs)) if high(logs, i) and (again is None or high(again, i))]
     flagged = set(outliers)
-    rest = [x for i, x in enumerate(logs) if x is not None and i not in flagged]
+    judged = logs if again is None else again  # the remaining samples, as the healthy weights score them
+    rest = [x for i, x in enumerate(judged) if x is not None and i not in flagged]
     explained = False
-    if reference is not None and outliers and rest:
-        rise = statistics.median(rest) - level
-        stats["rest_median_ratio"] = math.exp(rise)
-        explained = rise < math.log(cfg.min_loss_ratio)
+    if again is not None:
+        stats |= {"rescored": 1.0, "transient_outliers": float(sum(1 for i in range(len(logs)) if high(logs, i)
+                                                                     and i not in flagged))}
+    if reference is not None and outliers and (rest or again is not None):
+        explained = True
+        if rest:
+            rise = statistics.median(rest) - level
+            stats["rest_median_ratio"] = math.exp(rise)
+            explained = rise < math.log(cfg.min_loss_ratio)
         if band is None:
             explained = False
         else:
-            def mean_loss(idx):
+            def mean_loss(values, idx):
                 c = sum(counts[i] for i in idx)
-                return sum(sums[i] for i in idx) / c if c > 0 else math.inf
+                return sum(values[i] for i in idx) / c if c > 0 else math.inf
             labelled = [i for i, x in enumerate(logs) if x is not None]
-            total = mean_loss(labelled)
-            kept = mean_loss([i for i in labelled if i not in flagged])
-            stats |= {"band_loss": band, "suspects_loss": total, "rest_loss": kept}
-            explained = explained and total > band and kept <= band
-    # Every sample standing out cannot be told apart from an optimizer blow-up by losses alone: it
-    # stays OPTIMIZER, whose window skips those samples anyway (a whole bad batch is in the window).
+            total = mean_loss(sums, labelled)
+            stats |= {"band_loss": band, "suspects_loss": total}
+            explained = explained and total > band
+            if rest:
+                kept = mean_loss(sums if again is None else rescored, [i for i in labelled if i not in flagged])
+                stats["rest_loss"] = kept
+                explained = explained and kept <= band
     stats["outlier_share"] = len(outliers) / max(1, len(sums))
     finite = [x for x in logs if x is not None and x != math.inf]
     if finite:

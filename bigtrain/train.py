@@ -24,7 +24,8 @@ from bigtrain.checkpoint import CheckpointStore, TrainState
 from bigtrain.config import Config, ConfigError, upgrade_saved
 from bigtrain.data import LABEL, PackedData, build_dataset, build_tokenizer
 from bigtrain.distributed import init_distributed, node_local_rank, setup_logging
-from bigtrain.engine import apply_hparams, build_engine, lr_at, optimizer_hparams, resolve_ds_config, zero_stage
+from bigtrain.engine import (apply_hparams, build_engine, lr_at, optimizer_hparams, resolve_ds_config, token_losses,
+                             zero_stage)
 from bigtrain.faults import FaultInjector
 from bigtrain.memory import MemoryReport, format_mb, return_freed_memory
 from bigtrain.metrics import Recorder
@@ -351,21 +352,6 @@ def label_counts(data: PackedData, ids: list[int]) -> list[float]:
         return [float(data.train.shape[1] - 1)] * len(ids)
     flags = data.train_flags[np.asarray(ids, dtype=np.int64)][:, 1:]
     return ((flags & LABEL) != 0).sum(1).astype(np.float64).tolist()
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[B, T] next-token cross-entropy of every position (0 where the label is -100 or past the end).
-
-    The same computation as transformers' ForCausalLMLoss (loss_utils.py: logits upcast to float32,
-    labels shifted by padding, ignore_index -100), kept per token instead of summed, so the step's loss
-    and every sample's loss come from one cross-entropy: no second pass over the logits. Memory is
-    HF's own: the float32 copy of the logits (4 bytes x vocab per token: 0.5 MB at a 128k vocab, which
-    autograd keeps for the backward) is the one HF's loss makes too; the per-token result adds 4
-    bytes per token."""
-    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
-    flat = logits.float().reshape(-1, logits.shape[-1])
-    return torch.nn.functional.cross_entropy(flat, shift.reshape(-1).to(flat.device), ignore_index=-100,
-                                             reduction="none").view(shift.shape)
 
 
 def check_loss_function(model) -> None:

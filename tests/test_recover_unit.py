@@ -8,12 +8,15 @@ import types
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from bigtrain.checkpoint import CheckpointStore, TrainState
 from bigtrain.config import load_config
 from bigtrain.faults import FaultInjector
+from bigtrain import recovery
 from bigtrain.recovery import GiveUp, recover
+from bigtrain.recovery import rescore as real_rescore  # before the fixture replaces it
 from bigtrain.run import Layout, Run
 from bigtrain.sampler import Sampler
 from bigtrain.spike import DATA, OPTIMIZER, SKIP_UPDATE, Escalation, Verdict, build_monitor
@@ -53,6 +56,17 @@ class Events:
 
     def quarantine(self, rows):
         self.quarantined += list(rows)
+
+
+@pytest.fixture(autouse=True)
+def healthy_weights_rescore(monkeypatch):
+    """The restored weights score each suspect as ``TRUTH`` says (default: the healthy level, 2.0 per
+    token over 3 tokens): the real forward is tested in test_rescore_* below."""
+    TRUTH.clear()
+    monkeypatch.setattr(recovery, "rescore", lambda run, ids: [3 * TRUTH.get(i, 2.0) for i in ids])
+
+
+TRUTH: dict[int, float] = {}
 
 
 def make_run(tmp_path: Path, *overrides: str) -> Run:
@@ -140,6 +154,7 @@ def test_outlier_samples_are_data_skipped_by_id_with_their_documents_and_no_hype
     losses[3] = 200.0  # one garbage sample
     verdict, ids, row = step(run, losses)
     assert verdict.recover
+    TRUTH[ids[3]] = 200.0  # garbage to the healthy weights too
     assert recover(run, verdict, row) is None
     h = run.state.history
     (event,) = run.rec.events
@@ -151,6 +166,33 @@ def test_outlier_samples_are_data_skipped_by_id_with_their_documents_and_no_hype
     # The skipped sample is never drawn again.
     taken, _ = run.sampler.take(0, BLOCKS * 2, h.skipped, run.skips)
     assert ids[3] not in run.sampler.sample_ids(taken)
+
+
+def test_an_outlier_the_restored_weights_score_as_usual_was_transient_not_data(tmp_path):
+    """One sample far out on the spiked step, normal under the restored weights (a fault of the moment,
+    as Megatron-LM's rerun would find): nothing is convicted, the window and the ladder apply."""
+    run = make_run(tmp_path)
+    healthy(run, 12)
+    losses = [2.0] * GLOBAL_BATCH
+    losses[3] = 200.0
+    verdict, ids, row = step(run, losses)
+    assert recover(run, verdict, row) is None
+    (event,) = run.rec.events
+    assert event["cause"] == OPTIMIZER and event["offending_samples"] == []
+    assert event["attribution"]["transient_outliers"] == 1 and run.state.history.skipped_docs == []
+
+
+def test_a_batch_the_restored_weights_also_find_garbage_throughout_is_data(tmp_path):
+    """Every sample of the spiked step stands out, and still does under the restored weights: the batch
+    is bad (without the rescore it could not be told from a blow-up and was called the optimizer)."""
+    run = make_run(tmp_path)
+    healthy(run, 12)
+    verdict, ids, row = step(run, [40.0] * GLOBAL_BATCH)
+    TRUTH.update({i: 40.0 for i in ids})
+    assert recover(run, verdict, row) is None
+    (event,) = run.rec.events
+    assert event["cause"] == DATA and event["offending_samples"] == sorted(ids)
+    assert run.state.history.eps == 1e-8 and run.state.history.skipped == []
 
 
 def test_a_spent_budget_gives_up_on_the_restored_healthy_state(tmp_path):
@@ -205,3 +247,48 @@ def test_rollback_skip_window_counts_drawn_samples_not_stream_span():
     newly, end = skip_window(s, 100, [(100, 140)], rolled_back_steps=3, global_batch=8, multiplier=2,
                              margin_batches=2)
     assert newly == list(range(140, 204)) and end == 204
+
+
+def test_rescore_positions_are_the_neighbours_samples_in_equal_shares():
+    layout = Layout(0, 4, 2, 3)  # 4 ranks x 6 samples per step
+    n = 3 * layout.global_batch  # three suspect steps
+    shares = [recovery.rescore_positions(n, layout, r) for r in range(4)]
+    assert sorted(i for s in shares for i in s) == list(range(n)) and {len(s) for s in shares} == {18}
+    for r, share in enumerate(shares):
+        assert {(i % layout.global_batch) // layout.per_rank for i in share} == {(r - 1) % 4}
+    assert recovery.rescore_positions(5, Layout(0, 1, 5, 1), 0) == list(range(5))
+
+
+def test_rescore_is_the_restored_models_own_loss_of_each_suspect(tmp_path):
+    """The real forward on one rank: each suspect's summed token loss from the model, in the order of
+    the ids, poisoned rows garbled as in training, and the model back in train mode."""
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bigtrain.config import FaultConfig
+    from bigtrain.engine import token_losses
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
+    model.train()
+    tokens = torch.randint(0, 50, (20, 12), generator=torch.Generator().manual_seed(1))
+    data = types.SimpleNamespace(batch=lambda rows: {"input_ids": tokens[list(rows)].clone(),
+                                                     "labels": tokens[list(rows)].clone()})
+    faults = FaultInjector(FaultConfig(), 0, vocab=50)
+    faults.poisoned = [[7, 8]]  # sample 7 is garbage wherever it is read
+    run = types.SimpleNamespace(layout=Layout(0, 1, 2, 2), engine=model, data=data, faults=faults)
+    ids = [3, 7, 1, 9, 12, 0, 5, 7]  # two steps of a global batch of 4
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        got = real_rescore(run, ids)
+    finally:
+        dist.destroy_process_group()
+    assert model.training  # back in train mode
+    model.eval()
+    with torch.no_grad():
+        batch = faults.corrupt(data.batch(ids), ids)
+        expected = token_losses(model(input_ids=batch["input_ids"]).logits, batch["labels"]).sum(1)
+        clean = token_losses(model(input_ids=tokens[[7]]).logits, tokens[[7]]).sum(1).item()
+    assert got == pytest.approx(expected.tolist(), rel=1e-5)
+    assert got[1] == got[7] != pytest.approx(clean, rel=1e-4)  # sample 7 was scored garbled, both times

@@ -578,3 +578,30 @@ def test_escalation_data_rollback_between_optimizer_rollbacks_keeps_the_ladder()
     second = esc.decide(102, 102, 96, 96, first.eps, first.lr_scale, 0.99, OPTIMIZER)
     assert (first.level, data.level, second.level) == (0, -1, 1)
     assert second.lr_scale < first.lr_scale
+
+
+def test_attribution_rescored_by_the_restored_weights():
+    """The same spiked samples judged again by the weights from before the onset (``rescored``)."""
+    cfg = SpikeConfig()
+    ref = _reference().reference(cfg.mad_floor)
+    rng = random.Random(3)
+    normal = [100 * 3.0 * math.exp(rng.gauss(0, 0.1)) for _ in range(32)]
+    bad = [1, 5, 9, 13, 17, 21, 25, 29, 30, 31]  # ~30% of the samples garbage
+    # The bad updates raised every other sample 1.3x on the spiked steps: alone, that reads as the optimizer.
+    spiked = [100 * 5.5 if i in bad else x * 1.3 for i, x in enumerate(normal)]
+    assert attribute(spiked, [100.0] * 32, ref, cfg, band=3.3).cause == OPTIMIZER
+    # The healthy weights score the others as usual and the garbage as garbage: data, exactly those samples.
+    healthy = [100 * 5.5 if i in bad else x for i, x in enumerate(normal)]
+    a = attribute(spiked, [100.0] * 32, ref, cfg, band=3.3, rescored=healthy)
+    assert a.cause == DATA and a.outliers == bad and a.stats["rest_median_ratio"] < 1.05
+    # A blow-up (or one rank's faulty arithmetic): the healthy weights find nothing out of line.
+    blown = [x * 4 for x in normal]
+    b = attribute(blown, [100.0] * 32, ref, cfg, band=3.3, rescored=normal)
+    assert b.cause == OPTIMIZER and b.outliers == [] and b.stats["transient_outliers"] == 32
+    # A whole batch of garbage, still garbage to the healthy weights: data, every sample.
+    garbage = [100 * 5.5 * math.exp(rng.gauss(0, 0.02)) for _ in range(32)]
+    assert attribute(garbage, [100.0] * 32, ref, cfg, band=3.3).cause == OPTIMIZER  # losses alone: undecidable
+    c = attribute(garbage, [100.0] * 32, ref, cfg, band=3.3, rescored=garbage)
+    assert c.cause == DATA and c.outliers == list(range(32))
+    # ... but never on a spike whose step loss stayed inside the band (a grad-norm spike).
+    assert attribute(garbage, [100.0] * 32, ref, cfg, band=6.0, rescored=garbage).cause == OPTIMIZER
