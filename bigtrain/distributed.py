@@ -113,7 +113,7 @@ def warn_stale_extension_locks() -> None:
     for lock in stale_extension_locks(extension_root()):
         print(f"bigtrain: WARNING {lock} is more than {STALE_LOCK_SECONDS // 60} minutes old: a process "
               "was killed while building or loading that op, and every process that loads it now waits for "
-              f"this file to go, forever. If no build is running on this machine, delete it: rm {lock}",
+              f"this file to go, forever. If no build is running on any machine sharing this directory, delete it: rm {lock}",
               file=sys.stderr, flush=True)
 
 

@@ -245,13 +245,15 @@ def give_up(run: Run, reason: GiveUp) -> None:
               "checkpoint is %s; see spikes.jsonl", reason.reason, step, where)
 
 
-def plan_recovery(run: Run, verdict: Verdict, onset: int, target_step: int, step: int, cause: str) -> RecoveryPlan:
-    """The escalation's plan for a spike at ``step``, from the run's current settings. Budgets count
+def plan_recovery(run: Run, verdict: Verdict, onset: int, target_step: int, step: int, lr_scale: float,
+                  cause: str) -> RecoveryPlan:
+    """The escalation's plan for a spike at ``step``, from the run's settings there (``lr_scale``: the LR
+    multiplier in force at the spike, read before the restore moved the step back). Budgets count
     steps run: progress kept so far (every executed step not already discarded); the restored step
     would call the first interval's incident "7 of 7 steps discarded"."""
     h = run.state.history
     kept = h.executed_steps - h.wasted_steps - (step - target_step)
-    return run.escalation.decide(step, onset, target_step, kept, h.eps, lr_multiplier(run.cfg, run.state), h.beta2,
+    return run.escalation.decide(step, onset, target_step, kept, h.eps, lr_scale, h.beta2,
                                  cause, kind=verdict.kind)
 
 
@@ -289,11 +291,13 @@ def recover(run: Run, verdict: Verdict, row: dict) -> GiveUp | None:
         return GiveUp(reason, restored=False, onset=onset)
     target_step, store = target
     evidence = gather_evidence(run.monitor, verdict, run.cfg.spike)  # before the load replaces the monitor's
+    lr_scale = lr_multiplier(run.cfg, run.state)  # and before it moves the step (and the cool-down) back
     event["load_seconds"] = round(restore(run, store, target_step, verdict.kind != SKIP_UPDATE), 4)
     t1 = time.perf_counter()
     attribution, suspects = attribute_spike(run, verdict, evidence)
     event["attribution_seconds"] = round(time.perf_counter() - t1, 4)
-    plan = plan_recovery(run, verdict, onset, target_step, spike_step, attribution.cause if attribution else OPTIMIZER)
+    plan = plan_recovery(run, verdict, onset, target_step, spike_step, lr_scale,
+                         attribution.cause if attribution else OPTIMIZER)
     if plan.stop:
         run.rec.event({**event, "event": "give_up", "action": "stop", "restored_step": target_step,
                        "reason": plan.reason, "level": plan.level})

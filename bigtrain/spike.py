@@ -555,16 +555,17 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
     - the loss of all the suspects is above ``band`` (the loss spiked: a spike on grad norm alone, with
       step losses inside the band, is never data), and the loss of the remaining samples is inside it
       (the outliers explain the spike: a heavy tail of an optimizer spike, whose bulk also rose, does not).
-    With no remaining sample (all stand out) the cause is OPTIMIZER: losses taken while the weights
-    were moving cannot tell bad data from a blow-up.
+    With no remaining sample (all stand out) the cause is OPTIMIZER.
 
     With ``rescored``, the judgement uses what the healthy weights say, as Megatron-LM reruns a step
     to tell a transient fault from a persistent one: a sample is an outlier only if it stands out in
-    both, and "the remaining samples" are judged by their rescored losses. So the updates of the bad
-    steps, which raise every sample's loss after the onset, no longer hide data behind a risen median;
-    a blow-up of the optimizer or of one rank's arithmetic leaves no outlier (the healthy weights score
-    those samples as usual, on another rank); and when every sample stands out under the healthy
-    weights too, the batch itself is bad: DATA, every sample an outlier.
+    both, "the remaining samples" are judged by their rescored losses, and the suspects' loss must be
+    above ``band`` under the healthy weights too (the outliers alone lift it there: a blow-up with a
+    few naturally hard samples does not). So the updates of the bad steps, which raise every sample's
+    loss after the onset, no longer hide data behind a risen median, and a blow-up of the optimizer or
+    of one rank's arithmetic leaves no outlier (the healthy weights score those samples as usual, on
+    another rank). More than half the samples standing out stays OPTIMIZER even then: a restored
+    state that is itself damaged would score everything high, and DATA bans every outlier for good.
     When most samples are non-finite the model state is broken (corrupted weights), not the data: no
     sample is an outlier (stats ``nonfinite_share``) and the recovery only rewinds.
     ``per_rank``: samples per rank per step (the lists are steps of whole global batches, rank-major),
@@ -599,7 +600,7 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
     if again is not None:
         stats |= {"rescored": 1.0, "transient_outliers": float(sum(1 for i in range(len(logs)) if high(logs, i)
                                                                      and i not in flagged))}
-    if reference is not None and outliers and (rest or again is not None):
+    if reference is not None and outliers and rest and (again is None or 2 * len(outliers) <= len(tested)):
         explained = True
         if rest:
             rise = statistics.median(rest) - level
@@ -615,6 +616,10 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
             total = mean_loss(sums, labelled)
             stats |= {"band_loss": band, "suspects_loss": total}
             explained = explained and total > band
+            if again is not None:
+                healthy_total = mean_loss(rescored, labelled)
+                stats["suspects_loss_rescored"] = healthy_total
+                explained = explained and healthy_total > band
             if rest:
                 kept = mean_loss(sums if again is None else rescored, [i for i in labelled if i not in flagged])
                 stats["rest_loss"] = kept

@@ -18,17 +18,28 @@ _LOCK_GRACE_SECONDS = 60
 
 def _clear_stale_locks() -> None:
     """A test that kills a rank inside the load window leaves DeepSpeed's op lock behind, and every
-    later process would wait for it forever (see bigtrain.distributed.stale_extension_locks)."""
+    later process would wait for it forever (see bigtrain.distributed.stale_extension_locks). Only in
+    the venv's own extension directory (make test sets it): a shared cache may hold another job's
+    live build."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR", "")
+    if not root or not os.path.realpath(root).startswith(os.path.realpath(sys.prefix) + os.sep):
+        return
     for lock in stale_extension_locks(extension_root(), time.time(), _LOCK_GRACE_SECONDS):
-        os.remove(lock)
+        try:
+            os.remove(lock)
+        except FileNotFoundError:
+            pass
 
 
 def pytest_sessionstart(session) -> None:
     _clear_stale_locks()
     # Build (or check) DeepSpeed's CPU comm op once, here, not inside the first test's ranks.
-    subprocess.run([sys.executable, "-c", "from deepspeed.accelerator import get_accelerator as g; "
-                    "b = g().create_op_builder('ShareMemCommBuilder'); b and b.load()"],
-                   check=False, capture_output=True, timeout=900)
+    try:
+        subprocess.run([sys.executable, "-c", "from deepspeed.accelerator import get_accelerator as g; "
+                        "b = g().create_op_builder('ShareMemCommBuilder'); b and b.load()"],
+                       check=False, capture_output=True, timeout=900)
+    except subprocess.TimeoutExpired:  # the tests that need the op will fail and say so
+        pass
 
 
 @pytest.fixture(autouse=True)

@@ -63,10 +63,16 @@ def healthy_weights_rescore(monkeypatch):
     """The restored weights score each suspect as ``TRUTH`` says (default: the healthy level, 2.0 per
     token over 3 tokens): the real forward is tested in test_rescore_* below."""
     TRUTH.clear()
-    monkeypatch.setattr(recovery, "rescore", lambda run, ids: [3 * TRUTH.get(i, 2.0) for i in ids])
+    SCORED_WITH.clear()
+
+    def rescore(run, ids):
+        SCORED_WITH.append(run.engine.weights)  # which weights were in place when the suspects were scored
+        return [3 * TRUTH.get(i, 2.0) for i in ids]
+    monkeypatch.setattr(recovery, "rescore", rescore)
 
 
 TRUTH: dict[int, float] = {}
+SCORED_WITH: list[bytes] = []
 
 
 def make_run(tmp_path: Path, *overrides: str) -> Run:
@@ -180,19 +186,7 @@ def test_an_outlier_the_restored_weights_score_as_usual_was_transient_not_data(t
     (event,) = run.rec.events
     assert event["cause"] == OPTIMIZER and event["offending_samples"] == []
     assert event["attribution"]["transient_outliers"] == 1 and run.state.history.skipped_docs == []
-
-
-def test_a_batch_the_restored_weights_also_find_garbage_throughout_is_data(tmp_path):
-    """Every sample of the spiked step stands out, and still does under the restored weights: the batch
-    is bad (without the rescore it could not be told from a blow-up and was called the optimizer)."""
-    run = make_run(tmp_path)
-    healthy(run, 12)
-    verdict, ids, row = step(run, [40.0] * GLOBAL_BATCH)
-    TRUTH.update({i: 40.0 for i in ids})
-    assert recover(run, verdict, row) is None
-    (event,) = run.rec.events
-    assert event["cause"] == DATA and event["offending_samples"] == sorted(ids)
-    assert run.state.history.eps == 1e-8 and run.state.history.skipped == []
+    assert SCORED_WITH == [b"weights of step 12"]  # the restored weights, not the spiked step's
 
 
 def test_a_spent_budget_gives_up_on_the_restored_healthy_state(tmp_path):

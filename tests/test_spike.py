@@ -598,10 +598,16 @@ def test_attribution_rescored_by_the_restored_weights():
     blown = [x * 4 for x in normal]
     b = attribute(blown, [100.0] * 32, ref, cfg, band=3.3, rescored=normal)
     assert b.cause == OPTIMIZER and b.outliers == [] and b.stats["transient_outliers"] == 32
-    # A whole batch of garbage, still garbage to the healthy weights: data, every sample.
+    # A blow-up with two naturally hard samples (high under both weights): the healthy weights put the
+    # suspects' loss inside the band, so the hard samples do not explain the spike.
+    hard = list(normal)
+    hard[4] = hard[20] = 100 * 5.5
+    d = attribute([x * 4 for x in hard], [100.0] * 32, ref, cfg, band=3.3, rescored=hard)
+    assert d.outliers == [4, 20] and d.cause == OPTIMIZER and d.stats["suspects_loss_rescored"] < 3.3
+    # Everything high under the restored weights too: a bad batch, or a restored state already damaged;
+    # the two cannot be told apart here, and DATA would ban every sample for good: not data.
     garbage = [100 * 5.5 * math.exp(rng.gauss(0, 0.02)) for _ in range(32)]
-    assert attribute(garbage, [100.0] * 32, ref, cfg, band=3.3).cause == OPTIMIZER  # losses alone: undecidable
     c = attribute(garbage, [100.0] * 32, ref, cfg, band=3.3, rescored=garbage)
-    assert c.cause == DATA and c.outliers == list(range(32))
-    # ... but never on a spike whose step loss stayed inside the band (a grad-norm spike).
-    assert attribute(garbage, [100.0] * 32, ref, cfg, band=6.0, rescored=garbage).cause == OPTIMIZER
+    assert c.cause == OPTIMIZER and len(c.outliers) == 32
+    # ... and never data on a spike whose step loss stayed inside the band (a grad-norm spike).
+    assert attribute(spiked, [100.0] * 32, ref, cfg, band=6.0, rescored=healthy).cause == OPTIMIZER
