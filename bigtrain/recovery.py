@@ -247,8 +247,8 @@ def give_up(run: Run, reason: GiveUp) -> None:
 
 def plan_recovery(run: Run, verdict: Verdict, onset: int, target_step: int, step: int, lr_scale: float,
                   cause: str) -> RecoveryPlan:
-    """The escalation's plan for a spike at ``step``, from the run's settings there (``lr_scale``: the LR
-    multiplier in force at the spike, read before the restore moved the step back). Budgets count
+    """The escalation's plan for a spike at ``step``, from the run's settings (``lr_scale``: the LR
+    multiplier in force at the restored step). Budgets count
     steps run: progress kept so far (every executed step not already discarded); the restored step
     would call the first interval's incident "7 of 7 steps discarded"."""
     h = run.state.history
@@ -291,12 +291,13 @@ def recover(run: Run, verdict: Verdict, row: dict) -> GiveUp | None:
         return GiveUp(reason, restored=False, onset=onset)
     target_step, store = target
     evidence = gather_evidence(run.monitor, verdict, run.cfg.spike)  # before the load replaces the monitor's
-    lr_scale = lr_multiplier(run.cfg, run.state)  # and before it moves the step (and the cool-down) back
     event["load_seconds"] = round(restore(run, store, target_step, verdict.kind != SKIP_UPDATE), 4)
     t1 = time.perf_counter()
     attribution, suspects = attribute_spike(run, verdict, evidence)
     event["attribution_seconds"] = round(time.perf_counter() - t1, 4)
-    plan = plan_recovery(run, verdict, onset, target_step, spike_step, lr_scale,
+    # The LR multiplier is read at the restored step: the cool-down is a function of the step, and a rollback
+    # takes it back to where it was on the timeline restored (a data rollback then changes nothing).
+    plan = plan_recovery(run, verdict, onset, target_step, spike_step, lr_multiplier(run.cfg, run.state),
                          attribution.cause if attribution else OPTIMIZER)
     if plan.stop:
         run.rec.event({**event, "event": "give_up", "action": "stop", "restored_step": target_step,
