@@ -24,9 +24,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e '.[test]'
 	# DeepSpeed JIT-builds a small comm op on first use (~1 min): build it once, here.
-	# A lock left by a killed build would make the load wait forever: name it first, and bound the wait.
-	$(BIN)/python -c "from bigtrain.distributed import warn_stale_extension_locks as w; w()"
-	timeout 900 $(BIN)/python -c "from deepspeed.accelerator import get_accelerator as g; b = g().create_op_builder('ShareMemCommBuilder'); b and b.load()"
+	# A lock left by a killed build would make the load wait forever: load_comm_op names it; the wait is bounded.
+	timeout 900 $(BIN)/python -c "from bigtrain.distributed import load_comm_op; load_comm_op()"
 	touch $@
 
 demo: install

@@ -117,6 +117,18 @@ def warn_stale_extension_locks() -> None:
               file=sys.stderr, flush=True)
 
 
+def load_comm_op() -> None:
+    """Build (or check the cached build of) DeepSpeed's CPU shared-memory comm op, after naming any stale
+    lock that would make it wait forever: ``make install`` and the test session call it, so the op is
+    not built inside the first run's ranks. A no-op where the accelerator has no such op."""
+    warn_stale_extension_locks()
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        builder.load()
+
+
 def _not_cpu_fallback(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Setting accelerator to CPU.")
 

@@ -245,15 +245,15 @@ def give_up(run: Run, reason: GiveUp) -> None:
               "checkpoint is %s; see spikes.jsonl", reason.reason, step, where)
 
 
-def plan_recovery(run: Run, verdict: Verdict, onset: int, target_step: int, step: int, lr_scale: float,
-                  cause: str) -> RecoveryPlan:
-    """The escalation's plan for a spike at ``step``, from the run's settings (``lr_scale``: the LR
-    multiplier in force at the restored step). Budgets count
-    steps run: progress kept so far (every executed step not already discarded); the restored step
-    would call the first interval's incident "7 of 7 steps discarded"."""
+def plan_recovery(run: Run, verdict: Verdict, onset: int, target_step: int, step: int, cause: str) -> RecoveryPlan:
+    """The escalation's plan for a spike at ``step``, from the run's settings after the restore. The LR
+    multiplier is read at the restored step: the cool-down is a function of the step, and a rollback
+    takes it back to where it was on the timeline restored (a data rollback then changes nothing).
+    Budgets count steps run: progress kept so far (every executed step not already discarded); the
+    restored step would call the first interval's incident "7 of 7 steps discarded"."""
     h = run.state.history
     kept = h.executed_steps - h.wasted_steps - (step - target_step)
-    return run.escalation.decide(step, onset, target_step, kept, h.eps, lr_scale, h.beta2,
+    return run.escalation.decide(step, onset, target_step, kept, h.eps, lr_multiplier(run.cfg, run.state), h.beta2,
                                  cause, kind=verdict.kind)
 
 
@@ -295,10 +295,7 @@ def recover(run: Run, verdict: Verdict, row: dict) -> GiveUp | None:
     t1 = time.perf_counter()
     attribution, suspects = attribute_spike(run, verdict, evidence)
     event["attribution_seconds"] = round(time.perf_counter() - t1, 4)
-    # The LR multiplier is read at the restored step: the cool-down is a function of the step, and a rollback
-    # takes it back to where it was on the timeline restored (a data rollback then changes nothing).
-    plan = plan_recovery(run, verdict, onset, target_step, spike_step, lr_multiplier(run.cfg, run.state),
-                         attribution.cause if attribution else OPTIMIZER)
+    plan = plan_recovery(run, verdict, onset, target_step, spike_step, attribution.cause if attribution else OPTIMIZER)
     if plan.stop:
         run.rec.event({**event, "event": "give_up", "action": "stop", "restored_step": target_step,
                        "reason": plan.reason, "level": plan.level})

@@ -601,11 +601,9 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
         stats |= {"rescored": 1.0, "transient_outliers": float(sum(1 for i in range(len(logs)) if high(logs, i)
                                                                      and i not in flagged))}
     if reference is not None and outliers and rest and (again is None or 2 * len(outliers) <= len(tested)):
-        explained = True
-        if rest:
-            rise = statistics.median(rest) - level
-            stats["rest_median_ratio"] = math.exp(rise)
-            explained = rise < math.log(cfg.min_loss_ratio)
+        rise = statistics.median(rest) - level
+        stats["rest_median_ratio"] = math.exp(rise)
+        explained = rise < math.log(cfg.min_loss_ratio)
         if band is None:
             explained = False
         else:
@@ -620,10 +618,9 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
                 healthy_total = mean_loss(rescored, labelled)
                 stats["suspects_loss_rescored"] = healthy_total
                 explained = explained and healthy_total > band
-            if rest:
-                kept = mean_loss(sums if again is None else rescored, [i for i in labelled if i not in flagged])
-                stats["rest_loss"] = kept
-                explained = explained and kept <= band
+            kept = mean_loss(sums if again is None else rescored, [i for i in labelled if i not in flagged])
+            stats["rest_loss"] = kept
+            explained = explained and kept <= band
     stats["outlier_share"] = len(outliers) / max(1, len(sums))
     finite = [x for x in logs if x is not None and x != math.inf]
     if finite:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -24,7 +23,7 @@ def _clear_stale_locks() -> None:
     root = os.environ.get("TORCH_EXTENSIONS_DIR", "")
     if not root or not os.path.realpath(root).startswith(os.path.realpath(sys.prefix) + os.sep):
         return
-    for lock in stale_extension_locks(extension_root(), time.time(), _LOCK_GRACE_SECONDS):
+    for lock in stale_extension_locks(extension_root(), older_than=_LOCK_GRACE_SECONDS):
         try:
             os.remove(lock)
         except FileNotFoundError:
@@ -35,8 +34,7 @@ def pytest_sessionstart(session) -> None:
     _clear_stale_locks()
     # Build (or check) DeepSpeed's CPU comm op once, here, not inside the first test's ranks.
     try:
-        subprocess.run([sys.executable, "-c", "from deepspeed.accelerator import get_accelerator as g; "
-                        "b = g().create_op_builder('ShareMemCommBuilder'); b and b.load()"],
+        subprocess.run([sys.executable, "-c", "from bigtrain.distributed import load_comm_op; load_comm_op()"],
                        check=False, capture_output=True, timeout=900)
     except subprocess.TimeoutExpired:  # the tests that need the op will fail and say so
         pass
