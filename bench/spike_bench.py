@@ -412,6 +412,25 @@ def _mean(xs: list[float | None]) -> float | None:
     return statistics.fmean(xs)
 
 
+# Two-sided 95% Student t quantiles by degrees of freedom (a table: the benchmark needs no scipy).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def interval(xs: list[float]) -> tuple[float, float, float] | None:
+    """Mean and 95% t-interval (lo, hi) of ``xs`` (seeds as independent replicates); None below 2."""
+    if len(xs) < 2 or not all(math.isfinite(x) for x in xs):
+        return None
+    m, half = statistics.fmean(xs), _T95.get(len(xs) - 1, 1.96) * statistics.stdev(xs) / math.sqrt(len(xs))
+    return m, m - half, m + half
+
+
+def _fmt_interval(xs: list[float], digits: int = 4) -> str:
+    iv = interval(xs)
+    if iv is None:
+        return _fmt(xs[0], digits) if xs else "—"
+    return f"{iv[0]:.{digits}g} [{iv[1]:.{digits}g}, {iv[2]:.{digits}g}]"
+
+
 def _groups(results: list[dict], scs: dict[str, Scenario]):
     for sc in scs.values():
         for policy in POLICIES:
@@ -798,6 +817,30 @@ def diluted_report(results: list[dict], meta: dict) -> list[str]:
     return lines
 
 
+def diluted_paired(results: list[dict], meta: dict, policy: str = BIGTRAIN) -> list[str]:
+    """Markdown: one invocation's runs of ``policy`` (one commit), per scenario, as paired ratios to the
+    monitor-off and clean runs of the same seed, and quarantine scores, with 95% t-intervals over seeds."""
+    clean = {r["seed"]: r["final_eval_loss"] for r in results if r["scenario"] == "diluted_clean"
+             and r["policy"] == "none" and r["final_eval_loss"] is not None}
+    off = {(r["scenario"], r["seed"]): r["final_eval_loss"] for r in results if r["policy"] == "none"}
+    rows = []
+    for sc in sorted({r["scenario"] for r in results if r["policy"] == policy}):
+        rs = [r for r in results if (r["scenario"], r["policy"]) == (sc, policy) and r["final_eval_loss"] is not None]
+        vs_off = [r["final_eval_loss"] / off[(sc, r["seed"])] for r in rs if off.get((sc, r["seed"]))]
+        vs_clean = [r["final_eval_loss"] / clean[r["seed"]] for r in rs if r["seed"] in clean]
+        q = lambda k: [r["quarantine"][k] for r in rs if (r.get("quarantine") or {}).get(k) is not None]  # noqa: E731
+        worse = sum(1 for x in vs_off if x > 1)
+        rows.append(" | ".join(["", sc, str(len(rs)), ", ".join(sorted({r["outcome"] for r in rs})),
+                                _fmt_interval(vs_off), f"{worse} of {len(vs_off)}", _fmt_interval(vs_clean),
+                                _fmt_interval(q("doc_recall"), 3), _fmt_interval(q("doc_precision"), 3),
+                                _fmt_interval(q("block_recall"), 3)]).strip())
+    return [f"#### This invocation alone: {policy} at {meta['environment'].get('bigtrain')}, seeds {meta['seeds']}",
+            "", "Paired by seed; mean [95% t-interval over seeds]. vs off: held-out loss / the monitor-off run's; "
+            "worse: seeds where that ratio > 1.", "",
+            "| scenario | seeds | outcome | vs off | worse than off | vs clean | doc recall | doc precision | "
+            "block recall |", "|---|---|---|---|---|---|---|---|---|", *rows]
+
+
 def run_diluted(args, argv: list[str] | None) -> int:
     out = Path(args.out or "docs")
     out.mkdir(parents=True, exist_ok=True)
@@ -845,6 +888,8 @@ def run_diluted(args, argv: list[str] | None) -> int:
     meta = {**meta, "command": " ; ".join(dict.fromkeys(commands)),
             "seeds": sorted({k[2] for k in latest})}
     section = "\n".join(diluted_report(list(latest.values()), meta))
+    if BIGTRAIN in policies and "none" in policies:
+        section += "\n\n" + "\n".join(diluted_paired(results, {**meta, "seeds": seeds, "environment": at_start}))
     if DILUTED_MARK not in text:
         text = text.rstrip() + f"\n\n{DILUTED_MARK}\n## Diluted bad data: quarantine precision and recall (issue 14)\n"
     md.write_text(text.rstrip() + "\n\n" + section + "\n")

@@ -69,21 +69,33 @@ def rescore_positions(n: int, layout: Layout, rank: int) -> list[int]:
     return [i for i in range(n) if ((i % gb) // per_rank + 1) % world == rank]
 
 
+def control_ids(run: Run) -> list[int]:
+    """The samples the restored state trained on last: up to one global batch of the stream just
+    before the restored cursor, minus what is skipped. The monitor accepted their step, so sound
+    weights score them at the usual level (``attribute``'s ``control``)."""
+    cursor, gb = run.state.progress.cursor, run.layout.global_batch
+    stream, _ = run.sampler.take(max(0, cursor - gb), gb, run.state.history.skipped, run.skips)
+    return run.sampler.sample_ids([i for i in stream if i < cursor])
+
+
 @torch.no_grad()
-def rescore(run: Run, ids: list[int]) -> list[float]:
-    """Each suspect's summed token loss under the weights just restored (forward only, eval mode), in
-    the order of ``ids``; identical on every rank (one all-reduce of 4 bytes per suspect).
+def rescore(run: Run, ids: list[int]) -> tuple[list[float], list[float]]:
+    """Each sample's summed token loss under the weights just restored (forward only, eval mode), and
+    its label count, in the order of ``ids``; identical on every rank (one all-reduce of 8 bytes per
+    sample).
 
     Each rank scores the samples its neighbour trained on (the suspects are whole global batches,
     rank-major): a fault of one rank's arithmetic does not follow its samples, bad data does. Every
     rank runs the same number of forwards (ZeRO-3 gathers parameters collectively in each), padding
-    with a repeat whose result is dropped. Cost: the suspects' forward passes, about a third of a
-    training step per suspect step, once per rollback."""
+    with a repeat whose result is dropped. Cost, once per rollback: the forward passes, about a third
+    of a training step per global batch scored; ``attribute_spike`` scores the suspect steps (at most
+    ``SampleLosses.max_pending_steps``, 16) and one control batch, so at most ~6 steps' compute, against
+    the tens of steps a rollback discards."""
     layout, engine = run.layout, run.engine
     n = len(ids)
     rounds = max(-(-len(rescore_positions(n, layout, r)) // layout.micro) for r in range(layout.world)) if n else 0
     mine = rescore_positions(n, layout, layout.rank)
-    out = torch.zeros(n, dtype=torch.float32, device=engine.device)
+    out = torch.zeros(2, n, dtype=torch.float32, device=engine.device)
     engine.eval()
     try:
         for k in range(rounds):
@@ -93,11 +105,13 @@ def rescore(run: Run, ids: list[int]) -> list[float]:
             labels = batch.pop("labels")
             sums = token_losses(engine(**{k: v.to(engine.device) for k, v in batch.items()}).logits, labels).sum(1)
             if part:
-                out[part] = sums.float()
+                out[0, part] = sums.float()
+                out[1, part] = (labels[:, 1:] != -100).sum(1).float().to(out.device)  # token_losses' shift
     finally:
         engine.train()
     dist.all_reduce(out)
-    return out.tolist()
+    sums, counts = out.tolist()
+    return sums, counts
 
 
 def attribute_spike(run: Run, verdict: Verdict, evidence: Evidence | None) -> tuple[Attribution | None, Suspects]:
@@ -107,10 +121,14 @@ def attribute_spike(run: Run, verdict: Verdict, evidence: Evidence | None) -> tu
     if evidence is None:
         return None, ([], [], [])
     cfg = run.cfg.spike
-    rescored = rescore(run, evidence.ids) if cfg.rescore and evidence.ids and evidence.reference else None
+    rescored = control = None
+    if cfg.rescore and evidence.ids and evidence.reference:
+        n, usual = len(evidence.ids), control_ids(run)
+        sums, counts = rescore(run, evidence.ids + usual)  # one pass: the suspects, then the control
+        rescored, control = sums[:n], ((sums[n:], counts[n:]) if usual else None)
     attribution = attribute(evidence.sums, evidence.counts, evidence.reference, cfg,
                             incident=verdict.kind == "incident", per_rank=run.layout.per_rank, band=evidence.band,
-                            rescored=rescored)
+                            rescored=rescored, control=control)
     return attribution, (evidence.ids, evidence.sums, evidence.counts)
 
 

@@ -535,7 +535,8 @@ def _log_losses(sums: list[float], counts: list[float]) -> list[float | None]:
 
 def attribute(sums: list[float], counts: list[float], reference: tuple[float, float] | None, cfg: SpikeConfig,
               incident: bool = False, per_rank: int = 0, band: float | None = None,
-              rescored: list[float] | None = None) -> Attribution:
+              rescored: list[float] | None = None,
+              control: tuple[list[float], list[float]] | None = None) -> Attribution:
     """Find the samples that caused a spike. Pure and cheap (milliseconds for thousands of samples).
 
     ``sums``/``counts``: each sample's summed token loss and label count over the steps from the
@@ -543,7 +544,9 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
     accepted samples (:meth:`SampleLosses.reference`), None while there are too few to judge;
     ``band``: the highest step loss the monitor calls normal (:meth:`SpikeMonitor.loss_band`);
     ``rescored``: the same samples' loss sums again, computed by the restored model (the state before
-    the onset, whose own losses the monitor accepted) on other ranks (:func:`bigtrain.recovery.rescore`).
+    the onset, whose own losses the monitor accepted) on other ranks (:func:`bigtrain.recovery.rescore`);
+    ``control``: (loss sums, label counts) the same restored weights gave samples they were trained on
+    just before (:func:`bigtrain.recovery.control_ids`), the check that those weights are sound.
 
     A sample is an outlier when its loss is non-finite, or when its log loss lies more than
     ``z_n = max(cfg.sample_z, Phi^-1(1 - cfg.sample_alpha / n))`` sigmas above the level for n samples
@@ -555,7 +558,7 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
     - the loss of all the suspects is above ``band`` (the loss spiked: a spike on grad norm alone, with
       step losses inside the band, is never data), and the loss of the remaining samples is inside it
       (the outliers explain the spike: a heavy tail of an optimizer spike, whose bulk also rose, does not).
-    With no remaining sample (all stand out) the cause is OPTIMIZER.
+    With no remaining sample (all stand out) the cause is OPTIMIZER, unless the rescore below shows it.
 
     With ``rescored``, the judgement uses what the healthy weights say, as Megatron-LM reruns a step
     to tell a transient fault from a persistent one: a sample is an outlier only if it stands out in
@@ -564,8 +567,14 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
     few naturally hard samples does not). So the updates of the bad steps, which raise every sample's
     loss after the onset, no longer hide data behind a risen median, and a blow-up of the optimizer or
     of one rank's arithmetic leaves no outlier (the healthy weights score those samples as usual, on
-    another rank). More than half the samples standing out stays OPTIMIZER even then: a restored
-    state that is itself damaged would score everything high, and DATA bans every outlier for good.
+    another rank). A restored state that is itself damaged would score everything high, and DATA
+    bans every outlier for good, so the restored weights are trusted as a judge only when they score
+    the ``control`` samples at the usual level (median under ``cfg.min_loss_ratio`` x the level;
+    stats ``control_ratio``); then every suspect may stand out (a whole batch of garbage is data, and
+    its documents are convicted). Without a control (nothing trained before the restored step), more
+    than half the samples standing out stays OPTIMIZER. With the rescore, an outlier set that is
+    exactly some ranks' samples is not ``rank_aligned``: other ranks' arithmetic scored them high
+    too (or, on one rank, the control shows that rank's arithmetic sound).
     When most samples are non-finite the model state is broken (corrupted weights), not the data: no
     sample is an outlier (stats ``nonfinite_share``) and the recovery only rewinds.
     ``per_rank``: samples per rank per step (the lists are steps of whole global batches, rank-major),
@@ -600,10 +609,19 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
     if again is not None:
         stats |= {"rescored": 1.0, "transient_outliers": float(sum(1 for i in range(len(logs)) if high(logs, i)
                                                                      and i not in flagged))}
-    if reference is not None and outliers and rest and (again is None or 2 * len(outliers) <= len(tested)):
-        rise = statistics.median(rest) - level
-        stats["rest_median_ratio"] = math.exp(rise)
-        explained = rise < math.log(cfg.min_loss_ratio)
+    sound = None  # do the restored weights score what they were trained on at the usual level?
+    if control is not None and reference is not None:
+        usual = [x for x in _log_losses(*control) if x is not None]
+        if usual:
+            stats["control_ratio"] = math.exp(min(statistics.median(usual) - level, 700.0))
+            sound = stats["control_ratio"] < cfg.min_loss_ratio
+    trusted = sound if sound is not None else again is None or 2 * len(outliers) <= len(tested)
+    if reference is not None and outliers and trusted and (rest or sound):
+        explained = True
+        if rest:
+            rise = statistics.median(rest) - level
+            stats["rest_median_ratio"] = math.exp(rise)
+            explained = rise < math.log(cfg.min_loss_ratio)
         if band is None:
             explained = False
         else:
@@ -618,16 +636,18 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
                 healthy_total = mean_loss(rescored, labelled)
                 stats["suspects_loss_rescored"] = healthy_total
                 explained = explained and healthy_total > band
-            kept = mean_loss(sums if again is None else rescored, [i for i in labelled if i not in flagged])
-            stats["rest_loss"] = kept
-            explained = explained and kept <= band
+            others = [i for i in labelled if i not in flagged]
+            if others:
+                kept = mean_loss(sums if again is None else rescored, others)
+                stats["rest_loss"] = kept
+                explained = explained and kept <= band
     stats["outlier_share"] = len(outliers) / max(1, len(sums))
     finite = [x for x in logs if x is not None and x != math.inf]
     if finite:
         stats |= {"suspect_median_loss": math.exp(statistics.median(finite)), "suspect_max_loss": math.exp(max(finite))}
     cause = CAUSE_INCIDENT if incident else DATA if explained else OPTIMIZER
     aligned = False
-    if per_rank >= 4 and outliers:
+    if per_rank >= 4 and outliers and again is None:
         slices = {i // per_rank for i in outliers}
         aligned = flagged == {i for r in slices for i in range(r * per_rank, (r + 1) * per_rank) if i < len(sums)}
     return Attribution(cause, outliers, stats, aligned)

@@ -28,6 +28,24 @@ def test_quantile_interpolates():
     assert perf.quantile([5], 0.25) == 5
 
 
+def test_diluted_paired_ratios_and_intervals_are_per_seed():
+    import spike_bench
+
+    m, lo, hi = spike_bench.interval([1.0, 2.0, 3.0])
+    assert m == 2.0 and hi - m == pytest.approx(4.303 / 3 ** 0.5)  # t(2) x sd 1 / sqrt(3)
+    assert spike_bench.interval([1.0]) is None
+    run = lambda sc, pol, seed, loss, **q: {"scenario": sc, "policy": pol, "seed": seed,  # noqa: E731
+                                            "final_eval_loss": loss, "outcome": "finished", "quarantine": q}
+    results = [run("diluted_clean", "none", 1, 2.0), run("diluted_clean", "none", 2, 4.0),
+               run("diluted_30", "none", 1, 2.2), run("diluted_30", "none", 2, 4.4),
+               run("diluted_30", "bigtrain", 1, 2.2 * 0.9, doc_recall=1.0), run("diluted_30", "bigtrain", 2, 4.4 * 1.1,
+                                                                              doc_recall=0.5)]
+    lines = spike_bench.diluted_paired(results, {"environment": {"bigtrain": "abc"}, "seeds": [1, 2]})
+    row = [x for x in lines if x.startswith("| diluted_30")][0].split(" | ")
+    assert row[3].startswith("1 [") and row[4] == "1 of 2"  # 0.9 and 1.1 of the same seed's off run
+    assert row[5].startswith("1.1 [") and row[6].startswith("0.75 [")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["bare_deepspeed.py", "perf_worker.py", "hf_trainer.py"])
 def test_contender_writes_a_result_row(tmp_path, data_cache, script):

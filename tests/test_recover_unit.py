@@ -64,15 +64,18 @@ def healthy_weights_rescore(monkeypatch):
     token over 3 tokens): the real forward is tested in test_rescore_* below."""
     TRUTH.clear()
     SCORED_WITH.clear()
+    SCORED_IDS.clear()
 
     def rescore(run, ids):
         SCORED_WITH.append(run.engine.weights)  # which weights were in place when the suspects were scored
-        return [3 * TRUTH.get(i, 2.0) for i in ids]
+        SCORED_IDS.append(list(ids))
+        return [3 * TRUTH.get(i, 2.0) for i in ids], [3.0] * len(ids)
     monkeypatch.setattr(recovery, "rescore", rescore)
 
 
 TRUTH: dict[int, float] = {}
 SCORED_WITH: list[bytes] = []
+SCORED_IDS: list[list[int]] = []
 
 
 def make_run(tmp_path: Path, *overrides: str) -> Run:
@@ -189,6 +192,40 @@ def test_an_outlier_the_restored_weights_score_as_usual_was_transient_not_data(t
     assert SCORED_WITH == [b"weights of step 12"]  # the restored weights, not the spiked step's
 
 
+def test_a_whole_batch_of_garbage_is_data_when_the_restored_weights_score_the_control_as_usual(tmp_path):
+    """Every sample of the spiked step is garbage, to the restored weights too. The samples those weights
+    trained on last (the control: the batch before the restored cursor) score at the usual level, so
+    the weights are sound and the whole batch is data: banned by id with its documents, the LR, eps
+    and beta2 left alone, no window."""
+    run = make_run(tmp_path)
+    healthy(run, 12)
+    cursor_at_12 = run.state.progress.cursor
+    verdict, ids, row = step(run, [200.0] * GLOBAL_BATCH)
+    assert verdict.recover
+    TRUTH.update({i: 200.0 for i in ids})
+    assert recover(run, verdict, row) is None
+    h, (event,) = run.state.history, run.rec.events
+    control = run.sampler.sample_ids(range(cursor_at_12 - GLOBAL_BATCH, cursor_at_12))
+    assert SCORED_IDS == [ids + control]  # one pass: the suspects, then the step-12 batch
+    assert event["cause"] == DATA and event["offending_samples"] == sorted(ids) and not event["rank_aligned"]
+    assert event["attribution"]["control_ratio"] == pytest.approx(1.0, rel=0.02)
+    assert set(ids) <= set(h.skipped_samples) and h.skipped == [] and h.skipped_docs
+    assert (h.eps, h.lr_scale, h.beta2) == (1e-8, 1.0, run.cfg.optim.beta2)
+
+
+def test_a_restored_state_that_scores_its_own_training_data_high_convicts_nothing_as_data(tmp_path):
+    """The same whole batch, but the restored weights score everything high, the control too: the judge
+    itself is damaged, so nothing is called data; the window and the ladder apply."""
+    run = make_run(tmp_path)
+    healthy(run, 12)
+    verdict, ids, row = step(run, [200.0] * GLOBAL_BATCH)
+    TRUTH.update({i: 200.0 for i in range(BLOCKS)})
+    assert recover(run, verdict, row) is None
+    h, (event,) = run.state.history, run.rec.events
+    assert event["cause"] == OPTIMIZER and event["attribution"]["control_ratio"] > 50
+    assert h.skipped and h.eps < 1e-8
+
+
 def test_a_spent_budget_gives_up_on_the_restored_healthy_state(tmp_path):
     run = make_run(tmp_path, "spike.max_rollbacks=1")
     healthy(run, 12)
@@ -275,7 +312,7 @@ def test_rescore_is_the_restored_models_own_loss_of_each_suspect(tmp_path):
     ids = [3, 7, 1, 9, 12, 0, 5, 7]  # two steps of a global batch of 4
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        got = real_rescore(run, ids)
+        got, counts = real_rescore(run, ids)
     finally:
         dist.destroy_process_group()
     assert model.training  # back in train mode
@@ -285,4 +322,5 @@ def test_rescore_is_the_restored_models_own_loss_of_each_suspect(tmp_path):
         expected = token_losses(model(input_ids=batch["input_ids"]).logits, batch["labels"]).sum(1)
         clean = token_losses(model(input_ids=tokens[[7]]).logits, tokens[[7]]).sum(1).item()
     assert got == pytest.approx(expected.tolist(), rel=1e-5)
+    assert counts == [11.0] * len(ids)  # every position but the last carries a label
     assert got[1] == got[7] != pytest.approx(clean, rel=1e-4)  # sample 7 was scored garbled, both times

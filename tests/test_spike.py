@@ -494,6 +494,9 @@ def test_attribution_recognises_rank_aligned_outliers():
         sums[i] = 3000.0
     a = attribute(sums, [100.0] * 16, ref, cfg, per_rank=4, band=3.3)
     assert a.cause == DATA and a.rank_aligned
+    # Scored high again by other ranks' arithmetic (the rescore): the data, not rank 1.
+    b = attribute(sums, [100.0] * 16, ref, cfg, per_rank=4, band=3.3, rescored=list(sums))
+    assert b.cause == DATA and b.outliers == a.outliers and not b.rank_aligned
     sums[15] = 300.0  # one of rank 1's samples normal: bad data, not a rank fault
     assert not attribute(sums, [100.0] * 16, ref, cfg, per_rank=4, band=3.3).rank_aligned
 
@@ -604,10 +607,21 @@ def test_attribution_rescored_by_the_restored_weights():
     hard[4] = hard[20] = 100 * 5.5
     d = attribute([x * 4 for x in hard], [100.0] * 32, ref, cfg, band=3.3, rescored=hard)
     assert d.outliers == [4, 20] and d.cause == OPTIMIZER and d.stats["suspects_loss_rescored"] < 3.3
-    # Everything high under the restored weights too: a bad batch, or a restored state already damaged;
-    # the two cannot be told apart here, and DATA would ban every sample for good: not data.
+    # Everything high under the restored weights too: a bad batch, or a restored state already damaged.
+    # Without a control the two cannot be told apart, and DATA would ban every sample for good: not data.
     garbage = [100 * 5.5 * math.exp(rng.gauss(0, 0.02)) for _ in range(32)]
     c = attribute(garbage, [100.0] * 32, ref, cfg, band=3.3, rescored=garbage)
     assert c.cause == OPTIMIZER and len(c.outliers) == 32
+    # The control (samples the restored weights trained on last) scored at the usual level: the weights
+    # are sound, so the whole batch is data.
+    usual = ([100 * 3.0 * math.exp(rng.gauss(0, 0.1)) for _ in range(16)], [100.0] * 16)
+    c = attribute(garbage, [100.0] * 32, ref, cfg, band=3.3, rescored=garbage, control=usual)
+    assert c.cause == DATA and len(c.outliers) == 32 and c.stats["control_ratio"] < 1.1
+    # The control scored high too: the restored state is damaged; not data, with or without outliers' share.
+    damaged = ([x * 3 for x in usual[0]], usual[1])
+    c = attribute(garbage, [100.0] * 32, ref, cfg, band=3.3, rescored=garbage, control=damaged)
+    assert c.cause == OPTIMIZER and c.stats["control_ratio"] > 2.5
+    assert attribute(spiked, [100.0] * 32, ref, cfg, band=3.3, rescored=healthy, control=damaged).cause == OPTIMIZER
+    assert attribute(spiked, [100.0] * 32, ref, cfg, band=3.3, rescored=healthy, control=usual).outliers == bad
     # ... and never data on a spike whose step loss stayed inside the band (a grad-norm spike).
     assert attribute(spiked, [100.0] * 32, ref, cfg, band=6.0, rescored=healthy).cause == OPTIMIZER
