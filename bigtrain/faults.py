@@ -49,15 +49,18 @@ class FaultInjector:
         """Half-open sample-id ranges whose blocks are garbage (bad data stays bad)."""
         self.poisoned_docs: list[int] = []
         """The documents made garbage (ground truth for the quarantine's precision)."""
+        self.armed: list[list[int]] = []
+        """[step, start, end]: the ranges each poison stretch added, by the step that armed it."""
 
     def state_dict(self) -> dict:
         return {"fired": list(self.fired), "poisoned": [list(r) for r in self.poisoned],
-                "poisoned_docs": list(self.poisoned_docs)}
+                "poisoned_docs": list(self.poisoned_docs), "armed": [list(r) for r in self.armed]}
 
     def load_state_dict(self, d: dict) -> None:
         self.fired = list(d.get("fired", []))
         self.poisoned = [list(r) for r in d.get("poisoned", [])]
         self.poisoned_docs = list(d.get("poisoned_docs", []))
+        self.armed = [list(r) for r in d.get("armed", [])]
 
     def _fire(self, kind: str, step: int, steps: list[int]) -> bool:
         key = f"{kind}@{step}"
@@ -111,14 +114,19 @@ class FaultInjector:
         garbled = set(bad)
         docs = {d for d in docs if set(blocks_of_documents(self.train_docs, [d])) <= garbled}
         self.poisoned_docs = sorted(set(self.poisoned_docs) | docs)
-        self.poisoned = [list(r) for r in Sampler.merge_ranges([*map(tuple, self.poisoned), *((i, i + 1) for i in bad)])]
+        added = Sampler.merge_ranges((i, i + 1) for i in bad)
+        self.armed += [[step, a, b] for a, b in added]
+        self.poisoned = [list(r) for r in Sampler.merge_ranges([*map(tuple, self.poisoned), *added])]
 
-    def corrupt(self, batch: dict[str, torch.Tensor], ids: list[int]) -> dict[str, torch.Tensor]:
+    def corrupt(self, batch: dict[str, torch.Tensor], ids: list[int], as_of: int | None = None) -> dict[str, torch.Tensor]:
         """Garble the rows of a micro-batch whose samples are poisoned; labels follow the tokens where
-        they carry a loss. Returns ``batch``."""
-        if not self.poisoned:
+        they carry a loss. ``as_of``: the samples as a step read them (poison armed later left out:
+        a block of a bad document read before the stretch that made it garbage was read clean).
+        Returns ``batch``."""
+        poisoned = self.poisoned if as_of is None else [[a, b] for s, a, b in self.armed if s <= as_of]
+        if not poisoned:
             return batch
-        x = poison_rows(batch["input_ids"], list(ids), self.poisoned, self.vocab)
+        x = poison_rows(batch["input_ids"], list(ids), poisoned, self.vocab)
         if batch["labels"] is batch["input_ids"]:
             batch["labels"] = x
         else:

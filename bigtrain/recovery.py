@@ -79,10 +79,10 @@ def control_ids(run: Run) -> list[int]:
 
 
 @torch.no_grad()
-def rescore(run: Run, ids: list[int]) -> tuple[list[float], list[float]]:
+def rescore(run: Run, ids: list[int], as_of: int | None = None) -> tuple[list[float], list[float]]:
     """Each sample's summed token loss under the weights just restored (forward only, eval mode), and
     its label count, in the order of ``ids``; identical on every rank (one all-reduce of 8 bytes per
-    sample).
+    sample). ``as_of``: injected poison as of that step (``FaultInjector.corrupt``).
 
     Each rank scores the samples its neighbour trained on (the suspects are whole global batches,
     rank-major): a fault of one rank's arithmetic does not follow its samples, bad data does. Every
@@ -101,7 +101,7 @@ def rescore(run: Run, ids: list[int]) -> tuple[list[float], list[float]]:
         for k in range(rounds):
             part = mine[k * layout.micro:(k + 1) * layout.micro]
             sids = [ids[i] for i in part] or ids[:1]  # a rank with nothing left still joins the forward
-            batch = run.faults.corrupt(run.data.batch(sids), sids)  # data-bound poison is part of the data
+            batch = run.faults.corrupt(run.data.batch(sids), sids, as_of)  # data-bound poison is part of the data
             labels = batch.pop("labels")
             sums = token_losses(engine(**{k: v.to(engine.device) for k, v in batch.items()}).logits, labels).sum(1)
             if part:
@@ -123,9 +123,13 @@ def attribute_spike(run: Run, verdict: Verdict, evidence: Evidence | None) -> tu
     cfg = run.cfg.spike
     rescored = control = None
     if cfg.rescore and evidence.ids and evidence.reference:
-        n, usual = len(evidence.ids), control_ids(run)
-        sums, counts = rescore(run, evidence.ids + usual)  # one pass: the suspects, then the control
-        rescored, control = sums[:n], ((sums[n:], counts[n:]) if usual else None)
+        rescored, _ = rescore(run, evidence.ids)
+        usual = control_ids(run)  # the same on every rank, so every rank makes the same calls
+        if usual:
+            # judged against the level the monitor saw when they were trained (restored with the
+            # weights): a loss that fell since the restored step does not read as damage
+            then = run.monitor.samples.reference(cfg.mad_floor) or evidence.reference
+            control = (*rescore(run, usual, as_of=run.state.progress.step), then[0])
     attribution = attribute(evidence.sums, evidence.counts, evidence.reference, cfg,
                             incident=verdict.kind == "incident", per_rank=run.layout.per_rank, band=evidence.band,
                             rescored=rescored, control=control)

@@ -536,7 +536,7 @@ def _log_losses(sums: list[float], counts: list[float]) -> list[float | None]:
 def attribute(sums: list[float], counts: list[float], reference: tuple[float, float] | None, cfg: SpikeConfig,
               incident: bool = False, per_rank: int = 0, band: float | None = None,
               rescored: list[float] | None = None,
-              control: tuple[list[float], list[float]] | None = None) -> Attribution:
+              control: tuple[list[float], list[float], float] | None = None) -> Attribution:
     """Find the samples that caused a spike. Pure and cheap (milliseconds for thousands of samples).
 
     ``sums``/``counts``: each sample's summed token loss and label count over the steps from the
@@ -545,8 +545,9 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
     ``band``: the highest step loss the monitor calls normal (:meth:`SpikeMonitor.loss_band`);
     ``rescored``: the same samples' loss sums again, computed by the restored model (the state before
     the onset, whose own losses the monitor accepted) on other ranks (:func:`bigtrain.recovery.rescore`);
-    ``control``: (loss sums, label counts) the same restored weights gave samples they were trained on
-    just before (:func:`bigtrain.recovery.control_ids`), the check that those weights are sound.
+    ``control``: (loss sums, label counts, level) the same restored weights gave samples they were
+    trained on just before (:func:`bigtrain.recovery.control_ids`), and the log per-sample level the
+    monitor saw then: the check that those weights are sound.
 
     A sample is an outlier when its loss is non-finite, or when its log loss lies more than
     ``z_n = max(cfg.sample_z, Phi^-1(1 - cfg.sample_alpha / n))`` sigmas above the level for n samples
@@ -569,7 +570,7 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
     of one rank's arithmetic leaves no outlier (the healthy weights score those samples as usual, on
     another rank). A restored state that is itself damaged would score everything high, and DATA
     bans every outlier for good, so the restored weights are trusted as a judge only when they score
-    the ``control`` samples at the usual level (median under ``cfg.min_loss_ratio`` x the level;
+    the ``control`` samples at the level of their time (median under ``cfg.min_loss_ratio`` x it;
     stats ``control_ratio``); then every suspect may stand out (a whole batch of garbage is data, and
     its documents are convicted). Without a control (nothing trained before the restored step), more
     than half the samples standing out stays OPTIMIZER. With the rescore, an outlier set that is
@@ -611,9 +612,9 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
                                                                      and i not in flagged))}
     sound = None  # do the restored weights score what they were trained on at the usual level?
     if control is not None and reference is not None:
-        usual = [x for x in _log_losses(*control) if x is not None]
+        usual = [x for x in _log_losses(*control[:2]) if x is not None]
         if usual:
-            stats["control_ratio"] = math.exp(min(statistics.median(usual) - level, 700.0))
+            stats["control_ratio"] = math.exp(min(statistics.median(usual) - control[2], 700.0))
             sound = stats["control_ratio"] < cfg.min_loss_ratio
     trusted = sound if sound is not None else again is None or 2 * len(outliers) <= len(tested)
     if reference is not None and outliers and trusted and (rest or sound):

@@ -59,3 +59,20 @@ def test_poison_rows_is_fixed_per_sample_id_and_skips_respected():
     skips = SkipSet([0, 1, 2, 3])
     state, _ = poison(FaultConfig(poison_steps=[1]), skips)
     assert not {i for a, b in state.poisoned for i in range(a, b)} & {0, 1, 2, 3}
+
+
+def test_poison_is_read_as_it_was_at_a_step_and_survives_a_checkpoint():
+    """A block of a bad document read before the stretch that made it garbage was read clean: the
+    rescore's control scores the samples as their step read them (``as_of``)."""
+    state, ids = poison(FaultConfig(poison_steps=[1], poison_fraction=0.25, poison_documents=True))
+    state.vocab = 50
+    bad = [i for i in range(12) if any(a <= i < b for a, b in state.poisoned)]
+    batch = lambda: {"input_ids": torch.zeros(len(bad), 5, dtype=torch.long),  # noqa: E731
+                     "labels": torch.zeros(len(bad), 5, dtype=torch.long)}
+    now = state.corrupt(batch(), bad)["input_ids"]
+    assert not now.eq(0).all(dim=1).any()  # garbled now (arming step 1 and after)
+    assert state.corrupt(batch(), bad, as_of=1)["input_ids"].equal(now)
+    assert state.corrupt(batch(), bad, as_of=0)["input_ids"].eq(0).all()  # read clean before step 1
+    restored = FaultInjector(FaultConfig(), rank=0, vocab=50)
+    restored.load_state_dict(state.state_dict())
+    assert restored.armed == state.armed and restored.corrupt(batch(), bad, as_of=0)["input_ids"].eq(0).all()

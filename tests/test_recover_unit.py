@@ -66,7 +66,7 @@ def healthy_weights_rescore(monkeypatch):
     SCORED_WITH.clear()
     SCORED_IDS.clear()
 
-    def rescore(run, ids):
+    def rescore(run, ids, as_of=None):
         SCORED_WITH.append(run.engine.weights)  # which weights were in place when the suspects were scored
         SCORED_IDS.append(list(ids))
         return [3 * TRUTH.get(i, 2.0) for i in ids], [3.0] * len(ids)
@@ -189,7 +189,7 @@ def test_an_outlier_the_restored_weights_score_as_usual_was_transient_not_data(t
     (event,) = run.rec.events
     assert event["cause"] == OPTIMIZER and event["offending_samples"] == []
     assert event["attribution"]["transient_outliers"] == 1 and run.state.history.skipped_docs == []
-    assert SCORED_WITH == [b"weights of step 12"]  # the restored weights, not the spiked step's
+    assert SCORED_WITH == [b"weights of step 12"] * 2  # suspects and control: the restored weights, not the spiked step's
 
 
 def test_a_whole_batch_of_garbage_is_data_when_the_restored_weights_score_the_control_as_usual(tmp_path):
@@ -206,7 +206,7 @@ def test_a_whole_batch_of_garbage_is_data_when_the_restored_weights_score_the_co
     assert recover(run, verdict, row) is None
     h, (event,) = run.state.history, run.rec.events
     control = run.sampler.sample_ids(range(cursor_at_12 - GLOBAL_BATCH, cursor_at_12))
-    assert SCORED_IDS == [ids + control]  # one pass: the suspects, then the step-12 batch
+    assert SCORED_IDS == [ids, control]  # the suspects, then the step-12 batch
     assert event["cause"] == DATA and event["offending_samples"] == sorted(ids) and not event["rank_aligned"]
     assert event["attribution"]["control_ratio"] == pytest.approx(1.0, rel=0.02)
     assert set(ids) <= set(h.skipped_samples) and h.skipped == [] and h.skipped_docs

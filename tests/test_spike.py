@@ -614,14 +614,18 @@ def test_attribution_rescored_by_the_restored_weights():
     assert c.cause == OPTIMIZER and len(c.outliers) == 32
     # The control (samples the restored weights trained on last) scored at the usual level: the weights
     # are sound, so the whole batch is data.
-    usual = ([100 * 3.0 * math.exp(rng.gauss(0, 0.1)) for _ in range(16)], [100.0] * 16)
+    usual = ([100 * 3.0 * math.exp(rng.gauss(0, 0.1)) for _ in range(16)], [100.0] * 16, ref[0])
     c = attribute(garbage, [100.0] * 32, ref, cfg, band=3.3, rescored=garbage, control=usual)
     assert c.cause == DATA and len(c.outliers) == 32 and c.stats["control_ratio"] < 1.1
     # The control scored high too: the restored state is damaged; not data, with or without outliers' share.
-    damaged = ([x * 3 for x in usual[0]], usual[1])
+    damaged = ([x * 3 for x in usual[0]], usual[1], ref[0])
     c = attribute(garbage, [100.0] * 32, ref, cfg, band=3.3, rescored=garbage, control=damaged)
     assert c.cause == OPTIMIZER and c.stats["control_ratio"] > 2.5
     assert attribute(spiked, [100.0] * 32, ref, cfg, band=3.3, rescored=healthy, control=damaged).cause == OPTIMIZER
     assert attribute(spiked, [100.0] * 32, ref, cfg, band=3.3, rescored=healthy, control=usual).outliers == bad
+    # The control is judged against the level of its own time: a model restored from when the loss was
+    # 3x higher scores its own batch at that level, which is no damage.
+    earlier = ([x * 3 for x in usual[0]], usual[1], ref[0] + math.log(3))
+    assert attribute(garbage, [100.0] * 32, ref, cfg, band=3.3, rescored=garbage, control=earlier).cause == DATA
     # ... and never data on a spike whose step loss stayed inside the band (a grad-norm spike).
     assert attribute(spiked, [100.0] * 32, ref, cfg, band=6.0, rescored=healthy).cause == OPTIMIZER
