@@ -413,14 +413,20 @@ def _mean(xs: list[float | None]) -> float | None:
 
 
 # Two-sided 95% Student t quantiles by degrees of freedom (a table: the benchmark needs no scipy).
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def _t95(df: int) -> float:
+    """The quantile for ``df``, or for the next smaller tabulated df (a slightly wider interval)."""
+    return _T95[max(k for k in _T95 if k <= df)]
 
 
 def interval(xs: list[float]) -> tuple[float, float, float] | None:
     """Mean and 95% t-interval (lo, hi) of ``xs`` (seeds as independent replicates); None below 2."""
     if len(xs) < 2 or not all(math.isfinite(x) for x in xs):
         return None
-    m, half = statistics.fmean(xs), _T95.get(len(xs) - 1, 1.96) * statistics.stdev(xs) / math.sqrt(len(xs))
+    m, half = statistics.fmean(xs), _t95(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
     return m, m - half, m + half
 
 

@@ -60,7 +60,8 @@ class FaultInjector:
         self.fired = list(d.get("fired", []))
         self.poisoned = [list(r) for r in d.get("poisoned", [])]
         self.poisoned_docs = list(d.get("poisoned_docs", []))
-        self.armed = [list(r) for r in d.get("armed", [])]
+        # a state saved before ``armed`` existed: its poison counts as armed from the start (read garbled)
+        self.armed = [list(r) for r in d.get("armed", [[0, a, b] for a, b in self.poisoned])]
 
     def _fire(self, kind: str, step: int, steps: list[int]) -> bool:
         key = f"{kind}@{step}"

@@ -70,12 +70,13 @@ def rescore_positions(n: int, layout: Layout, rank: int) -> list[int]:
 
 
 def control_ids(run: Run) -> list[int]:
-    """The samples the restored state trained on last: up to one global batch of the stream just
-    before the restored cursor, minus what is skipped. The monitor accepted their step, so sound
-    weights score them at the usual level (``attribute``'s ``control``)."""
+    """The samples the restored state trained on last: the last (up to) one global batch of samples
+    not skipped in the stream before the restored cursor, looking back at most 4 batches. The monitor
+    accepted their step, so sound weights score them at the usual level (``attribute``'s ``control``)."""
     cursor, gb = run.state.progress.cursor, run.layout.global_batch
-    stream, _ = run.sampler.take(max(0, cursor - gb), gb, run.state.history.skipped, run.skips)
-    return run.sampler.sample_ids([i for i in stream if i < cursor])
+    start = max(0, cursor - 4 * gb)
+    stream, _ = run.sampler.take(start, min(4 * gb, cursor - start), run.state.history.skipped, run.skips)
+    return run.sampler.sample_ids([i for i in stream if i < cursor][-gb:])
 
 
 @torch.no_grad()
@@ -124,7 +125,8 @@ def attribute_spike(run: Run, verdict: Verdict, evidence: Evidence | None) -> tu
     rescored = control = None
     if cfg.rescore and evidence.ids and evidence.reference:
         rescored, _ = rescore(run, evidence.ids)
-        usual = control_ids(run)  # the same on every rank, so every rank makes the same calls
+        # the same on every rank, so every rank makes the same calls; an incident's cause is fixed
+        usual = control_ids(run) if verdict.kind != "incident" else []
         if usual:
             # judged against the level the monitor saw when they were trained (restored with the
             # weights): a loss that fell since the restored step does not read as damage

@@ -506,6 +506,8 @@ def build_monitor(cfg: SpikeConfig, total_steps: int) -> Monitor:
 DATA, OPTIMIZER, CAUSE_INCIDENT = "data", "optimizer", "incident"
 # Reference values needed before samples are judged at all (non-finite ones are always outliers).
 _MIN_REFERENCE = 32
+# Control samples needed before the restored weights' soundness is judged by them.
+_MIN_CONTROL = 8
 
 
 @dataclass(frozen=True)
@@ -568,14 +570,20 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
     few naturally hard samples does not). So the updates of the bad steps, which raise every sample's
     loss after the onset, no longer hide data behind a risen median, and a blow-up of the optimizer or
     of one rank's arithmetic leaves no outlier (the healthy weights score those samples as usual, on
-    another rank). A restored state that is itself damaged would score everything high, and DATA
-    bans every outlier for good, so the restored weights are trusted as a judge only when they score
-    the ``control`` samples at the level of their time (median under ``cfg.min_loss_ratio`` x it;
-    stats ``control_ratio``); then every suspect may stand out (a whole batch of garbage is data, and
-    its documents are convicted). Without a control (nothing trained before the restored step), more
-    than half the samples standing out stays OPTIMIZER. With the rescore, an outlier set that is
-    exactly some ranks' samples is not ``rank_aligned``: other ranks' arithmetic scored them high
-    too (or, on one rank, the control shows that rank's arithmetic sound).
+    another rank). The rescored losses are judged against the level of the restored weights' own
+    time (``control[2]``; the bar, the rest's rise and the band move with it), so weights restored
+    from when the loss was higher do not make every suspect an outlier.
+
+    A restored state that is itself damaged would score everything high, and DATA bans every outlier
+    for good, so the restored weights are trusted as a judge only when the ``control`` (at least
+    ``_MIN_CONTROL`` samples) shows them sound: its median under ``cfg.min_loss_ratio`` x the level of
+    its time (stats ``control_ratio``), and its share of outliers (above the same bar) at most half the
+    suspects' (stats ``control_outlier_share``: damage that hits some inputs, or one faulty rank whose
+    arithmetic scored its neighbour's slice, makes the control stand out as much as the suspects;
+    bad data stands out only in the suspects). Then every suspect may stand out (a whole batch of
+    garbage is data, its documents convicted). Without a control, more than half the samples
+    standing out stays OPTIMIZER. With a trusted rescore, an outlier set that is exactly some ranks'
+    samples is not ``rank_aligned``: other ranks' arithmetic scored them high too.
     When most samples are non-finite the model state is broken (corrupted weights), not the data: no
     sample is an outlier (stats ``nonfinite_share``) and the recovery only rewinds.
     ``per_rank``: samples per rank per step (the lists are steps of whole global batches, rank-major),
@@ -596,31 +604,39 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
     nonfinite = sum(1 for x in tested if x == math.inf)
     stats["nonfinite_share"] = nonfinite / max(1, len(tested))
 
-    def high(xs: list[float | None], i: int) -> bool:
-        return xs[i] is not None and (xs[i] == math.inf or xs[i] > bar)
+    # The restored weights are judged against the level of their own time (``control[2]``, what the
+    # monitor saw when they were current): restored from when the loss was higher, they score every
+    # sample higher, which is no outlier. ``shift`` is 0 without a control.
+    shift = control[2] - level if control is not None and reference is not None else 0.0
+
+    def high(xs: list[float | None], i: int, above: float = 0.0) -> bool:
+        return xs[i] is not None and (xs[i] == math.inf or xs[i] > bar + above)
 
     if nonfinite * 2 > len(tested):
         outliers = []  # the model, not the data: see the docstring
     else:
-        outliers = [i for i in range(len(logs)) if high(logs, i) and (again is None or high(again, i))]
+        outliers = [i for i in range(len(logs)) if high(logs, i) and (again is None or high(again, i, shift))]
     flagged = set(outliers)
     judged = logs if again is None else again  # the remaining samples, as the healthy weights score them
+    base = level + shift if again is not None and reference is not None else None  # their usual level
     rest = [x for i, x in enumerate(judged) if x is not None and i not in flagged]
     explained = False
     if again is not None:
         stats |= {"rescored": 1.0, "transient_outliers": float(sum(1 for i in range(len(logs)) if high(logs, i)
                                                                      and i not in flagged))}
-    sound = None  # do the restored weights score what they were trained on at the usual level?
-    if control is not None and reference is not None:
-        usual = [x for x in _log_losses(*control[:2]) if x is not None]
-        if usual:
-            stats["control_ratio"] = math.exp(min(statistics.median(usual) - control[2], 700.0))
-            sound = stats["control_ratio"] < cfg.min_loss_ratio
+    sound = None  # can the restored weights judge? (see the docstring)
+    usual = [x for x in _log_losses(*control[:2]) if x is not None] if control is not None else []
+    if reference is not None and len(usual) >= _MIN_CONTROL:
+        stray = sum(1 for x in usual if x == math.inf or x > bar + shift) / len(usual)
+        stats |= {"control_ratio": math.exp(min(statistics.median(usual) - control[2], 700.0)),
+                  "control_outlier_share": stray}
+        sound = (stats["control_ratio"] < cfg.min_loss_ratio
+                 and stray <= 0.5 * len(outliers) / max(1, len(tested)))
     trusted = sound if sound is not None else again is None or 2 * len(outliers) <= len(tested)
     if reference is not None and outliers and trusted and (rest or sound):
         explained = True
         if rest:
-            rise = statistics.median(rest) - level
+            rise = statistics.median(rest) - (level if base is None else base)
             stats["rest_median_ratio"] = math.exp(rise)
             explained = rise < math.log(cfg.min_loss_ratio)
         if band is None:
@@ -633,22 +649,23 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
             total = mean_loss(sums, labelled)
             stats |= {"band_loss": band, "suspects_loss": total}
             explained = explained and total > band
+            healthy_band = band * math.exp(min(shift, 700.0))  # the band in the restored weights' terms
             if again is not None:
                 healthy_total = mean_loss(rescored, labelled)
                 stats["suspects_loss_rescored"] = healthy_total
-                explained = explained and healthy_total > band
+                explained = explained and healthy_total > healthy_band
             others = [i for i in labelled if i not in flagged]
             if others:
                 kept = mean_loss(sums if again is None else rescored, others)
                 stats["rest_loss"] = kept
-                explained = explained and kept <= band
+                explained = explained and kept <= (band if again is None else healthy_band)
     stats["outlier_share"] = len(outliers) / max(1, len(sums))
     finite = [x for x in logs if x is not None and x != math.inf]
     if finite:
         stats |= {"suspect_median_loss": math.exp(statistics.median(finite)), "suspect_max_loss": math.exp(max(finite))}
     cause = CAUSE_INCIDENT if incident else DATA if explained else OPTIMIZER
     aligned = False
-    if per_rank >= 4 and outliers and again is None:
+    if per_rank >= 4 and outliers and not (again is not None and trusted):
         slices = {i // per_rank for i in outliers}
         aligned = flagged == {i for r in slices for i in range(r * per_rank, (r + 1) * per_rank) if i < len(sums)}
     return Attribution(cause, outliers, stats, aligned)

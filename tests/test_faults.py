@@ -76,3 +76,7 @@ def test_poison_is_read_as_it_was_at_a_step_and_survives_a_checkpoint():
     restored = FaultInjector(FaultConfig(), rank=0, vocab=50)
     restored.load_state_dict(state.state_dict())
     assert restored.armed == state.armed and restored.corrupt(batch(), bad, as_of=0)["input_ids"].eq(0).all()
+    # a state saved before steps were recorded: its poison reads garbled at any step (the safe side)
+    older = FaultInjector(FaultConfig(), rank=0, vocab=50)
+    older.load_state_dict({k: v for k, v in state.state_dict().items() if k != "armed"})
+    assert older.corrupt(batch(), bad, as_of=0)["input_ids"].equal(now)

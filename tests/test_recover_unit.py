@@ -65,10 +65,12 @@ def healthy_weights_rescore(monkeypatch):
     TRUTH.clear()
     SCORED_WITH.clear()
     SCORED_IDS.clear()
+    SCORED_AS_OF.clear()
 
     def rescore(run, ids, as_of=None):
         SCORED_WITH.append(run.engine.weights)  # which weights were in place when the suspects were scored
         SCORED_IDS.append(list(ids))
+        SCORED_AS_OF.append(as_of)
         return [3 * TRUTH.get(i, 2.0) for i in ids], [3.0] * len(ids)
     monkeypatch.setattr(recovery, "rescore", rescore)
 
@@ -76,6 +78,7 @@ def healthy_weights_rescore(monkeypatch):
 TRUTH: dict[int, float] = {}
 SCORED_WITH: list[bytes] = []
 SCORED_IDS: list[list[int]] = []
+SCORED_AS_OF: list[int | None] = []
 
 
 def make_run(tmp_path: Path, *overrides: str) -> Run:
@@ -207,6 +210,7 @@ def test_a_whole_batch_of_garbage_is_data_when_the_restored_weights_score_the_co
     h, (event,) = run.state.history, run.rec.events
     control = run.sampler.sample_ids(range(cursor_at_12 - GLOBAL_BATCH, cursor_at_12))
     assert SCORED_IDS == [ids, control]  # the suspects, then the step-12 batch
+    assert SCORED_AS_OF == [None, 12]  # the control read as step 12 read it (poison armed later left out)
     assert event["cause"] == DATA and event["offending_samples"] == sorted(ids) and not event["rank_aligned"]
     assert event["attribution"]["control_ratio"] == pytest.approx(1.0, rel=0.02)
     assert set(ids) <= set(h.skipped_samples) and h.skipped == [] and h.skipped_docs
@@ -224,6 +228,20 @@ def test_a_restored_state_that_scores_its_own_training_data_high_convicts_nothin
     h, (event,) = run.state.history, run.rec.events
     assert event["cause"] == OPTIMIZER and event["attribution"]["control_ratio"] > 50
     assert h.skipped and h.eps < 1e-8
+
+
+def test_the_control_is_the_last_global_batch_not_skipped_before_the_restored_cursor(tmp_path):
+    run = make_run(tmp_path)
+    healthy(run, 12)
+    cursor = run.state.progress.cursor
+    last = run.sampler.sample_ids(range(cursor - 2 * GLOBAL_BATCH, cursor))
+    assert recovery.control_ids(run) == last[GLOBAL_BATCH:]
+    # three of the last batch's samples skipped by id since: the control reaches back for three more
+    run.state.history.skipped_samples = sorted(last[-3:])
+    run.skips = recovery.SkipSet(run.state.history.skipped_samples)
+    assert recovery.control_ids(run) == last[GLOBAL_BATCH - 3:-3]
+    run.state.progress.cursor = 0
+    assert recovery.control_ids(run) == []  # nothing trained before: no control
 
 
 def test_a_spent_budget_gives_up_on_the_restored_healthy_state(tmp_path):

@@ -574,6 +574,29 @@ def test_attribution_all_nonfinite_is_the_model_not_the_data():
     assert a.cause == CAUSE_INCIDENT and a.outliers == [] and a.stats["nonfinite_share"] == 1.0
 
 
+def test_a_faulty_rescoring_rank_is_caught_by_its_share_of_the_control():
+    """4 ranks x 4 samples, a blow-up on two steps (every sample 3x). Rank 2's arithmetic is broken for
+    good, and it rescores rank 1's samples (its neighbour's): under the "healthy" weights exactly rank
+    1's samples stand out. It rescored rank 1's slice of the control too, which stands out as much:
+    the judge is not sound, so no data verdict, and the outliers stay rank-aligned (no document is
+    convicted). Before the control's outlier share was checked: data, documents convicted."""
+    cfg = SpikeConfig()
+    ref = _reference().reference(cfg.mad_floor)
+    rng = random.Random(5)
+    normal = [300.0 * math.exp(rng.gauss(0, 0.1)) for _ in range(32)]
+    by_rank_2 = lambda i: (i % 16) // 4 == 1  # noqa: E731  (rank 1's positions, rescored on rank 2)
+    rescored = [x * 3 if by_rank_2(i) else x for i, x in enumerate(normal)]
+    control = [x * 3 if by_rank_2(i) else x for i, x in enumerate(normal[:16])]
+    a = attribute([x * 3 for x in normal], [100.0] * 32, ref, cfg, per_rank=4, band=3.3, rescored=rescored,
+                  control=(control, [100.0] * 16, ref[0]))
+    assert a.outliers == [i for i in range(32) if by_rank_2(i)] and a.cause == OPTIMIZER and a.rank_aligned
+    assert a.stats["control_ratio"] < 1.1 and a.stats["control_outlier_share"] == 0.25
+    # The same suspects with a sound control (rank 2 healthy): rank 1's samples are garbage, data.
+    b = attribute([x * 3 for x in normal], [100.0] * 32, ref, cfg, per_rank=4, band=3.3, rescored=rescored,
+                  control=(normal[:16], [100.0] * 16, ref[0]))
+    assert b.cause == DATA and not b.rank_aligned and b.stats["control_outlier_share"] == 0
+
+
 def test_escalation_data_rollback_between_optimizer_rollbacks_keeps_the_ladder():
     esc = Escalation(SpikeConfig())
     first = esc.decide(100, 100, 96, 96, 1e-8, 1.0, 0.99, OPTIMIZER)
@@ -623,9 +646,16 @@ def test_attribution_rescored_by_the_restored_weights():
     assert c.cause == OPTIMIZER and c.stats["control_ratio"] > 2.5
     assert attribute(spiked, [100.0] * 32, ref, cfg, band=3.3, rescored=healthy, control=damaged).cause == OPTIMIZER
     assert attribute(spiked, [100.0] * 32, ref, cfg, band=3.3, rescored=healthy, control=usual).outliers == bad
-    # The control is judged against the level of its own time: a model restored from when the loss was
-    # 3x higher scores its own batch at that level, which is no damage.
+    # Weights restored from when the loss was 3x higher (a durable checkpoint far back) score every
+    # sample ~3x, their control too, which is no damage; the suspects are judged against that level: a
+    # blow-up they score as usual for them is not data (judged against today's level, all 32 stood out) ...
     earlier = ([x * 3 for x in usual[0]], usual[1], ref[0] + math.log(3))
-    assert attribute(garbage, [100.0] * 32, ref, cfg, band=3.3, rescored=garbage, control=earlier).cause == DATA
+    old_blown = [x * 3 for x in normal]
+    e = attribute(blown, [100.0] * 32, ref, cfg, band=3.3, rescored=old_blown, control=earlier)
+    assert e.cause == OPTIMIZER and e.outliers == [] and e.stats["control_ratio"] < 1.1
+    # ... while garbage still stands out above their level: data.
+    old_garbage = [x * 3 for x in healthy]
+    e = attribute(spiked, [100.0] * 32, ref, cfg, band=3.3, rescored=old_garbage, control=earlier)
+    assert e.cause == DATA and e.outliers == bad
     # ... and never data on a spike whose step loss stayed inside the band (a grad-norm spike).
     assert attribute(spiked, [100.0] * 32, ref, cfg, band=6.0, rescored=healthy).cause == OPTIMIZER
