@@ -79,6 +79,8 @@ class History:
     ds_skipped_steps: int = 0
     """Steps DeepSpeed skipped (fp16 overflow, bf16 non-finite gradients)."""
     rollbacks: int = 0
+    screens: int = 0
+    """Accepted steps whose noise screen skipped something (bigtrain.recovery.screen)."""
     wasted_steps: int = 0
     """Optimizer steps thrown away by rollbacks."""
     executed_steps: int = 0

@@ -145,11 +145,12 @@ def _truncate_jsonl(path: Path, keep) -> int:
 
 def truncate_metrics(run_dir: Path, state: TrainState) -> None:
     """On resume (rank 0), drop what the killed run logged after its checkpoint, since the resumed
-    run redoes it: metrics rows and events after the step, quarantine rows of rollbacks the
-    checkpoint does not hold. Otherwise `bigtrain report` counts them twice."""
+    run redoes it: metrics rows and events after the step, quarantine rows of rollbacks and noise
+    screens the checkpoint does not hold. Otherwise `bigtrain report` counts them twice."""
     _truncate_jsonl(run_dir / "metrics.jsonl", lambda r: r.get("step", 0) <= state.progress.step)
     _truncate_jsonl(run_dir / "spikes.jsonl", lambda r: keep_event(r, state))
-    _truncate_jsonl(run_dir / "quarantine.jsonl", lambda r: r.get("rollback", 0) <= state.history.rollbacks)
+    _truncate_jsonl(run_dir / "quarantine.jsonl", lambda r: r.get("rollback", 0) <= state.history.rollbacks
+                    and r.get("screen", 0) <= state.history.screens)
 
 
 def keep_event(row: dict, state: TrainState) -> bool:
@@ -159,6 +160,8 @@ def keep_event(row: dict, state: TrainState) -> bool:
     give-up or stop ended a process: never redone, always kept. Other rows: by step."""
     if "rollback" in row:
         return row["rollback"] <= state.history.rollbacks
+    if "screen" in row:  # a noise screen: by ordinal too (it survives a rollback to before its step)
+        return row["screen"] <= state.history.screens
     return row.get("event") in ("give_up", "stop") or row.get("step", 0) <= state.progress.step
 
 

@@ -22,7 +22,8 @@ from bigtrain.data import PackedData
 from bigtrain.engine import apply_hparams, keep_loss_scale, loss_scale, lr_multiplier, token_losses
 from bigtrain.run import Layout, Run
 from bigtrain.sampler import Sampler, SkipSet, blocks_of_documents, implicated_documents
-from bigtrain.spike import CAUSE_INCIDENT, OPTIMIZER, SKIP_UPDATE, Attribution, RecoveryPlan, Verdict, attribute
+from bigtrain.spike import (CAUSE_INCIDENT, DATA, NOISE, OPTIMIZER, SKIP_UPDATE, Attribution, RecoveryPlan, Verdict,
+                            attribute, noise_samples, uniform_like)
 
 log = logging.getLogger("bigtrain")
 
@@ -148,7 +149,7 @@ class Quarantine:
 
 def quarantine(history: History, sampler: Sampler, data: PackedData, attribution: Attribution | None,
                suspects: tuple[list[int], list[float], list[float]], window: tuple[int, int, int, int, int],
-               max_document_blocks: int = 0, max_convicted_blocks: int = 0) -> Quarantine:
+               max_document_blocks: int = 0, max_convicted_blocks: int = 0, why: str = "outlier") -> Quarantine:
     """Add to what ``history`` skips what this recovery skips, by cause:
     - data (outliers explain the spike): the outlier samples, plus every block of the documents they
       convict (:func:`bigtrain.sampler.implicated_documents`), wherever those blocks lie in the stream,
@@ -162,7 +163,7 @@ def quarantine(history: History, sampler: Sampler, data: PackedData, attribution
       epochs; banning them by id would add ~180k ids per rollback at a global batch of 1,024.
     ``max_convicted_blocks`` > 0: documents are convicted (in order) only while their blocks total at
     most this; the rest lose only their flagged blocks. So each rollback adds at most
-    (suspect samples + ``max_convicted_blocks``) ids."""
+    (suspect samples + ``max_convicted_blocks``) ids. ``why``: the reason the flagged samples' rows give."""
     ids, sums, counts = suspects
     cause = attribution.cause if attribution is not None else OPTIMIZER
     outliers = attribution.outliers if attribution is not None else []
@@ -184,7 +185,7 @@ def quarantine(history: History, sampler: Sampler, data: PackedData, attribution
     for i in outliers:
         loss = sums[i] / counts[i] if counts[i] else None
         loss = loss if loss is None or math.isfinite(loss) else str(loss)  # JSON has no NaN/inf
-        new.setdefault(ids[i], {"sample_id": ids[i], "why": "outlier", "loss": loss})
+        new.setdefault(ids[i], {"sample_id": ids[i], "why": why, "loss": loss})
     for sid in doc_blocks:
         new.setdefault(sid, {"sample_id": sid, "why": "document"})
     event = {"cause": cause, "offending_samples": offending, "offending_documents": docs,
@@ -206,6 +207,52 @@ def quarantine(history: History, sampler: Sampler, data: PackedData, attribution
         event["skipped_range"] = [cursor, end]
     event["skipped_samples"] = len(rows)
     return Quarantine(rows, event)
+
+
+def screen(run: Run, ids: list[int], sums: list[float], counts: list[float]) -> bool:
+    """The noise screen of an accepted step (:func:`bigtrain.spike.noise_samples`): its noise samples and
+    every block of the documents they convict are skipped from the next step on, by id, in every epoch,
+    without a rollback (the step already trained on them; what is left of their documents is not).
+    Recorded as a "screen" event in spikes.jsonl and rows in quarantine.jsonl. Every rank holds the
+    same per-sample losses, so every rank skips the same ids. Returns whether anything new is skipped.
+
+    Noise: a sample that scores no better than a uniform guess (:func:`bigtrain.spike.noise_samples`)
+    and whose tokens are as varied as uniform draws (:func:`bigtrain.spike.uniform_like`, read from the
+    data: the candidates' rows only).
+
+    Cost per step: one comparison per sample of the global batch, on values the step's all-reduce
+    already brought (no communication); only a step with candidates reads their rows, and only one
+    with noise pays for the document lookup and the skip set's rebuild."""
+    cfg, h = run.cfg.spike, run.state.history
+    samples = getattr(run.monitor, "samples", None)
+    reference = samples.reference(cfg.mad_floor) if samples is not None else None
+    vocab = run.model.config.get_text_config().vocab_size
+    candidates = noise_samples(sums, counts, reference[0] if reference else None, vocab, cfg)
+    if not candidates:
+        return False
+    sids = [ids[i] for i in candidates]
+    labels = run.faults.corrupt(run.data.batch(sids), sids)["labels"]  # the tokens as trained (poison is data)
+    flagged = [i for i, row in zip(candidates, labels) if uniform_like(row[row != -100].tolist(), vocab, cfg)]
+    if not flagged:
+        return False
+    bar = max(cfg.noise_fraction * math.log(vocab), cfg.noise_min_ratio * math.exp(reference[0]))
+    attribution = Attribution(DATA, flagged, {"noise_bar": round(bar, 4)})
+    max_blocks = max(1, min(int(cfg.max_document_share * run.data.train.shape[0]), cfg.max_convicted_blocks))
+    skip = quarantine(h, run.sampler, run.data, attribution, (ids, sums, counts), (0, 0, 0, 0, 0), max_blocks,
+                      cfg.max_convicted_blocks, why=NOISE)
+    if not skip.rows:
+        return False
+    run.skips = SkipSet(h.skipped_samples)
+    h.screens += 1
+    step = run.state.progress.step
+    run.rec.quarantine({**r, "sources": run.data.sources(r["sample_id"]), "step": step, "screen": h.screens}
+                       for r in skip.rows)
+    run.rec.event({"event": "screen", "step": step, "screen": h.screens, **skip.event, "cause": NOISE,
+                   "reason": f"{len(flagged)} sample(s) at >= {bar:.3g} mean token loss: no better than a "
+                             f"uniform guess over {vocab} tokens"})
+    log.warning("step %d: noise screen: %d sample(s), %d document(s) skipped from now on", step, len(flagged),
+                len(skip.event["offending_documents"]))
+    return True
 
 
 def pick_target(stores: list[CheckpointStore], onset: int) -> tuple[int, CheckpointStore] | None:

@@ -31,7 +31,7 @@ from bigtrain.memory import MemoryReport, format_mb, return_freed_memory
 from bigtrain.metrics import Recorder
 from bigtrain.model import build_model
 from bigtrain.preflight import check_resume, preflight
-from bigtrain.recovery import GiveUp, give_up, recover
+from bigtrain.recovery import GiveUp, give_up, recover, screen
 from bigtrain.run import Layout, Run
 from bigtrain.sampler import Sampler, SkipSet
 from bigtrain.spike import SKIP_UPDATE, STOP, Escalation, Verdict, build_monitor
@@ -96,6 +96,8 @@ def step(run: Run) -> tuple[dict, Verdict, bool]:
     verdict = run.monitor.observe(state.progress.step, loss, grad_norm, nonfinite > 0, not applied)
     if (samples := getattr(run.monitor, "samples", None)) is not None:  # per-sample reference (bigtrain's)
         samples.observe(state.progress.step, ids, sample_sums, counts, verdict.kind == "ok")
+        if verdict.kind == "ok":
+            screen(run, ids, sample_sums, counts)  # noise too thin to spike a step: skipped from now on
     row = {"step": state.progress.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
            "tokens_per_sec": layout.global_batch * cfg.data.seq_len / (time.perf_counter() - t0),
            "samples": state.progress.cursor, "tokens": state.progress.tokens, **stepped, "step_applied": applied,

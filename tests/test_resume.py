@@ -113,14 +113,18 @@ def test_truncate_metrics_survives_a_torn_line_and_drops_what_the_checkpoint_doe
     # Rollback 2 (step 4 of the next pass) is not in the checkpoint's history; a give-up is kept.
     events = [{"event": "rollback", "step": 7, "restored_step": 2, "rollback": 1},
               {"event": "rollback", "step": 4, "restored_step": 3, "rollback": 2},
-              {"event": "warning", "step": 8}, {"event": "give_up", "step": 9, "reason": "budget"}]
+              {"event": "warning", "step": 8}, {"event": "give_up", "step": 9, "reason": "budget"},
+              # Noise screens, by ordinal too: screen 1 (step 6, before rollback 1 went back to step 2)
+              # is in the checkpoint's history; screen 2 is not, though its step is earlier.
+              {"event": "screen", "step": 6, "screen": 1}, {"event": "screen", "step": 3, "screen": 2}]
     (tmp_path / "spikes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
-    quarantine = [{"stream_index": 4, "rollback": 1}, {"stream_index": 12, "rollback": 2}]
+    quarantine = [{"stream_index": 4, "rollback": 1}, {"stream_index": 12, "rollback": 2},
+                  {"sample_id": 30, "screen": 1}, {"sample_id": 31, "screen": 2}]
     (tmp_path / "quarantine.jsonl").write_text("".join(json.dumps(q) + "\n" for q in quarantine) + '{"stream')
-    truncate_metrics(tmp_path, TrainState(Progress(step=5), History(rollbacks=1)))
+    truncate_metrics(tmp_path, TrainState(Progress(step=5), History(rollbacks=1, screens=1)))
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
-    assert read_jsonl(tmp_path / "spikes.jsonl") == [events[0], events[3]]
-    assert read_jsonl(tmp_path / "quarantine.jsonl") == quarantine[:1]
+    assert read_jsonl(tmp_path / "spikes.jsonl") == [events[0], events[3], events[4]]
+    assert read_jsonl(tmp_path / "quarantine.jsonl") == [quarantine[0], quarantine[2]]
 
 
 def test_a_universal_conversion_is_reused_only_for_the_checkpoint_it_was_made_from(tmp_path):

@@ -17,6 +17,8 @@ from bigtrain.spike import (
     SpikeMonitor,
     Verdict,
     build_monitor,
+    noise_samples,
+    uniform_like,
 )
 
 
@@ -659,3 +661,35 @@ def test_attribution_rescored_by_the_restored_weights():
     assert e.cause == DATA and e.outliers == bad
     # ... and never data on a spike whose step loss stayed inside the band (a grad-norm spike).
     assert attribute(spiked, [100.0] * 32, ref, cfg, band=6.0, rescored=healthy).cause == OPTIMIZER
+
+
+def test_noise_screen_flags_samples_no_better_than_a_uniform_guess_and_nothing_else():
+    """Issue 14: garbage too thin to spike a step. With 256 tokens a uniform guess scores ln 256 = 5.55
+    per token, the bar is 0.95 x that = 5.27; the recent median sample scores 2.0."""
+    cfg = SpikeConfig()
+    losses = [2.0, 1.9, 4.4, 5.0, 5.4, 7.0, 3.0]  # 4.4: hard text at 2.2x the level; 5.0: 0.9 ln 256
+    counts = [10.0] * 6 + [0.0]  # the last sample has no labelled token: never judged
+    sums = [10 * x for x in losses]
+    assert noise_samples(sums, counts, math.log(2.0), 256, cfg) == [4, 5]
+    # Early on the model is near a uniform guess on everything: the 1.5x-the-level bar keeps it quiet.
+    assert noise_samples(sums, counts, math.log(5.0), 256, cfg) == []
+    # Too few accepted samples for a level yet, or the screen turned off: nothing.
+    assert noise_samples(sums, counts, None, 256, cfg) == []
+    assert noise_samples(sums, counts, math.log(2.0), 256, SpikeConfig(noise_fraction=0)) == []
+    # The bar scales with the vocabulary: with 32,000 tokens (ln = 10.4) 7.0 is not noise.
+    assert noise_samples(sums, counts, math.log(2.0), 32_000, cfg) == []
+    with pytest.raises(ValueError, match="noise_min_ratio"):
+        SpikeConfig(noise_min_ratio=0.5)
+
+
+def test_uniform_like_tells_uniform_draws_from_text_that_repeats_tokens():
+    """The noise screen's second test: 64 draws from 257 tokens give ~57 distinct values; the bar is
+    0.75 of that (43). A line of slashes has 2, a line of code ~25."""
+    cfg, rng = SpikeConfig(), random.Random(0)
+    assert all(uniform_like([rng.randrange(257) for _ in range(64)], 257, cfg) for _ in range(200))
+    assert not uniform_like([47] * 63 + [10], 257, cfg)
+    assert not uniform_like(list(b"    def run(self, test, compileflags=None, out=None, clear_globs=True):"), 257, cfg)
+    assert not uniform_like([], 257, cfg)
+    # With a large vocabulary and a long sample nearly every draw is new: 4,096 of 32,000 give ~3,845.
+    assert uniform_like([rng.randrange(32_000) for _ in range(4096)], 32_000, cfg)
+    assert not uniform_like([rng.randrange(1000) for _ in range(4096)], 32_000, cfg)  # a 1,000-token subset
