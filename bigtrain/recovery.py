@@ -81,10 +81,10 @@ def control_ids(run: Run) -> list[int]:
 
 
 @torch.no_grad()
-def rescore(run: Run, ids: list[int], as_of: int | None = None) -> tuple[list[float], list[float]]:
-    """Each sample's summed token loss under the weights just restored (forward only, eval mode), and
-    its label count, in the order of ``ids``; identical on every rank (one all-reduce of 8 bytes per
-    sample). ``as_of``: injected poison as of that step (``FaultInjector.corrupt``).
+def rescore(run: Run, ids: list[int], as_of: int | None = None) -> list[float]:
+    """Each sample's summed token loss under the weights just restored (forward only, eval mode), in
+    the order of ``ids``; identical on every rank (one all-reduce of 4 bytes per sample; the label
+    counts are ``PackedData.label_counts``, known on every rank). ``as_of``: injected poison as of that step (``FaultInjector.corrupt``).
 
     Each rank scores the samples its neighbour trained on (the suspects are whole global batches,
     rank-major): a fault of one rank's arithmetic does not follow its samples, bad data does. Every
@@ -97,7 +97,7 @@ def rescore(run: Run, ids: list[int], as_of: int | None = None) -> tuple[list[fl
     n = len(ids)
     rounds = max(-(-len(rescore_positions(n, layout, r)) // layout.micro) for r in range(layout.world)) if n else 0
     mine = rescore_positions(n, layout, layout.rank)
-    out = torch.zeros(2, n, dtype=torch.float32, device=engine.device)
+    out = torch.zeros(n, dtype=torch.float32, device=engine.device)
     engine.eval()
     try:
         for k in range(rounds):
@@ -107,13 +107,11 @@ def rescore(run: Run, ids: list[int], as_of: int | None = None) -> tuple[list[fl
             labels = batch.pop("labels")
             sums = token_losses(engine(**{k: v.to(engine.device) for k, v in batch.items()}).logits, labels).sum(1)
             if part:
-                out[0, part] = sums.float()
-                out[1, part] = (labels[:, 1:] != -100).sum(1).float().to(out.device)  # token_losses' shift
+                out[part] = sums.float()
     finally:
         engine.train()
     dist.all_reduce(out)
-    sums, counts = out.tolist()
-    return sums, counts
+    return out.tolist()
 
 
 def attribute_spike(run: Run, verdict: Verdict, evidence: Evidence | None) -> tuple[Attribution | None, Suspects]:
@@ -125,14 +123,14 @@ def attribute_spike(run: Run, verdict: Verdict, evidence: Evidence | None) -> tu
     cfg = run.cfg.spike
     rescored = control = None
     if cfg.rescore and evidence.ids and evidence.reference:
-        rescored, _ = rescore(run, evidence.ids)
+        rescored = rescore(run, evidence.ids)
         # the same on every rank, so every rank makes the same calls; an incident's cause is fixed
         usual = control_ids(run) if verdict.kind != "incident" else []
         if usual:
             # judged against the level the monitor saw when they were trained (restored with the
             # weights): a loss that fell since the restored step does not read as damage
             then = run.monitor.samples.reference(cfg.mad_floor) or evidence.reference
-            control = (*rescore(run, usual, as_of=run.state.progress.step), then[0])
+            control = (rescore(run, usual, as_of=run.state.progress.step), run.data.label_counts(usual), then[0])
     attribution = attribute(evidence.sums, evidence.counts, evidence.reference, cfg,
                             incident=verdict.kind == "incident", per_rank=run.layout.per_rank, band=evidence.band,
                             rescored=rescored, control=control)

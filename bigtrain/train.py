@@ -14,7 +14,6 @@ import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -22,7 +21,7 @@ import yaml
 from bigtrain import checkpoint, snapshot
 from bigtrain.checkpoint import CheckpointStore, TrainState
 from bigtrain.config import Config, ConfigError, upgrade_saved
-from bigtrain.data import LABEL, PackedData, build_dataset, build_tokenizer
+from bigtrain.data import PackedData, build_dataset, build_tokenizer
 from bigtrain.distributed import init_distributed, node_local_rank, setup_logging
 from bigtrain.engine import (apply_hparams, build_engine, lr_at, optimizer_hparams, resolve_ds_config, token_losses,
                              zero_stage)
@@ -79,7 +78,7 @@ def step(run: Run) -> tuple[dict, Verdict, bool]:
                           run.skips)
     batches = [micro_batch(run.data, run.sampler, s, run.faults) for s in layout.local(stream)]
     ids = run.sampler.sample_ids(stream)
-    counts = label_counts(run.data, ids)
+    counts = run.data.label_counts(ids)
     global_tokens = int(sum(counts))
     lr = apply_hparams(cfg, engine, state)
     stepped = optimizer_hparams(engine)  # what DeepSpeed steps with, read back (not bigtrain's own state)
@@ -341,19 +340,6 @@ def check_snapshot_budget(cfg: Config, root: Path, model, ds_config: dict, world
                                    "set checkpoint.snapshot_dir=, checkpoint.snapshot_keep= or "
                                    "checkpoint.snapshot_interval=0")
 
-
-
-def label_counts(data: PackedData, ids: list[int]) -> list[float]:
-    """Tokens that carry a loss in each sample of the global batch (their sum normalises the step's
-    loss; each one turns a sample's loss sum into its mean for the attribution). Every rank computes
-    them from the sample ids it already knows: no communication, one read of the batch's label flags
-    per step (GB x T uint8 from the memory-mapped flags: 4 MB at GB 1,024 x 4,096 tokens, the read the
-    global token count always cost; done once for both uses). Without flags every position but the
-    last carries a loss: nothing is read. The same rule as ``PackedData.label_count``, per row."""
-    if data.train_flags is None:
-        return [float(data.train.shape[1] - 1)] * len(ids)
-    flags = data.train_flags[np.asarray(ids, dtype=np.int64)][:, 1:]
-    return ((flags & LABEL) != 0).sum(1).astype(np.float64).tolist()
 
 
 def check_loss_function(model) -> None:

@@ -671,7 +671,7 @@ def test_micro_batch_carries_position_ids_and_poison_reaches_masked_labels(tmp_p
     from bigtrain.config import FaultConfig
     from bigtrain.faults import FaultInjector
     from bigtrain.sampler import Sampler
-    from bigtrain.train import label_counts, micro_batch
+    from bigtrain.train import micro_batch
 
     path = tmp_path / "pc.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"answer {i}"}) + "\n" for i in range(30)))
@@ -681,7 +681,7 @@ def test_micro_batch_carries_position_ids_and_poison_reaches_masked_labels(tmp_p
     batch = micro_batch(packed, sampler, [0, 1])
     assert set(batch) == {"input_ids", "labels", "position_ids"}
     assert batch["position_ids"][0].tolist() == position_ids_of(packed.train_flags[0])
-    assert sum(label_counts(packed, sampler.sample_ids([0, 1]))) == int((batch["labels"][:, 1:] != -100).sum())
+    assert sum(packed.label_counts(sampler.sample_ids([0, 1]))) == int((batch["labels"][:, 1:] != -100).sum())
     faults = FaultInjector(FaultConfig(), rank=0, vocab=len(tok))
     faults.poisoned = [[sampler.sample_ids([1])[0], sampler.sample_ids([1])[0] + 1]]
     poisoned = micro_batch(packed, sampler, [0, 1], faults)

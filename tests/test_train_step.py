@@ -105,13 +105,12 @@ def test_label_counts_per_sample_match_the_global_count():
     import numpy as np
 
     from bigtrain.data import LABEL, PackedData
-    from bigtrain.train import label_counts
 
     rng = np.random.default_rng(0)
     flags = (rng.random((20, 9)) < 0.6).astype(np.uint8) * LABEL
     data = types.SimpleNamespace(train=torch.zeros(20, 9, dtype=torch.long), train_flags=flags)
     ids = [3, 17, 3, 0]
-    counts = label_counts(data, ids)
+    counts = PackedData.label_counts(data, ids)
     assert counts == [float((flags[i, 1:] & LABEL != 0).sum()) for i in ids]
     assert sum(counts) == PackedData.label_count(data, ids)  # the step's normaliser, from the same read
-    assert label_counts(types.SimpleNamespace(train=data.train, train_flags=None), ids) == [8.0] * 4
+    assert PackedData.label_counts(types.SimpleNamespace(train=data.train, train_flags=None), ids) == [8.0] * 4
