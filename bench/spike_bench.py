@@ -733,6 +733,14 @@ def diluted_scenarios(corpus: Path) -> list[Scenario]:
            ["faults.poison_fraction=0.05", "faults.ranks=[0]"]),
         mk("diluted_rank", "D4. one rank only: all of rank 1's samples in 10 batches, their documents garbage",
            ["faults.ranks=[1]"]),
+        # Garbage of other kinds than uniform tokens, added after the noise screen (which catches
+        # uniform tokens by construction) to show what it does not catch; no rule was tuned on them.
+        mk("diluted_30_shuffled", "D5. as D2, the garbage the blocks' own tokens shuffled",
+           ["faults.poison_fraction=0.3", "faults.poison_kind=shuffled"]),
+        mk("diluted_5_shuffled", "D6. as D3, the garbage the blocks' own tokens shuffled",
+           ["faults.poison_fraction=0.05", "faults.ranks=[0]", "faults.poison_kind=shuffled"]),
+        mk("diluted_30_repeated", "D7. as D2, the garbage one random 8-token phrase repeated",
+           ["faults.poison_fraction=0.3", "faults.poison_kind=repeated"]),
         Scenario("diluted_clean", "D0. Clean control on the same corpus", base, steps, steps,
                  seeds=DILUTED_SEEDS, kind="clean", n_seeds=2),
     ]

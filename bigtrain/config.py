@@ -210,6 +210,9 @@ class CheckpointConfig:
             raise ConfigError("checkpoint.keep and checkpoint.snapshot_keep must be >= 1")
 
 
+POISON_KINDS = ("uniform", "shuffled", "repeated")
+
+
 @dataclass
 class FaultConfig:
     """Deterministic fault injection for tests and benchmarks; everything off by default. Each fault
@@ -224,6 +227,11 @@ class FaultConfig:
     poison_documents: bool = False
     """Poison whole documents: every block of the chosen samples' source documents is garbage, wherever
     it is drawn (bad data comes in documents). False: only the chosen blocks."""
+    poison_kind: str = "uniform"
+    """What the garbage is: "uniform" - tokens drawn uniformly from the vocabulary (binary or
+    mis-decoded content); "shuffled" - the block's own tokens in a random order (text statistics
+    without structure); "repeated" - one random 8-token phrase over and over (the repeated n-grams
+    OLMo 2 traced spikes to). Each fixed per sample id, the same in every epoch."""
     nan_steps: list[int] = field(default_factory=list)
     """Force a non-finite loss at these steps."""
     corrupt_weights_step: int = 0
@@ -245,6 +253,8 @@ class FaultConfig:
     def __post_init__(self) -> None:
         if not 0 < self.poison_fraction <= 1:
             raise ValueError(f"faults.poison_fraction must be in (0, 1], got {self.poison_fraction!r}")
+        if self.poison_kind not in POISON_KINDS:
+            raise ValueError(f"faults.poison_kind must be one of {', '.join(POISON_KINDS)}, got {self.poison_kind!r}")
 
 
 @dataclass

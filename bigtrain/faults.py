@@ -22,12 +22,21 @@ from bigtrain.config import FaultConfig
 from bigtrain.sampler import Sampler, SkipSet, blocks_of_documents
 
 
-def poison_rows(x: torch.Tensor, ids: list[int], poisoned: list[list[int]], vocab: int) -> torch.Tensor:
-    """Rows of ``x`` (samples ``ids``) that lie in a poisoned sample-id range become garbage tokens,
-    fixed per sample id (the same garbage in every epoch). In place; returns ``x``."""
+def poison_rows(x: torch.Tensor, ids: list[int], poisoned: list[list[int]], vocab: int,
+                kind: str = "uniform") -> torch.Tensor:
+    """Rows of ``x`` (samples ``ids``) that lie in a poisoned sample-id range become garbage, fixed per
+    sample id (the same garbage in every epoch): ``kind`` as ``FaultConfig.poison_kind``. In place;
+    returns ``x``."""
     for row, sid in enumerate(ids):
         if any(a <= sid < b for a, b in poisoned):
-            x[row] = torch.randint(0, vocab, (x.shape[1],), generator=torch.Generator().manual_seed(sid))
+            g = torch.Generator().manual_seed(sid)
+            if kind == "shuffled":
+                x[row] = x[row][torch.randperm(x.shape[1], generator=g)]
+            elif kind == "repeated":
+                phrase = torch.randint(0, vocab, (8,), generator=g)
+                x[row] = phrase.repeat(-(-x.shape[1] // 8))[:x.shape[1]]
+            else:
+                x[row] = torch.randint(0, vocab, (x.shape[1],), generator=g)
     return x
 
 
@@ -127,7 +136,7 @@ class FaultInjector:
         poisoned = self.poisoned if as_of is None else [[a, b] for s, a, b in self.armed if s <= as_of]
         if not poisoned:
             return batch
-        x = poison_rows(batch["input_ids"], list(ids), poisoned, self.vocab)
+        x = poison_rows(batch["input_ids"], list(ids), poisoned, self.vocab, self.cfg.poison_kind)
         if batch["labels"] is batch["input_ids"]:
             batch["labels"] = x
         else:

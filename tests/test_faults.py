@@ -1,5 +1,6 @@
 """Fault injection of partial-batch poison (issue 14): which samples and documents become garbage."""
 
+import pytest
 import torch
 
 from bigtrain.checkpoint import Progress
@@ -55,6 +56,16 @@ def test_poison_rows_is_fixed_per_sample_id_and_skips_respected():
     assert out[0].eq(0).all() and not out[1].eq(0).all() and not out[2].eq(0).all()
     again = poison_rows(torch.zeros(1, 5, dtype=torch.long), [2], [[2, 3]], vocab=50)
     assert torch.equal(again[0], out[1])  # the same garbage whenever sample 2 is drawn
+    # Shuffled: the block's own tokens in another order; repeated: one 8-token phrase; both fixed per id.
+    text = torch.arange(100, 164).repeat(2, 1)
+    shuffled = poison_rows(text.clone(), [2, 5], [[2, 3]], vocab=50, kind="shuffled")
+    assert sorted(shuffled[0].tolist()) == text[0].tolist() != shuffled[0].tolist()
+    assert torch.equal(shuffled[1], text[1])  # sample 5 is not poisoned
+    assert torch.equal(poison_rows(text[:1].clone(), [2], [[2, 3]], 50, "shuffled")[0], shuffled[0])
+    repeated = poison_rows(text[:1].clone(), [2], [[2, 3]], vocab=50, kind="repeated")[0]
+    assert torch.equal(repeated, repeated[:8].repeat(8)) and repeated.max() < 50
+    with pytest.raises(ValueError, match="poison_kind"):
+        FaultConfig(poison_kind="zeros")
     # Poison picks among samples the run will draw: never an already skipped one.
     skips = SkipSet([0, 1, 2, 3])
     state, _ = poison(FaultConfig(poison_steps=[1]), skips)
