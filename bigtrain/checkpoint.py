@@ -67,6 +67,8 @@ class History:
     bigtrain <= 0.1 hold every skip in this form; they are honoured as they are (not converted to ids)."""
     skipped_samples: list[int] = field(default_factory=list)
     """Sample ids never to be trained on, in any epoch (spike recovery; see bigtrain.sampler.SkipSet)."""
+    manual_skips: list[list[int]] = field(default_factory=list)
+    """``train.skip_steps`` ranges already applied (their stream ranges are in ``skipped``)."""
     skipped_docs: list[int] = field(default_factory=list)
     """Document indices judged bad; every block of theirs is in ``skipped_samples``."""
     eps: float = 1e-8

@@ -156,6 +156,15 @@ class TrainConfig:
     """Micro-batches per rank in one evaluation."""
     log_interval: int = 1
     """Write metrics every N steps (metrics.jsonl, TensorBoard, progress bar)."""
+    skip_steps: list[list[int]] = field(default_factory=list)
+    """Steps whose data is passed over by hand, as inclusive ranges ``[[first, last], ...]``: when the run
+    reaches ``first``, the global batches that steps ``first``..``last`` would draw are skipped once
+    (their samples come back in later epochs) and training goes on with the data after them; the step
+    count is unchanged, as for the spike monitor's windows. The manual recovery of PaLM's report
+    ("restarted ~100 steps before the spike and skipped ~200-500 batches") and of Megatron-LM's
+    ``--iterations-to-skip``: resume from a checkpoint before the trouble with
+    ``train.skip_steps=[[101,400]]``. Each range is applied once (recorded in the checkpointed
+    history); a range must start after the step the run resumes from."""
     malloc_mmap_threshold: int = 1 << 20
     """Bytes from which glibc serves host allocations with mmap, returning them to the system when
     freed (docs/memory.md: ZeRO-3's freed gather buffers otherwise stay in the heap); 0 leaves glibc's
@@ -166,6 +175,10 @@ class TrainConfig:
         if not 0 <= self.malloc_mmap_threshold <= 32 << 20:
             raise ConfigError(f"train.malloc_mmap_threshold must be 0 (glibc's adaptive default) to 33554432 "
                               f"bytes (32 MiB, glibc's maximum), got {self.malloc_mmap_threshold}")
+        for r in self.skip_steps:
+            if len(r) != 2 or not 1 <= r[0] <= r[1]:
+                raise ConfigError(f"train.skip_steps: each range is [first, last] with 1 <= first <= last, got {r!r} "
+                                  "(e.g. train.skip_steps=[[101,400]])")
         for name in ("steps", "micro_batch", "grad_accum", "eval_batches", "log_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")

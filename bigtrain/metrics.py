@@ -162,6 +162,8 @@ def keep_event(row: dict, state: TrainState) -> bool:
         return row["rollback"] <= state.history.rollbacks
     if "screen" in row:  # a noise screen: by ordinal too (it survives a rollback to before its step)
         return row["screen"] <= state.history.screens
+    if row.get("event") == "skip_steps":  # by the history that holds it, like the ordinals above
+        return row.get("range") in state.history.manual_skips
     return row.get("event") in ("give_up", "stop") or row.get("step", 0) <= state.progress.step
 
 

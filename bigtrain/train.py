@@ -48,6 +48,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
     StopRequest.install()  # only around the loop: before it, SIGTERM must simply kill a stuck start-up
     row: dict = {}
     while state.progress.step < t.steps:
+        skip_steps(run)
         row, verdict, stop = step(run)
         if verdict.recover or verdict.kind == SKIP_UPDATE:
             rec.step(row)
@@ -66,6 +67,33 @@ def train(cfg: Config, resume: str | None = None) -> int:
         if stop:
             return finish(run, EXIT_PREEMPTED, "stop requested by a signal", saved=saved)
     return finish(run, 0, "done", row=row, eval_loss=evaluator.last)
+
+
+def skip_steps(run: Run) -> None:
+    """``train.skip_steps``: at the first step of a range, pass over the global batches its steps would
+    draw, once (a stream range in ``history.skipped``, as the monitor's windows). The same on every
+    rank: the ranges, the cursor and the skip set are."""
+    h, p, gb = run.state.history, run.state.progress, run.layout.global_batch
+    for first, last in run.cfg.train.skip_steps:
+        if first != p.step + 1 or [first, last] in h.manual_skips:
+            continue
+        stream, end = run.sampler.take(p.cursor, (last - first + 1) * gb, h.skipped, run.skips)
+        h.skipped = [list(r) for r in Sampler.merge_ranges([*map(tuple, h.skipped), (p.cursor, end)])]
+        h.manual_skips.append([first, last])
+        run.rec.event({"event": "skip_steps", "step": first, "range": [first, last], "skipped_range": [p.cursor, end],
+                       "skipped_samples": len(stream), "reason": f"train.skip_steps: the data of steps {first}-{last}"})
+        log.warning("step %d: skipping the data of steps %d-%d (%d samples), as train.skip_steps asks", first, first,
+                    last, len(stream))
+
+
+def check_skip_steps(cfg: Config, state: TrainState) -> None:
+    """A ``train.skip_steps`` range that starts at or before the step the run begins from, and that the
+    run has not applied, would never be reached: refuse it rather than ignore it."""
+    late = [r for r in cfg.train.skip_steps if r[0] <= state.progress.step and r not in state.history.manual_skips]
+    if late:
+        raise ConfigError(f"train.skip_steps {late}: the run starts at step {state.progress.step}, so a range must "
+                          f"start at step {state.progress.step + 1} or later; to skip the data after the checkpoint, "
+                          f"use train.skip_steps=[[{state.progress.step + 1},LAST]]")
 
 
 def step(run: Run) -> tuple[dict, Verdict, bool]:
@@ -199,6 +227,7 @@ def setup(cfg: Config, resume: str | None) -> Run:
               memory)
     if resume_path is not None:
         resume_from(run, resume_path)
+    check_skip_steps(cfg, run.state)
     apply_hparams(cfg, engine, run.state, check=True)
     engine.train()  # from_pretrained returns eval mode; HF turns dropout and activation checkpointing off there
     rec.start(run.state, resumed=resume_path is not None)

@@ -382,3 +382,35 @@ def test_noise_on_an_accepted_step_is_skipped_with_its_documents_without_a_rollb
     verdict, _, row = step(run, [40.0] * GLOBAL_BATCH)
     assert recover(run, verdict, row) is None
     assert doc in h.skipped_docs and set(range(4 * doc, 4 * doc + 4)) <= set(h.skipped_samples)
+
+
+def test_train_skip_steps_passes_over_the_data_of_those_steps_once(tmp_path):
+    """train.skip_steps (the PaLM / Megatron-LM manual recovery): at the range's first step the data of
+    its steps is skipped once; the step count is unchanged; a rollback to before it does not redo it."""
+    from bigtrain.config import ConfigError
+    from bigtrain.train import check_skip_steps, skip_steps
+
+    run = make_run(tmp_path, "train.skip_steps=[[5,7]]")
+    healthy(run, 3)
+    skip_steps(run)  # the next step is 4: not yet
+    assert run.state.history.skipped == [] and run.rec.events == []
+    healthy(run, 1)
+    cursor = run.state.progress.cursor
+    expected = run.sampler.sample_ids(run.sampler.take(cursor + 3 * GLOBAL_BATCH, GLOBAL_BATCH, [], run.skips)[0])
+    skip_steps(run)
+    h, (event,) = run.state.history, run.rec.events
+    assert h.skipped == [[cursor, cursor + 3 * GLOBAL_BATCH]] and h.manual_skips == [[5, 7]]
+    assert (event["event"], event["step"], event["skipped_samples"]) == ("skip_steps", 5, 3 * GLOBAL_BATCH)
+    _, ids, _ = step(run, [2.0] * GLOBAL_BATCH)  # step 5 trains on what step 8 would have drawn
+    assert run.state.progress.step == 5 and ids == expected
+    skip_steps(run)
+    run.state.progress.step = 4  # as after a rollback to step 4: applied once only
+    skip_steps(run)
+    assert len(run.rec.events) == 1 and h.skipped == [[cursor, cursor + 3 * GLOBAL_BATCH]]
+    # A range the run has passed without applying it (a resume from a later checkpoint) is refused.
+    late = load_config(None, ["train.skip_steps=[[2,3]]"])
+    with pytest.raises(ConfigError, match=r"train.skip_steps=\[\[6,LAST\]\]"):
+        check_skip_steps(late, TrainState(progress=type(run.state.progress)(step=5)))
+    check_skip_steps(load_config(None, ["train.skip_steps=[[5,7]]"]), run.state)  # applied: fine
+    with pytest.raises(ConfigError, match="first <= last"):
+        load_config(None, ["train.skip_steps=[[7,5]]"])
