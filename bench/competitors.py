@@ -20,16 +20,14 @@ import statistics
 from collections import deque
 from typing import Any
 
-from bigtrain.spike import INCIDENT, OK, SKIP_UPDATE, STOP, SpikeConfig, Verdict, register_monitor
+from bigtrain.spike import OK, SKIP_UPDATE, STOP, SpikeConfig, Verdict, register_monitor
 
-def _competitor_nonfinite(loss: float, nonfinite: bool, ds_skipped: bool) -> Verdict | None:
-    """Shared non-finite handling for the competitors: both upstream trainers raise on a
-    non-finite loss (OLMo-core train/trainer.py L1430-1436, Composer NaNMonitor); non-finite grads
-    that DeepSpeed skipped are DeepSpeed's business, not theirs."""
-    if not math.isfinite(loss):
-        return Verdict(INCIDENT, f"non-finite loss {loss}")
-    if nonfinite and not ds_skipped:
-        return Verdict(INCIDENT, "non-finite gradients applied")
+def _olmo_nonfinite(loss: float, nonfinite: bool, ds_skipped: bool) -> Verdict | None:
+    """OLMo-core's trainer raises on a non-finite loss (src/olmo_core/train/trainer.py L1430-1436):
+    the run ends (STOP), and a person restarts it (bench/spike_bench.py ``run_one``). Non-finite
+    gradients that DeepSpeed skipped are DeepSpeed's business, not OLMo's."""
+    if not math.isfinite(loss) or (nonfinite and not ds_skipped):
+        return Verdict(STOP, f"non-finite loss {loss}: OLMo-core's trainer raises")
     if nonfinite:
         return Verdict(OK, "DeepSpeed skipped a non-finite step")
     return None
@@ -55,7 +53,7 @@ class OlmoSkipStepMonitor:
 
     def observe(self, step: int, loss: float, grad_norm: float, nonfinite: bool = False,
                 ds_skipped: bool = False) -> Verdict:
-        bad = _competitor_nonfinite(loss, nonfinite, ds_skipped)
+        bad = _olmo_nonfinite(loss, nonfinite, ds_skipped)
         if bad is not None:
             return bad
         keep = self.rolling_interval_length + 1
@@ -87,8 +85,8 @@ class OlmoSkipStepMonitor:
         return {"losses": list(self._losses), "grad_norms": list(self._grad_norms)}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        self._losses = [float(x) for x in d["losses"]]
-        self._grad_norms = [float(x) for x in d["grad_norms"]]
+        """Nothing: upstream keeps the lists in memory only, so a restarted run starts with none (and 64
+        unprotected steps)."""
 
 
 class KillLossSpikeMonitor:
@@ -115,10 +113,11 @@ class KillLossSpikeMonitor:
 
     def observe(self, step: int, loss: float, grad_norm: float, nonfinite: bool = False,
                 ds_skipped: bool = False) -> Verdict:
-        bad = _competitor_nonfinite(loss, nonfinite, ds_skipped)
-        if bad is not None:
-            return bad
-        self._seen += 1
+        # Upstream has no non-finite rule: a NaN loss fails ``loss >= 2 x mean`` and enters the window,
+        # whose mean is then NaN, so nothing is an outlier until it leaves the window (llm-foundry's
+        # YAMLs add no NaN monitor: scripts/train/yamls/pretrain/mpt-7b.yaml). What DeepSpeed does with
+        # the step is DeepSpeed's business.
+        self._seen = max(self._seen + 1, step)  # Composer's batch count is restored on a resume
         verdict = Verdict(OK, "warmup" if len(self._window) < self.window_size else "normal")
         if len(self._window) == self.window_size:
             if not self._cap_set:
@@ -150,9 +149,8 @@ class KillLossSpikeMonitor:
                 "loss_cap": self._loss_cap, "cap_set": self._cap_set}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        self._window = deque((float(x) for x in d["window"]), maxlen=self.window_size)
-        self._outliers, self._seen = int(d["outliers"]), int(d["seen"])
-        self._loss_cap, self._cap_set = float(d["loss_cap"]), bool(d["cap_set"])
+        """Nothing: the callback defines no state_dict upstream (Composer's default is empty), so a
+        restarted run fills a new window first (the batch count, Composer's, continues: ``observe``)."""
 
 
 def register() -> None:

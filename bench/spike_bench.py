@@ -126,18 +126,36 @@ def scenarios(quick: bool) -> list[Scenario]:
 # Policies: config overrides on top of the scenario. Snapshots only where the policy uses them, so
 # the plain baselines pay nothing for bigtrain's machinery and the overhead column is honest.
 
+# The competitors run as their recipes do: gradient clipping at 1.0 (llm-foundry:
+# scripts/train/yamls/pretrain/mpt-7b.yaml, algorithms.gradient_clipping; OLMo-core's recipes set
+# max_grad_norm 1.0) and periodic checkpoints (every 50 steps here), from which a person restarts a
+# run their rule stopped (``run_one``: RESTART_POLICIES).
+PERIODIC = ["checkpoint.interval=50", "checkpoint.keep=100"]
 POLICIES: dict[str, list[str]] = {
     "none": ["spike.monitor=none", "checkpoint.snapshot_interval=0"],
     "clip-only": ["spike.monitor=none", "optim.grad_clip=1.0", "checkpoint.snapshot_interval=0"],
-    "olmo-skip-step": ["spike.monitor=olmo_skip_step", "checkpoint.snapshot_interval=1"],
-    "llmfoundry-kill": ["spike.monitor=llmfoundry_kill", "checkpoint.snapshot_interval=0"],
+    "olmo-skip-step": ["spike.monitor=olmo_skip_step", "checkpoint.snapshot_interval=1", "optim.grad_clip=1.0",
+                       *PERIODIC],
+    "llmfoundry-kill": ["spike.monitor=llmfoundry_kill", "checkpoint.snapshot_interval=0", "optim.grad_clip=1.0",
+                        *PERIODIC],
     "bigtrain": ["spike.monitor=bigtrain"],
+    "bigtrain-clip": ["spike.monitor=bigtrain", "optim.grad_clip=1.0"],
     "bigtrain-no-eps": ["spike.monitor=bigtrain", "spike.lower_eps=false"],
     "bigtrain-lr0.5": ["spike.monitor=bigtrain", "spike.lr_factor=0.5"],
     # bigtrain with attribution disabled (no sample is ever an outlier): the pre-issue-14 window rule.
     "bigtrain-window": ["spike.monitor=bigtrain", "spike.sample_z=1e9"],
 }
 BIGTRAIN = "bigtrain"
+# Policies whose rule ends the run (llm-foundry's KillLossSpike raises LossSpikeError; OLMo-core's
+# trainer raises on a non-finite loss): a person restarts them, at most MAX_RESTARTS times, from the
+# newest periodic checkpoint before the onset, skipping the data from there to the stop
+# (``train.skip_steps``, the PaLM recipe's "restart ~100 steps before, skip the batches").
+RESTART_POLICIES = {"llmfoundry-kill", "olmo-skip-step"}
+MAX_RESTARTS = 3
+# OLMo-core skips an update by multiplying it by zero (src/olmo_core/optim/skip_step_optimizer.py);
+# DeepSpeed offers no cheap way to drop one update, so here the policy restores a per-step snapshot:
+# its loop time measures the emulation, not OLMo's rule, and stays out of the overhead column.
+EMULATED_OVERHEAD = {"olmo-skip-step"}
 # --quick runs the plain baseline, the two competitors that act, and bigtrain's default.
 QUICK_POLICIES = ["none", "olmo-skip-step", "llmfoundry-kill", "bigtrain"]
 
@@ -183,22 +201,48 @@ def command(sc: Scenario, policy: str, seed: int, steps: int, run_dir: Path) -> 
             *fault_overrides(sc), *POLICIES[policy]]
 
 
+def restart_point(run_dir: Path) -> tuple[int, int] | None:
+    """Where a person restarts a run its policy stopped: (checkpoint step, stop step) - the newest
+    periodic checkpoint before the stop event's onset (the stop step when it has none), and the data
+    from there to the stop skipped. None: no stop event, or no checkpoint before it."""
+    stops = [e for e in read_jsonl(run_dir / "spikes.jsonl") if e.get("event") == "stop"]
+    if not stops:
+        return None
+    stop = stops[-1]
+    onset = stop.get("onset_step") or stop["step"]
+    saved = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*")
+                   if (p / "bigtrain_state.json").exists())
+    before = [s for s in saved if s < onset]
+    return (before[-1], stop["step"]) if before else None
+
+
 def run_one(sc: Scenario, policy: str, seed: int, steps: int, work: Path, env: dict[str, str],
             timeout: int) -> dict[str, Any]:
     run_dir = work / f"{sc.key}-{policy}-s{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     cmd = command(sc, policy, seed, steps, run_dir)
-    t0 = time.monotonic()
-    with open(run_dir / "log.txt", "w") as log:
-        # Own session, so the watchdog can end torchrun and its workers together by group id.
-        proc = start(cmd, env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        killed = watch(proc, run_dir / "metrics.jsonl", t0, timeout)
+    first, t0, legs, skips = cmd, time.monotonic(), [], []
+    while True:
+        with open(run_dir / "log.txt", "a") as log:
+            # Own session, so the watchdog can end torchrun and its workers together by group id.
+            proc = start(cmd, env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            killed = watch(proc, run_dir / "metrics.jsonl", time.monotonic(), timeout)
+        legs.append(read_jsonl(run_dir / "metrics.jsonl"))  # a restart truncates it to its checkpoint
+        point = restart_point(run_dir) if policy in RESTART_POLICIES and not killed else None
+        if point is None or len(legs) > MAX_RESTARTS or (run_dir / "summary.json").exists():
+            break
+        ckpt, stop = point
+        skips = [r for r in skips if r[0] > ckpt] + [[ckpt + 1, stop]]
+        cmd = [*first, "--resume", str(run_dir / "checkpoints" / f"step_{ckpt:08d}"),
+               f"train.skip_steps={json.dumps(skips, separators=(',', ':'))}"]
     wall = time.monotonic() - t0
-    result = parse_run(run_dir, sc, policy, seed, steps, proc.returncode, wall)
+    result = parse_run(run_dir, sc, policy, seed, steps, proc.returncode, wall, executed=executed_rows(legs))
+    result["restarts"] = len(legs) - 1
     if killed:
         result["outcome"] = killed
-    result["command"] = shlex.join(["torchrun", *cmd[1:]])
+    result["command"] = shlex.join(["torchrun", *first[1:]]) + (
+        f" (+{len(legs) - 1} restart(s) with --resume and train.skip_steps)" if len(legs) > 1 else "")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # final checkpoints are not needed
     # A run that is killed leaves its RAM snapshots behind; same path as train.snapshot_root().
     shm = Path("/dev/shm") / f"bigtrain-{hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]}"
@@ -312,9 +356,22 @@ def classify_events(rows: list[dict], events: list[dict], faults: list[set[int]]
     return sum(hit), len(faults) - sum(hit), false_alarms
 
 
+def executed_rows(legs: list[list[dict]]) -> list[dict]:
+    """Every step a run executed, across restarts: each leg's metrics.jsonl at its end, less the
+    rows it inherited (a resume keeps the rows up to its checkpoint and drops the rest, which the
+    previous leg did execute)."""
+    out = list(legs[0])
+    for before, after in zip(legs, legs[1:]):
+        kept = 0
+        while kept < min(len(before), len(after)) and before[kept] == after[kept]:
+            kept += 1
+        out += after[kept:]
+    return out
+
+
 def parse_run(run_dir: Path, sc: Scenario, policy: str, seed: int, steps: int, rc: int,
-              wall: float) -> dict[str, Any]:
-    rows = read_jsonl(run_dir / "metrics.jsonl")
+              wall: float, executed: list[dict] | None = None) -> dict[str, Any]:
+    rows = executed if executed is not None else read_jsonl(run_dir / "metrics.jsonl")
     events = read_jsonl(run_dir / "spikes.jsonl")
     # torchrun exits 1 whatever its workers' status; bigtrain's own (3: gave up / stopped) is in its report.
     log = (run_dir / "log.txt").read_text(errors="replace") if (run_dir / "log.txt").exists() else ""
@@ -322,7 +379,7 @@ def parse_run(run_dir: Path, sc: Scenario, policy: str, seed: int, steps: int, r
     worker_exit = max(worker_codes, key=abs) if worker_codes else rc
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    path = surviving_rows(rows)
+    path = surviving_rows(read_jsonl(run_dir / "metrics.jsonl"))
     evals = [r["eval_loss"] for r in path if "eval_loss" in r]
     final_eval = summary["eval_loss"] if summary and summary.get("eval_loss") is not None else (
         evals[-1] if evals else None)
@@ -337,7 +394,9 @@ def parse_run(run_dir: Path, sc: Scenario, policy: str, seed: int, steps: int, r
         detected = missed = false_alarms = None  # real spikes: counted by the research rule instead
     finished = rc == 0 and steps_done == steps and summary is not None
     kinds = [e.get("event") for e in events]
-    outcome = ("finished" if finished else "stopped by the policy" if "stop" in kinds
+    restarts = sum(k == "stop" for k in kinds) if finished else 0
+    outcome = (f"finished after {restarts} restart(s)" if finished and restarts else
+               "finished" if finished else "stopped by the policy" if "stop" in kinds
                else "gave up (budget / no snapshot)" if "give_up" in kinds else f"crashed (exit {worker_exit})")
     return {
         "scenario": sc.key, "policy": policy, "seed": seed, "steps": steps, "exit_code": rc,
@@ -396,7 +455,10 @@ def relative(results: list[dict], r: dict, scs: dict[str, Scenario]) -> float | 
 
 
 def overhead(results: list[dict], r: dict) -> float | None:
-    """Training-loop seconds relative to policy none on the same scenario and seed (finished runs)."""
+    """Training-loop seconds relative to policy none on the same scenario and seed (finished runs);
+    None for a policy whose loop time measures an emulation (EMULATED_OVERHEAD)."""
+    if r["policy"] in EMULATED_OVERHEAD:
+        return None
     base = [x for x in results if x["scenario"] == r["scenario"] and x["policy"] == "none" and x["seed"] == r["seed"]]
     if not base or not base[0]["train_seconds"] or not r["train_seconds"]:
         return None
