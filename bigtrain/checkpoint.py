@@ -82,7 +82,9 @@ class History:
     """Steps DeepSpeed skipped (fp16 overflow, bf16 non-finite gradients)."""
     rollbacks: int = 0
     screens: int = 0
-    """Accepted steps whose noise screen skipped something (bigtrain.recovery.screen)."""
+    """Steps whose noise screen skipped something (bigtrain.recovery.screen)."""
+    screened_blocks: int = 0
+    """Blocks the noise screens skipped (held to ``spike.noise_max_share`` of the training blocks)."""
     wasted_steps: int = 0
     """Optimizer steps thrown away by rollbacks."""
     executed_steps: int = 0

@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -191,9 +192,11 @@ def quarantine(history: History, sampler: Sampler, data: PackedData, attribution
              "offending_share": round(len(offending) / max(1, len(ids)), 4), "suspect_samples": len(ids),
              "rank_aligned": bool(attribution and attribution.rank_aligned),
              "attribution": attribution.stats if attribution is not None else {}}
-    existing = set(history.skipped_samples)
-    rows = [row for sid, row in new.items() if sid not in existing]
-    history.skipped_samples = sorted(existing | new.keys())
+    existing = np.asarray(history.skipped_samples, dtype=np.int64)  # sorted
+    fresh = np.fromiter(new.keys(), dtype=np.int64, count=len(new))
+    known = set(fresh[np.isin(fresh, existing)].tolist())
+    rows = [row for sid, row in new.items() if sid not in known]
+    history.skipped_samples = np.union1d(existing, fresh).tolist()  # C-speed merge: screens may run often
     history.skipped_docs = sorted(set(history.skipped_docs) | set(docs))
     if cause == OPTIMIZER:
         cursor, rolled, global_batch, multiplier, margin = window
@@ -207,49 +210,59 @@ def quarantine(history: History, sampler: Sampler, data: PackedData, attribution
     return Quarantine(rows, event)
 
 
-def screen(run: Run, ids: list[int], sums: list[float], counts: list[float]) -> bool:
-    """The noise screen of an accepted step (:func:`bigtrain.spike.noise_samples`): its noise samples and
-    every block of the documents they convict are skipped from the next step on, by id, in every epoch,
-    without a rollback (the step already trained on them; what is left of their documents is not).
-    Recorded as a "screen" event in spikes.jsonl and rows in quarantine.jsonl. Every rank holds the
-    same per-sample losses, so every rank skips the same ids. Returns whether anything new is skipped.
+def screen(run: Run, ids: list[int], sums: list[float], counts: list[float], level: float | None) -> bool:
+    """The noise screen of a step that is not rolled back (:func:`bigtrain.spike.noise_samples`): its
+    noise samples, and every block of the documents they convict, are skipped from the next step on,
+    by id, in every epoch, without a rollback (the step already trained on them; what is left of their
+    documents is not). ``level``: the monitor's per-sample level from before this step. Recorded as a
+    "screen" event in spikes.jsonl and rows in quarantine.jsonl. Every rank holds the same per-sample
+    losses, rows and history, so every rank skips the same ids. Returns whether anything new is skipped.
 
-    Noise: a sample that scores no better than a uniform guess (:func:`bigtrain.spike.noise_samples`)
-    and whose tokens are as varied as uniform draws (:func:`bigtrain.spike.uniform_like`, read from the
-    data: the candidates' rows only).
+    Noise: a sample that scores no better than a uniform guess over the tokenizer's vocabulary and
+    whose labelled tokens are as varied as uniform draws (:func:`bigtrain.spike.uniform_like`, read
+    from the data: the candidates' rows only). A screen convicts at most ``spike.noise_max_blocks``
+    blocks of documents; once the screens have skipped ``spike.noise_max_share`` of the training
+    blocks, the screen turns off (a ``screen_off`` event).
 
     Cost per step: one comparison per sample of the global batch, on values the step's all-reduce
     already brought (no communication); only a step with candidates reads their rows, and only one
-    with noise pays for the document lookup and the skip set's rebuild."""
+    with noise pays for the document lookup and the skip set's rebuild (a sort of the skipped ids)."""
     cfg, h = run.cfg.spike, run.state.history
-    samples = getattr(run.monitor, "samples", None)
-    reference = samples.reference(cfg.mad_floor) if samples is not None else None
-    vocab = run.model.config.get_text_config().vocab_size
-    candidates = noise_samples(sums, counts, reference[0] if reference else None, vocab, cfg)
+    budget = cfg.noise_max_share * run.data.train.shape[0]
+    if h.screened_blocks >= budget:
+        return False
+    candidates = noise_samples(sums, counts, level, run.vocab, cfg)
     if not candidates:
         return False
     sids = [ids[i] for i in candidates]
-    labels = run.faults.corrupt(run.data.batch(sids), sids)["labels"]  # the tokens as trained (poison is data)
-    flagged = [i for i, row in zip(candidates, labels) if uniform_like(row[row != -100].tolist(), vocab, cfg)]
+    labels = run.faults.corrupt(run.data.batch(sids), sids)["labels"][:, 1:]  # the targets as trained
+    flagged = [i for i, row in zip(candidates, labels) if uniform_like(row[row != -100].tolist(), run.vocab, cfg)]
     if not flagged:
         return False
-    bar = max(cfg.noise_fraction * math.log(vocab), cfg.noise_min_ratio * math.exp(reference[0]))
+    bar = max(cfg.noise_fraction * math.log(run.vocab), cfg.noise_min_ratio * math.exp(level))
     attribution = Attribution(DATA, flagged, {"noise_bar": round(bar, 4)})
-    max_blocks = max(1, min(int(cfg.max_document_share * run.data.train.shape[0]), cfg.max_convicted_blocks))
+    max_blocks = max(1, min(int(cfg.max_document_share * run.data.train.shape[0]), cfg.noise_max_blocks))
     skip = quarantine(h, run.sampler, run.data, attribution, (ids, sums, counts), (0, 0, 0, 0, 0), max_blocks,
-                      cfg.max_convicted_blocks, why=NOISE)
+                      cfg.noise_max_blocks, why=NOISE)
     if not skip.rows:
         return False
     run.skips = SkipSet(h.skipped_samples)
     h.screens += 1
+    h.screened_blocks += len(skip.rows)
     step = run.state.progress.step
     run.rec.quarantine({**r, "sources": run.data.sources(r["sample_id"]), "step": step, "screen": h.screens}
                        for r in skip.rows)
     run.rec.event({"event": "screen", "step": step, "screen": h.screens, **skip.event, "cause": NOISE,
                    "reason": f"{len(flagged)} sample(s) at >= {bar:.3g} mean token loss: no better than a "
-                             f"uniform guess over {vocab} tokens"})
+                             f"uniform guess over {run.vocab} tokens"})
     log.warning("step %d: noise screen: %d sample(s), %d document(s) skipped from now on", step, len(flagged),
                 len(skip.event["offending_documents"]))
+    if h.screened_blocks >= budget:
+        reason = (f"the noise screens have skipped {h.screened_blocks} blocks, >= spike.noise_max_share "
+                  f"{cfg.noise_max_share} of the training data: the screen is off for the rest of the run; look "
+                  f"at the data (quarantine.jsonl, why noise)")
+        run.rec.event({"event": "screen_off", "step": step, "screen": h.screens, "reason": reason})
+        log.warning("step %d: %s", step, reason)
     return True
 
 

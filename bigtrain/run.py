@@ -60,6 +60,8 @@ class Run:
     memory: MemoryReport = field(default_factory=MemoryReport)
     started: float = field(default_factory=time.time)
     resume_load_seconds: float | None = None
+    vocab: int = 0
+    """The tokenizer's vocabulary size (the ids the data can hold; the model's may be padded)."""
     skips: SkipSet = field(init=False)
     """Sample ids never trained on (``state.history.skipped_samples``), rebuilt by each recovery: the
     only place that list grows."""

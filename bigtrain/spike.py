@@ -211,15 +211,33 @@ class SpikeConfig:
     once per rollback. False: judge on the spiked steps' losses alone."""
 
     noise_fraction: float = 0.95
-    """Screen of every accepted step: a sample whose mean token loss is at least this fraction of
-    ln(vocab) - a uniform guess over the vocabulary - (and ``noise_min_ratio`` x the recent median
-    sample) is noise, and it and its documents are skipped from then on, without a rollback
-    (:func:`noise_samples`). Uniformly random tokens score at least ln(vocab) under any model (cross-
-    entropy >= entropy), and a model that has learned anything scores text well below it; so
-    garbage too thin to spike a step is still caught. Only near-uniform noise: garbage a model can
-    partly predict (repeated boilerplate, shuffled text) passes here and is left to the spike
-    monitor. 0.95 keeps a margin over a sample's own chance fluctuation around ln(vocab); text scored
-    at most 0.87 ln(vocab) from step 30 on in the diluted benchmark's tuning run. 0 turns it off."""
+    """Screen of every step that is not rolled back: a sample whose mean token loss is at least this
+    fraction of ln(vocab) - a uniform guess over the tokenizer's vocabulary - (and
+    ``noise_min_ratio`` x the recent median sample) is a noise candidate (:func:`noise_samples`);
+    with tokens as varied as uniform draws (``noise_min_distinct``) it is noise, and it and its
+    documents are skipped from then on, without a rollback. Token ids drawn uniformly from the
+    vocabulary score at least ln(vocab) under any model (cross-entropy >= entropy), and a model that
+    has learned anything scores text well below it; so such garbage is caught even when it is too
+    thin to spike a step. Only that kind: garbage a model can partly predict (repeated boilerplate,
+    shuffled text, byte-fallback tokens of binary content, which use a few hundred ids) passes here
+    and is left to the spike rules. 0.95 keeps a margin over a sample's own chance fluctuation
+    around ln(vocab); text scored at most 0.87 ln(vocab) from step 30 on in one tuning run of the
+    diluted benchmark (vocab 257, 63 labelled tokens a sample). 0 turns it off."""
+
+    noise_min_tokens: int = 48
+    """Samples with fewer labelled tokens are not screened: the mean loss of a short completion can be
+    one surprising token (a new special token at ~10 nats is a uniform guess over 32k tokens), and
+    short spans of text repeat no token, so the distinct-token test cannot tell them from noise.
+    Over 48 tokens one or two surprising tokens move the mean little."""
+
+    noise_max_blocks: int = 4096
+    """Blocks one screen skips as whole documents (documents past it lose only their noise blocks, and
+    each is also held to ``max_document_share``): what one step can add to the checkpointed id set."""
+
+    noise_max_share: float = 0.01
+    """When the screens together have skipped this share of the training blocks, the screen turns
+    itself off for the rest of the run (a ``screen_off`` event and a warning): that much noise is a
+    data problem for a person to look at, and every further screen costs a rebuild of the skip set."""
 
     noise_min_ratio: float = 1.5
     """The screen also needs a noise sample at this multiple of the recent median sample's loss, so it
@@ -279,6 +297,9 @@ class SpikeConfig:
         need(0 <= self.noise_fraction, "noise_fraction", ">= 0 (0: no noise screen)")
         need(self.noise_min_ratio >= 1.0, "noise_min_ratio", ">= 1.0")
         need(0 <= self.noise_min_distinct <= 1, "noise_min_distinct", "in [0, 1]")
+        need(self.noise_min_tokens >= 1, "noise_min_tokens", ">= 1")
+        need(self.noise_max_blocks >= 1, "noise_max_blocks", ">= 1")
+        need(0 < self.noise_max_share <= 1, "noise_max_share", "in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -699,13 +720,15 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
 def noise_samples(sums: list[float], counts: list[float], level: float | None, vocab: int, cfg: SpikeConfig) -> list[int]:
     """Positions of the samples of an accepted step that score like noise: mean token loss at least
     ``cfg.noise_fraction`` x ln(``vocab``) and ``cfg.noise_min_ratio`` x exp(``level``) (the log
-    per-sample level of :meth:`SampleLosses.reference`; None: too few samples yet, nothing flagged).
+    per-sample level of :meth:`SampleLosses.reference` before this step; None: too few samples yet,
+    nothing flagged), over at least ``cfg.noise_min_tokens`` labelled tokens.
     The candidates of the noise screen; :func:`uniform_like` is its second test. Pure; the same on
     every rank (its inputs came through the step's all-reduce)."""
     if cfg.noise_fraction <= 0 or level is None or vocab < 2:
         return []
     bar = max(cfg.noise_fraction * math.log(vocab), cfg.noise_min_ratio * math.exp(level))
-    return [i for i, (s, c) in enumerate(zip(sums, counts)) if c > 0 and math.isfinite(s / c) and s / c >= bar]
+    return [i for i, (s, c) in enumerate(zip(sums, counts))
+            if c >= cfg.noise_min_tokens and math.isfinite(s / c) and s / c >= bar]
 
 
 def uniform_like(tokens: list[int], vocab: int, cfg: SpikeConfig) -> bool:

@@ -33,7 +33,7 @@ from bigtrain.preflight import check_resume, preflight
 from bigtrain.recovery import GiveUp, give_up, recover, screen
 from bigtrain.run import Layout, Run
 from bigtrain.sampler import Sampler, SkipSet
-from bigtrain.spike import SKIP_UPDATE, STOP, Escalation, Verdict, build_monitor
+from bigtrain.spike import ANOMALOUS, OK, SKIP_UPDATE, STOP, Escalation, Verdict, build_monitor
 from bigtrain.stopfile import EXIT_PREEMPTED, mark_stop_requested
 
 log = logging.getLogger("bigtrain")
@@ -122,9 +122,10 @@ def step(run: Run) -> tuple[dict, Verdict, bool]:
     loss = loss_sum / global_tokens
     verdict = run.monitor.observe(state.progress.step, loss, grad_norm, nonfinite > 0, not applied)
     if (samples := getattr(run.monitor, "samples", None)) is not None:  # per-sample reference (bigtrain's)
+        reference = samples.reference(cfg.spike.mad_floor)  # before this step's samples join it
         samples.observe(state.progress.step, ids, sample_sums, counts, verdict.kind == "ok")
-        if verdict.kind == "ok":
-            screen(run, ids, sample_sums, counts)  # noise too thin to spike a step: skipped from now on
+        if verdict.kind in (OK, ANOMALOUS):  # every step not rolled back; noise too thin to spike one
+            screen(run, ids, sample_sums, counts, reference[0] if reference else None)
     row = {"step": state.progress.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
            "tokens_per_sec": layout.global_batch * cfg.data.seq_len / (time.perf_counter() - t0),
            "samples": state.progress.cursor, "tokens": state.progress.tokens, **stepped, "step_applied": applied,
@@ -220,11 +221,11 @@ def setup(cfg: Config, resume: str | None) -> Run:
     state = TrainState(fingerprint=cfg.fingerprint(), world_size=world, zero_stage=zero_stage(ds_config),
                        config=cfg.to_dict())
     state.history.eps, state.history.beta2 = cfg.optim.eps, cfg.optim.beta2
-    vocab = model.config.get_text_config().vocab_size
+    vocab = len(tokenizer)  # the ids the data holds (the model's vocab_size may be padded past it)
     run = Run(cfg, engine, model, state, Layout(rank, world, t.micro_batch, t.grad_accum), data,
               Sampler(data.train.shape[0], t.seed, cfg.data.shuffle), build_monitor(cfg.spike, t.steps),
               Escalation(cfg.spike), FaultInjector(cfg.faults, rank, data.train_docs, vocab), rec, snaps, durable,
-              memory)
+              memory, vocab=vocab)
     if resume_path is not None:
         resume_from(run, resume_path)
     check_skip_steps(cfg, run.state)

@@ -66,3 +66,25 @@ def test_contender_writes_a_result_row(tmp_path, data_cache, script):
     assert row["peak_rss_mb_max_rank"] > 0
     if script == "hf_trainer.py":
         assert row["is_deepspeed_enabled"]
+
+
+def test_a_stopped_run_restarts_from_the_checkpoint_before_the_onset_and_counts_every_executed_step(tmp_path):
+    """Kill-style competitors get the restart a person would do (issue 12): from the newest checkpoint
+    before the stop's onset, skipping the data up to the stop; the steps the restart discards still
+    count as executed (wasted)."""
+    import spike_bench
+
+    for step in (50, 100, 150):
+        (tmp_path / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step_{step:08d}" / "bigtrain_state.json").write_text("{}")
+    (tmp_path / "checkpoints" / "step_00000160").mkdir()  # saved at the stop: after the onset anyway
+    assert spike_bench.restart_point(tmp_path) is None  # no stop event: nothing to restart
+    (tmp_path / "spikes.jsonl").write_text(json.dumps({"event": "stop", "step": 160, "onset_step": 156}) + "\n")
+    assert spike_bench.restart_point(tmp_path) == (150, 160)
+    (tmp_path / "spikes.jsonl").write_text(json.dumps({"event": "stop", "step": 160, "onset_step": 150}) + "\n")
+    assert spike_bench.restart_point(tmp_path) == (100, 160)  # strictly before the onset
+    rows = lambda a, b, tag="": [{"step": s, "loss": s, "tag": tag} for s in range(a, b + 1)]  # noqa: E731
+    first = rows(1, 160)  # stopped at 160
+    second = rows(1, 100) + rows(101, 300, "again")  # resumed from 100: rows 101-160 truncated, then redone
+    executed = spike_bench.executed_rows([first, second])
+    assert len(executed) == 160 + 200 and executed[160:] == rows(101, 300, "again")

@@ -347,22 +347,23 @@ def test_rescore_is_the_restored_models_own_loss_of_each_suspect(tmp_path):
 def test_noise_on_an_accepted_step_is_skipped_with_its_documents_without_a_rollback(tmp_path):
     """Issue 14: a sample no better than a uniform guess, too thin to spike its step, is skipped with
     its documents from the next step on, in every epoch; hard text is not; a rollback keeps the skips."""
-    run = make_run(tmp_path)
-    run.model = types.SimpleNamespace(config=types.SimpleNamespace(
-        get_text_config=lambda: types.SimpleNamespace(vocab_size=256)))  # uniform guess: ln 256 = 5.55
+    run = make_run(tmp_path, "spike.noise_max_share=1")  # a 400-block corpus: no budget here
+    run.vocab = 256  # uniform guess: ln 256 = 5.55
     healthy(run, 12)
+    level = run.monitor.samples.reference(run.cfg.spike.mad_floor)[0]  # ln 2, as the loop takes it
     ids = run.sampler.sample_ids(run.sampler.take(run.state.progress.cursor, GLOBAL_BATCH, [], run.skips)[0])
     losses = [2.0] * GLOBAL_BATCH
     # Hard text at 2.2x the level; noise; a line of slashes the model gets confidently wrong (as bad
     # as the noise by its loss, but one token repeated).
     losses[2], losses[5], losses[6] = 4.4, 6.0, 6.0
     tokens = {ids[5]: torch.randperm(256)[:64], ids[6]: torch.full((64,), 47)}
+    counts = [63.0] * GLOBAL_BATCH  # labelled tokens: column 0 is never a target
 
     def batch(sids):
         x = torch.stack([tokens.get(sid, torch.arange(64) % 20) for sid in sids])
         return {"input_ids": x, "labels": x}
     run.data.batch = batch
-    assert recovery.screen(run, ids, [3 * x for x in losses], [3.0] * GLOBAL_BATCH)
+    assert recovery.screen(run, ids, [63 * x for x in losses], counts, level)
     h, (event,) = run.state.history, run.rec.events
     doc = ids[5] // 4
     assert h.screens == 1 and h.rollbacks == 0 and h.skipped == [] and h.eps == 1e-8 and h.lr_scale == 1.0
@@ -370,18 +371,41 @@ def test_noise_on_an_accepted_step_is_skipped_with_its_documents_without_a_rollb
     assert (event["event"], event["cause"], event["offending_samples"], event["screen"]) == \
         ("screen", "noise", [ids[5]], 1)
     rows = {q["sample_id"]: q for q in run.rec.quarantined}
-    assert rows[ids[5]]["why"] == "noise" and rows[ids[5]]["loss"] == 6.0
+    assert rows[ids[5]]["why"] == "noise" and rows[ids[5]]["loss"] == pytest.approx(6.0)
+    assert h.screened_blocks == len(rows) == 4
     assert all(q["screen"] == 1 and q["step"] == 12 for q in rows.values())
     assert {q["why"] for sid, q in rows.items() if sid != ids[5]} == {"document"}
     taken, _ = run.sampler.take(0, BLOCKS * 2, h.skipped, run.skips)  # two epochs
     assert not set(run.sampler.sample_ids(taken)) & set(h.skipped_samples)
     # Nothing new to skip the second time: no event, no ordinal spent.
-    assert not recovery.screen(run, ids, [3 * x for x in losses], [3.0] * GLOBAL_BATCH)
+    assert not recovery.screen(run, ids, [63 * x for x in losses], counts, level)
     assert h.screens == 1 and len(run.rec.events) == 1
-    # A rollback restores progress, not the history: the screened document stays out.
+    # Too few labelled tokens for the mean to mean anything: not screened.
+    assert not recovery.screen(run, ids, [5 * x for x in losses], [5.0] * GLOBAL_BATCH, level)
+    # A rollback restores progress, not the history: the screened document is never drawn again.
     verdict, _, row = step(run, [40.0] * GLOBAL_BATCH)
     assert recover(run, verdict, row) is None
-    assert doc in h.skipped_docs and set(range(4 * doc, 4 * doc + 4)) <= set(h.skipped_samples)
+    taken, _ = run.sampler.take(run.state.progress.cursor, BLOCKS * 2, run.state.history.skipped, run.skips)
+    assert not set(run.sampler.sample_ids(taken)) & set(range(4 * doc, 4 * doc + 4))
+
+
+def test_the_noise_screen_turns_itself_off_past_its_share_of_the_data(tmp_path):
+    """spike.noise_max_share: a shard of noise is a data problem for a person; past the budget the
+    screen stops (and says so) instead of rebuilding the skip set every step."""
+    run = make_run(tmp_path, "spike.noise_max_share=0.01")  # 400 blocks: 4
+    run.vocab = 256
+    healthy(run, 12)
+    level = run.monitor.samples.reference(run.cfg.spike.mad_floor)[0]
+    run.data.batch = lambda sids: {"input_ids": torch.stack([torch.randperm(256)[:64] for _ in sids]),
+                                   "labels": torch.stack([torch.randperm(256)[:64] for _ in sids])}
+    ids = run.sampler.sample_ids(run.sampler.take(run.state.progress.cursor, GLOBAL_BATCH, [], run.skips)[0])
+    losses = [2.0] * GLOBAL_BATCH
+    losses[0] = 6.0
+    assert recovery.screen(run, ids, [63 * x for x in losses], [63.0] * GLOBAL_BATCH, level)
+    assert [e["event"] for e in run.rec.events] == ["screen", "screen_off"]
+    losses[0], losses[1] = 2.0, 6.0
+    assert not recovery.screen(run, ids, [63 * x for x in losses], [63.0] * GLOBAL_BATCH, level)
+    assert run.state.history.screens == 1
 
 
 def test_train_skip_steps_passes_over_the_data_of_those_steps_once(tmp_path):

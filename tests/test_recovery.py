@@ -130,6 +130,25 @@ def test_partial_batch_garbage_is_quarantined_by_sample_and_lr_left_alone(tmp_pa
 
 
 @pytest.mark.slow
+def test_noise_too_thin_to_spike_is_screened_by_sample_without_a_rollback(tmp_path, data_cache):
+    """Issue 14: one sample in eight of two steps (rank 0's first) is uniform token ids. The steps are
+    anomalous at most (2 < patience 3), never a spike; the noise screen, run on every rank from the
+    all-reduced losses, skips exactly the noise samples; no rollback, LR and eps unchanged."""
+    run_dir = tmp_path / "run"
+    run_bigtrain([*TINY, f"data.cache_dir={data_cache}", f"run_dir={run_dir}", "data.seq_len=64", "train.steps=60",
+                  "train.micro_batch=4", "train.precision=fp32", "optim.lr=3e-3", "checkpoint.interval=0",
+                  "checkpoint.snapshot_interval=10", "faults.poison_steps=[50,51]", "faults.poison_fraction=0.25",
+                  "faults.ranks=[0]"])
+    events = read_jsonl(run_dir / "spikes.jsonl")
+    assert events and {e["event"] for e in events} == {"screen"}, events
+    h = read_state(run_dir / "checkpoints" / "step_00000060").history
+    poisoned = {i for a, b in h.faults["poisoned"] for i in range(a, b)}
+    noise = {q["sample_id"] for q in read_jsonl(run_dir / "quarantine.jsonl") if q["why"] == "noise"}
+    assert len(poisoned) == 2 and noise == poisoned and [e["step"] for e in events] == [50, 51]
+    assert h.rollbacks == 0 and h.lr_scale == 1.0 and h.eps == 1e-8 and h.screens == 2
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_in_process_rollback_equals_a_fresh_engine(tmp_path, data_cache, stage):
     """DeepSpeed warns that a ZeRO-3 in-process load "wants a pristine model". Proof that ours is

@@ -667,9 +667,9 @@ def test_noise_screen_flags_samples_no_better_than_a_uniform_guess_and_nothing_e
     """Issue 14: garbage too thin to spike a step. With 256 tokens a uniform guess scores ln 256 = 5.55
     per token, the bar is 0.95 x that = 5.27; the recent median sample scores 2.0."""
     cfg = SpikeConfig()
-    losses = [2.0, 1.9, 4.4, 5.0, 5.4, 7.0, 3.0]  # 4.4: hard text at 2.2x the level; 5.0: 0.9 ln 256
-    counts = [10.0] * 6 + [0.0]  # the last sample has no labelled token: never judged
-    sums = [10 * x for x in losses]
+    losses = [2.0, 1.9, 4.4, 5.0, 5.4, 7.0, 9.0]  # 4.4: hard text at 2.2x the level; 5.0: 0.9 ln 256
+    counts = [60.0] * 6 + [3.0]  # the last: 3 labelled tokens, too few to judge by their mean
+    sums = [c * x for c, x in zip(counts, losses)]
     assert noise_samples(sums, counts, math.log(2.0), 256, cfg) == [4, 5]
     # Early on the model is near a uniform guess on everything: the 1.5x-the-level bar keeps it quiet.
     assert noise_samples(sums, counts, math.log(5.0), 256, cfg) == []
