@@ -84,7 +84,7 @@ class History:
     screens: int = 0
     """Steps whose noise screen skipped something (bigtrain.recovery.screen)."""
     screened_blocks: int = 0
-    """Blocks the noise screens skipped (held to ``spike.noise_max_share`` of the training blocks)."""
+    """Blocks the noise screens skipped (held to ``spike.noise_max_total_blocks``)."""
     wasted_steps: int = 0
     """Optimizer steps thrown away by rollbacks."""
     executed_steps: int = 0

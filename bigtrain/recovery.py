@@ -221,14 +221,14 @@ def screen(run: Run, ids: list[int], sums: list[float], counts: list[float], lev
     Noise: a sample that scores no better than a uniform guess over the tokenizer's vocabulary and
     whose labelled tokens are as varied as uniform draws (:func:`bigtrain.spike.uniform_like`, read
     from the data: the candidates' rows only). A screen convicts at most ``spike.noise_max_blocks``
-    blocks of documents; once the screens have skipped ``spike.noise_max_share`` of the training
-    blocks, the screen turns off (a ``screen_off`` event).
+    blocks of documents; once the screens have skipped ``spike.noise_max_total_blocks``, the screen
+    turns off (a ``screen_off`` event).
 
     Cost per step: one comparison per sample of the global batch, on values the step's all-reduce
     already brought (no communication); only a step with candidates reads their rows, and only one
     with noise pays for the document lookup and the skip set's rebuild (a sort of the skipped ids)."""
     cfg, h = run.cfg.spike, run.state.history
-    budget = cfg.noise_max_share * run.data.train.shape[0]
+    budget = cfg.noise_max_total_blocks
     if h.screened_blocks >= budget:
         return False
     candidates = noise_samples(sums, counts, level, run.vocab, cfg)
@@ -258,9 +258,9 @@ def screen(run: Run, ids: list[int], sums: list[float], counts: list[float], lev
     log.warning("step %d: noise screen: %d sample(s), %d document(s) skipped from now on", step, len(flagged),
                 len(skip.event["offending_documents"]))
     if h.screened_blocks >= budget:
-        reason = (f"the noise screens have skipped {h.screened_blocks} blocks, >= spike.noise_max_share "
-                  f"{cfg.noise_max_share} of the training data: the screen is off for the rest of the run; look "
-                  f"at the data (quarantine.jsonl, why noise)")
+        reason = (f"the noise screens have skipped {h.screened_blocks} blocks, >= spike.noise_max_total_blocks "
+                  f"{budget}: the screen is off for the rest of the run; look at the data (quarantine.jsonl, "
+                  f"why noise)")
         run.rec.event({"event": "screen_off", "step": step, "screen": h.screens, "reason": reason})
         log.warning("step %d: %s", step, reason)
     return True

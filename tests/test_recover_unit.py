@@ -347,7 +347,7 @@ def test_rescore_is_the_restored_models_own_loss_of_each_suspect(tmp_path):
 def test_noise_on_an_accepted_step_is_skipped_with_its_documents_without_a_rollback(tmp_path):
     """Issue 14: a sample no better than a uniform guess, too thin to spike its step, is skipped with
     its documents from the next step on, in every epoch; hard text is not; a rollback keeps the skips."""
-    run = make_run(tmp_path, "spike.noise_max_share=1")  # a 400-block corpus: no budget here
+    run = make_run(tmp_path)
     run.vocab = 256  # uniform guess: ln 256 = 5.55
     healthy(run, 12)
     level = run.monitor.samples.reference(run.cfg.spike.mad_floor)[0]  # ln 2, as the loop takes it
@@ -389,10 +389,10 @@ def test_noise_on_an_accepted_step_is_skipped_with_its_documents_without_a_rollb
     assert not set(run.sampler.sample_ids(taken)) & set(range(4 * doc, 4 * doc + 4))
 
 
-def test_the_noise_screen_turns_itself_off_past_its_share_of_the_data(tmp_path):
-    """spike.noise_max_share: a shard of noise is a data problem for a person; past the budget the
-    screen stops (and says so) instead of rebuilding the skip set every step."""
-    run = make_run(tmp_path, "spike.noise_max_share=0.01")  # 400 blocks: 4
+def test_the_noise_screen_turns_itself_off_past_its_budget(tmp_path):
+    """spike.noise_max_total_blocks: past the budget the screen stops (and says so) instead of growing
+    the checkpointed id set and re-sorting it at every step."""
+    run = make_run(tmp_path, "spike.noise_max_total_blocks=4")
     run.vocab = 256
     healthy(run, 12)
     level = run.monitor.samples.reference(run.cfg.spike.mad_floor)[0]
