@@ -179,6 +179,14 @@ class TrainConfig:
             if len(r) != 2 or not 1 <= r[0] <= r[1]:
                 raise ConfigError(f"train.skip_steps: each range is [first, last] with 1 <= first <= last, got {r!r} "
                                   "(e.g. train.skip_steps=[[101,400]])")
+            if r[0] > self.steps:
+                raise ConfigError(f"train.skip_steps: the range {r!r} starts after the last step, train.steps="
+                                  f"{self.steps}: it would never be reached")
+        ranges = sorted(map(tuple, self.skip_steps))
+        for a, b in zip(ranges, ranges[1:]):
+            if b[0] <= a[1]:
+                raise ConfigError(f"train.skip_steps: the ranges {list(a)} and {list(b)} overlap: give each step once "
+                                  f"(e.g. [{a[0]},{max(a[1], b[1])}])")
         for name in ("steps", "micro_batch", "grad_accum", "eval_batches", "log_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")

@@ -35,7 +35,19 @@ def check_resume(cfg: Config, saved: checkpoint.TrainState, stage: int, path: Pa
                           f"{saved.fingerprint} != {cfg.fingerprint()}): resume with the config it was "
                           "trained with (RUN_DIR/config.yaml)")
     check_stage(saved, stage, path)
+    check_skip_steps(cfg, saved)
     checkpoint.check_inline_conversion(path, saved, world, cfg.checkpoint.convert_inline_max_gb)
+
+
+def check_skip_steps(cfg: Config, state: checkpoint.TrainState) -> None:
+    """A ``train.skip_steps`` range that starts at or before the step the run resumes from, and that the
+    run has not applied, would never be reached: refuse it rather than ignore it (before anything is
+    loaded, and before newer checkpoints are set aside)."""
+    late = [r for r in cfg.train.skip_steps if r[0] <= state.progress.step and r not in state.history.manual_skips]
+    if late:
+        raise ConfigError(f"train.skip_steps {late}: the run starts at step {state.progress.step}, so a range must "
+                          f"start at step {state.progress.step + 1} or later; to skip the data after the checkpoint, "
+                          f"use train.skip_steps=[[{state.progress.step + 1},LAST]]")
 
 
 def check_attention(cfg: Config) -> None:

@@ -86,16 +86,6 @@ def skip_steps(run: Run) -> None:
                     last, len(stream))
 
 
-def check_skip_steps(cfg: Config, state: TrainState) -> None:
-    """A ``train.skip_steps`` range that starts at or before the step the run begins from, and that the
-    run has not applied, would never be reached: refuse it rather than ignore it."""
-    late = [r for r in cfg.train.skip_steps if r[0] <= state.progress.step and r not in state.history.manual_skips]
-    if late:
-        raise ConfigError(f"train.skip_steps {late}: the run starts at step {state.progress.step}, so a range must "
-                          f"start at step {state.progress.step + 1} or later; to skip the data after the checkpoint, "
-                          f"use train.skip_steps=[[{state.progress.step + 1},LAST]]")
-
-
 def step(run: Run) -> tuple[dict, Verdict, bool]:
     """One optimizer step of the global batch at the cursor, observed by the monitor: the metrics row,
     the verdict, and whether any rank was asked to stop. One all-reduce, one host sync."""
@@ -228,7 +218,6 @@ def setup(cfg: Config, resume: str | None) -> Run:
               memory, vocab=vocab)
     if resume_path is not None:
         resume_from(run, resume_path)
-    check_skip_steps(cfg, run.state)
     apply_hparams(cfg, engine, run.state, check=True)
     engine.train()  # from_pretrained returns eval mode; HF turns dropout and activation checkpointing off there
     rec.start(run.state, resumed=resume_path is not None)

@@ -412,7 +412,8 @@ def test_train_skip_steps_passes_over_the_data_of_those_steps_once(tmp_path):
     """train.skip_steps (the PaLM / Megatron-LM manual recovery): at the range's first step the data of
     its steps is skipped once; the step count is unchanged; a rollback to before it does not redo it."""
     from bigtrain.config import ConfigError
-    from bigtrain.train import check_skip_steps, skip_steps
+    from bigtrain.preflight import check_skip_steps
+    from bigtrain.train import skip_steps
 
     run = make_run(tmp_path, "train.skip_steps=[[5,7]]")
     healthy(run, 3)
@@ -438,3 +439,8 @@ def test_train_skip_steps_passes_over_the_data_of_those_steps_once(tmp_path):
     check_skip_steps(load_config(None, ["train.skip_steps=[[5,7]]"]), run.state)  # applied: fine
     with pytest.raises(ConfigError, match="first <= last"):
         load_config(None, ["train.skip_steps=[[7,5]]"])
+    for ranges in ("[[5,7],[5,7]]", "[[5,7],[6,8]]"):  # each step once: a duplicate would skip less than asked
+        with pytest.raises(ConfigError, match="overlap"):
+            load_config(None, [f"train.skip_steps={ranges}"])
+    with pytest.raises(ConfigError, match="never be reached"):
+        load_config(None, ["train.steps=100", "train.skip_steps=[[101,120]]"])
