@@ -120,9 +120,9 @@ class KillLossSpikeMonitor:
         self._seen = max(self._seen + 1, step)  # Composer's batch count is restored on a resume
         verdict = Verdict(OK, "warmup" if len(self._window) < self.window_size else "normal")
         if len(self._window) == self.window_size:
-            if not self._cap_set:
-                # Upstream sets the cap when state.timestamp.batch == window_size, documented as
-                # "the maximum loss from the first loss window"; we take that first full window.
+            if not self._cap_set and self._seen == self.window_size:
+                # Upstream sets the cap when state.timestamp.batch == window_size ("the maximum loss
+                # from the first loss window"); a run restarted past that step keeps the default 10.
                 self._loss_cap, self._cap_set = min(max(self._window), self._loss_cap), True
             mean = statistics.fmean(self._window)
             stats = {"window_mean": mean, "loss_cap": self._loss_cap}

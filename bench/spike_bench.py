@@ -216,33 +216,94 @@ def restart_point(run_dir: Path) -> tuple[int, int] | None:
     return (before[-1], stop["step"]) if before else None
 
 
+def carried_faults(sc: Scenario, run_dir: Path, stop: int) -> list[str]:
+    """Fault overrides for a restart after a stop at ``stop``: what happened to the world stays
+    happened. Transient faults that fired by then (NaN, weight corruption, gradient scaling) do not
+    come back; the poison the stopped leg armed stays in the data (``faults.poison_ids``) instead of
+    being armed again at its step on other samples."""
+    over = dict(f.split("=", 1) for f in sc.faults)
+    steps = lambda key: [int(x) for x in json.loads(over.get(key, "[]"))]  # noqa: E731
+    state = json.loads((run_dir / "checkpoints" / f"step_{stop:08d}" / "bigtrain_state.json").read_text())
+    faults = state.get("faults") or {}
+    out = [f"faults.nan_steps={json.dumps([x for x in steps('faults.nan_steps') if x > stop])}",
+           f"faults.scale_grad_steps={json.dumps([x for x in steps('faults.scale_grad_steps') if x > stop])}",
+           f"faults.poison_steps={json.dumps([x for x in steps('faults.poison_steps') if x > stop])}",
+           f"faults.poison_ids={json.dumps(faults.get('poisoned', []), separators=(',', ':'))}"]
+    if 0 < int(over.get("faults.corrupt_weights_step", 0)) <= stop:
+        out.append("faults.corrupt_weights_step=0")
+    return [o.replace(" ", "") for o in out]
+
+
+def merged_legs(legs: list[list[dict]]) -> list[dict]:
+    """Rows of every leg, each once: a leg's file starts with the rows it inherited from the one
+    before (a resume keeps them up to its checkpoint and drops the rest, which were executed)."""
+    out = list(legs[0])
+    for before, after in zip(legs, legs[1:]):
+        kept = 0
+        while kept < min(len(before), len(after)) and before[kept] == after[kept]:
+            kept += 1
+        out += after[kept:]
+    return out
+
+
+executed_rows = merged_legs
+
+
+def merged_events(legs: list[list[dict]]) -> list[dict]:
+    """spikes.jsonl events of every leg, each once (by its time stamp): a resume keeps a stop and the
+    rollbacks its checkpoint holds, wherever they lie, so legs do not share a simple prefix."""
+    seen, out = set(), []
+    for leg in legs:
+        for e in leg:
+            if e.get("time") not in seen:
+                seen.add(e.get("time"))
+                out.append(e)
+    return out
+
+
+def read_legs(run_dir: Path, name: str) -> list[list[dict]]:
+    """Each leg's copy of ``name`` (``name.leg1``, ...; saved by ``run_one``), else the file itself."""
+    legs = sorted(run_dir.glob(f"{name}.leg*"), key=lambda p: int(p.name.rsplit("leg", 1)[1]))
+    return [read_jsonl(p) for p in legs] or [read_jsonl(run_dir / name)]
+
+
 def run_one(sc: Scenario, policy: str, seed: int, steps: int, work: Path, env: dict[str, str],
             timeout: int) -> dict[str, Any]:
     run_dir = work / f"{sc.key}-{policy}-s{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     cmd = command(sc, policy, seed, steps, run_dir)
-    first, t0, legs, skips = cmd, time.monotonic(), [], []
+    first, t0, legs, skips, stops = cmd, time.monotonic(), 0, [], 0
     while True:
         with open(run_dir / "log.txt", "a") as log:
             # Own session, so the watchdog can end torchrun and its workers together by group id.
             proc = start(cmd, env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
             killed = watch(proc, run_dir / "metrics.jsonl", time.monotonic(), timeout)
-        legs.append(read_jsonl(run_dir / "metrics.jsonl"))  # a restart truncates it to its checkpoint
-        point = restart_point(run_dir) if policy in RESTART_POLICIES and not killed else None
-        if point is None or len(legs) > MAX_RESTARTS or (run_dir / "summary.json").exists():
+        legs += 1
+        for name in ("metrics.jsonl", "spikes.jsonl"):  # a restart truncates both to its checkpoint
+            if (run_dir / name).exists():
+                shutil.copy(run_dir / name, run_dir / f"{name}.leg{legs}")
+        events = read_jsonl(run_dir / "spikes.jsonl")
+        new_stop = sum(e.get("event") == "stop" for e in events) > stops  # this leg's rule stopped it
+        stops = sum(e.get("event") == "stop" for e in events)
+        point = restart_point(run_dir) if policy in RESTART_POLICIES and not killed and new_stop else None
+        if point is None or legs > MAX_RESTARTS or (run_dir / "summary.json").exists():
             break
         ckpt, stop = point
-        skips = [r for r in skips if r[0] > ckpt] + [[ckpt + 1, stop]]
-        cmd = [*first, "--resume", str(run_dir / "checkpoints" / f"step_{ckpt:08d}"),
-               f"train.skip_steps={json.dumps(skips, separators=(',', ':'))}"]
+        # The data from the checkpoint's cursor to the stop: the steps run since plus what the
+        # stopped leg itself skipped after the checkpoint (ranges applied before it are in its history).
+        length = (stop - ckpt) + sum(b - a + 1 for a, b in skips if a > ckpt)
+        skips = [r for r in skips if r[0] <= ckpt] + [[ckpt + 1, ckpt + length]]
+        later = [r for r in skips if r[0] > ckpt]
+        at = first.index("train") + 1  # options before the overrides (argparse takes them there)
+        cmd = [*first[:at], "--resume", str(run_dir / "checkpoints" / f"step_{ckpt:08d}"), *first[at:],
+               *carried_faults(sc, run_dir, stop), f"train.skip_steps={json.dumps(later, separators=(',', ':'))}"]
     wall = time.monotonic() - t0
-    result = parse_run(run_dir, sc, policy, seed, steps, proc.returncode, wall, executed=executed_rows(legs))
-    result["restarts"] = len(legs) - 1
+    result = parse_run(run_dir, sc, policy, seed, steps, proc.returncode, wall)
     if killed:
         result["outcome"] = killed
     result["command"] = shlex.join(["torchrun", *first[1:]]) + (
-        f" (+{len(legs) - 1} restart(s) with --resume and train.skip_steps)" if len(legs) > 1 else "")
+        f" (+{legs - 1} restart(s) with --resume, train.skip_steps and the faults carried over)" if legs > 1 else "")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # final checkpoints are not needed
     # A run that is killed leaves its RAM snapshots behind; same path as train.snapshot_root().
     shm = Path("/dev/shm") / f"bigtrain-{hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]}"
@@ -263,13 +324,17 @@ def watch(proc: subprocess.Popen, metrics: Path, t0: float, timeout: int) -> str
     """Wait for the run; stop it on a recovery loop, too much memory or a timeout. Returns why it was
     stopped, or None."""
     counts: dict[int, int] = {}
-    offset = 0
+    offset, inode = 0, None
 
     def reason() -> str | None:
-        nonlocal offset
+        nonlocal offset, inode
         why = None
         if metrics.exists():
             with open(metrics, "rb") as f:
+                # A resume rewrites the file (truncated to its checkpoint, then os.replace): start over.
+                if os.fstat(f.fileno()).st_ino != inode:
+                    inode, offset = os.fstat(f.fileno()).st_ino, 0
+                    counts.clear()
                 f.seek(offset)
                 chunk = f.read()
             complete = chunk[:chunk.rfind(b"\n") + 1]  # a half-written last line waits for the next poll
@@ -343,6 +408,8 @@ def classify_events(rows: list[dict], events: list[dict], faults: list[set[int]]
     and the event, or at most ``LATE`` rows before the event (llm-foundry's stop has no onset).
     Several events on one fault detect it once; an event that detects nothing is a false alarm."""
     event_rows = [i for i, r in enumerate(rows) if r.get("verdict") in ("spike", "incident", "skip_update", "stop")]
+    # Events that answer such a row: not a noise screen, a skip_steps or a screen_off (no verdict of theirs).
+    events = [e for e in events if e.get("event") in ("rollback", "skip_update", "give_up", "stop")]
     hit = [False] * len(faults)
     false_alarms = 0
     for i_e, e in zip(event_rows, events):
@@ -356,23 +423,11 @@ def classify_events(rows: list[dict], events: list[dict], faults: list[set[int]]
     return sum(hit), len(faults) - sum(hit), false_alarms
 
 
-def executed_rows(legs: list[list[dict]]) -> list[dict]:
-    """Every step a run executed, across restarts: each leg's metrics.jsonl at its end, less the
-    rows it inherited (a resume keeps the rows up to its checkpoint and drops the rest, which the
-    previous leg did execute)."""
-    out = list(legs[0])
-    for before, after in zip(legs, legs[1:]):
-        kept = 0
-        while kept < min(len(before), len(after)) and before[kept] == after[kept]:
-            kept += 1
-        out += after[kept:]
-    return out
-
-
 def parse_run(run_dir: Path, sc: Scenario, policy: str, seed: int, steps: int, rc: int,
-              wall: float, executed: list[dict] | None = None) -> dict[str, Any]:
-    rows = executed if executed is not None else read_jsonl(run_dir / "metrics.jsonl")
-    events = read_jsonl(run_dir / "spikes.jsonl")
+              wall: float) -> dict[str, Any]:
+    legs = read_legs(run_dir, "metrics.jsonl")
+    rows = merged_legs(legs)  # every executed step, across restarts
+    events = merged_events(read_legs(run_dir, "spikes.jsonl"))
     # torchrun exits 1 whatever its workers' status; bigtrain's own (3: gave up / stopped) is in its report.
     log = (run_dir / "log.txt").read_text(errors="replace") if (run_dir / "log.txt").exists() else ""
     worker_codes = [int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", log)]
@@ -394,13 +449,13 @@ def parse_run(run_dir: Path, sc: Scenario, policy: str, seed: int, steps: int, r
         detected = missed = false_alarms = None  # real spikes: counted by the research rule instead
     finished = rc == 0 and steps_done == steps and summary is not None
     kinds = [e.get("event") for e in events]
-    restarts = sum(k == "stop" for k in kinds) if finished else 0
+    restarts = len(legs) - 1
     outcome = (f"finished after {restarts} restart(s)" if finished and restarts else
                "finished" if finished else "stopped by the policy" if "stop" in kinds
                else "gave up (budget / no snapshot)" if "give_up" in kinds else f"crashed (exit {worker_exit})")
     return {
         "scenario": sc.key, "policy": policy, "seed": seed, "steps": steps, "exit_code": rc,
-        "worker_exit_code": worker_exit, "finished": finished, "outcome": outcome,
+        "worker_exit_code": worker_exit, "finished": finished, "outcome": outcome, "restarts": restarts,
         "steps_done": steps_done, "final_eval_loss": final_eval, "final_train_loss": path[-1]["loss"] if path else None,
         "train_loss_last50": _mean([r["loss"] for r in path[-50:]]),
         "spikes_executed": research_spikes(rows), "spikes_kept": research_spikes(path),
@@ -458,6 +513,8 @@ def overhead(results: list[dict], r: dict) -> float | None:
     """Training-loop seconds relative to policy none on the same scenario and seed (finished runs);
     None for a policy whose loop time measures an emulation (EMULATED_OVERHEAD)."""
     if r["policy"] in EMULATED_OVERHEAD:
+        return None
+    if r.get("restarts"):  # summary.json times the last leg only; its cost is in "wall s"
         return None
     base = [x for x in results if x["scenario"] == r["scenario"] and x["policy"] == "none" and x["seed"] == r["seed"]]
     if not base or not base[0]["train_seconds"] or not r["train_seconds"]:
@@ -523,8 +580,9 @@ def outcome_table(results: list[dict], scs: dict[str, Scenario]) -> list[str]:
 
 def cost_table(results: list[dict], scs: dict[str, Scenario]) -> list[str]:
     lines = ["| scenario | policy | detected | missed | false alarms | faulty steps kept / run "
-             "| rollbacks + skips | DeepSpeed-skipped steps | wasted steps (tokens) | wall s | loop overhead |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| rollbacks + skips | restarts by hand | DeepSpeed-skipped steps | wasted steps (tokens) | wall s "
+             "| loop overhead |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for sc, policy, rs in _groups(results, scs):
         if sc.kind == "natural":
             det = miss = fa = kept = "n/a"
@@ -539,14 +597,30 @@ def cost_table(results: list[dict], scs: dict[str, Scenario]) -> list[str]:
         ovh = _mean([overhead(results, r) for r in rs])
         lines.append(
             f"| {sc.key} | {policy} | {det} | {miss} | {fa} | {kept} | {sum(r['rollbacks'] for r in rs)} "
-            f"| {sum(r['ds_skipped_steps'] for r in rs)} "
+            f"| {sum(r.get('restarts', 0) for r in rs)} | {sum(r['ds_skipped_steps'] for r in rs)} "
             f"| {sum(r['wasted_steps'] for r in rs)} ({sum(r['wasted_tokens'] for r in rs):,}) "
-            f"| {_fmt(_mean([r['wall_seconds'] for r in rs]), 3)} | {'—' if policy == 'none' else _pct(ovh)} |")
+            f"| {_fmt(_mean([r['wall_seconds'] for r in rs]), 3)} "
+            f"| {'—' if policy == 'none' else 'emulated' if policy in EMULATED_OVERHEAD else _pct(ovh)} |")
     return lines
 
 
 DEFINITIONS = """\
-- **finished**: exit status 0 and every step done (runs per policy / runs).
+- **policies**: each competitor as its users run it. llm-foundry's KillLossSpike and OLMo-core's
+  skip-step clip gradients at 1.0 (llm-foundry: scripts/train/yamls/pretrain/mpt-7b.yaml,
+  `algorithms.gradient_clipping`; OLMo-core's recipes: `max_grad_norm` 1.0) and save a checkpoint
+  every 50 steps. When a policy's rule ends the run (KillLossSpike's LossSpikeError; OLMo-core's
+  trainer raises on a non-finite loss), a simulated person restarts it, at most 3 times, from the
+  newest checkpoint before the stop's onset, skipping the data from there to the stop
+  (`train.skip_steps`, also what the stopped leg itself skipped since): PaLM's manual recipe. What
+  happened stays happened: a transient fault that fired (NaN, weight corruption) does not come back,
+  and poison the stopped leg met stays in the data at its sample ids (`faults.poison_ids`) rather
+  than being armed again on other samples. Each restart is counted, its steps as wasted, its
+  start-up in the wall time; a leg that stops again restarts again, at most 3 times. KillLossSpike ignores a NaN as upstream does (the NaN enters its window
+  and blinds it while it stays there; llm-foundry's YAMLs add no NaN monitor). Neither competitor
+  keeps its window across a restart (upstream keeps it in memory only). `bigtrain-clip` is bigtrain
+  with the same clipping.
+- **finished**: exit status 0 and every step done (runs per policy / runs); "finished after N
+  restart(s)" when a person had to restart it.
 - **final eval loss**: the last held-out loss the run logged (`train.eval_batches` x micro-batch x 2
   ranks eval blocks, the same blocks every time); for a run that did not finish, the last eval
   before it stopped. **vs clean**: that loss relative to the clean reference with the same seed:
@@ -570,9 +644,14 @@ DEFINITIONS = """\
   update DeepSpeed itself dropped (non-finite gradients). **wasted steps**: executed steps a
   rollback discarded (metrics.jsonl rows minus surviving steps); tokens = steps x global batch x
   seq_len.
-- **wall s**: the whole subprocess, start-up (~8-12 s of imports) included; **loop overhead**: the
-  training loop's seconds (summary.json) relative to policy `none`, same scenario and seed, finished
-  runs only. The machine was shared: treat differences under ~10% as noise.
+- **wall s**: the whole subprocess (every leg of a restarted run), start-up (~8-12 s of imports)
+  included; **loop overhead**: the training loop's seconds (summary.json) relative to policy `none`,
+  same scenario and seed, finished runs that were not restarted (a restarted run's cost, every
+  leg's start-up included, is in wall s).
+  `emulated` for OLMo-core's skip-step: upstream multiplies the update by zero
+  (src/olmo_core/optim/skip_step_optimizer.py), which DeepSpeed cannot do cheaply, so the benchmark
+  restores a per-step snapshot instead; that cost is the emulation's, not OLMo's. The machine was
+  shared: treat differences under ~10% as noise.
 """
 
 

@@ -248,6 +248,10 @@ class FaultConfig:
     poison_documents: bool = False
     """Poison whole documents: every block of the chosen samples' source documents is garbage, wherever
     it is drawn (bad data comes in documents). False: only the chosen blocks."""
+    poison_ids: list[list[int]] = field(default_factory=list)
+    """Half-open sample-id ranges ``[[start, end], ...]`` that are garbage from the first step, wherever
+    they are drawn: bad data already in the corpus (the spike benchmark's restarted runs carry the
+    poison a stopped run met this way, so the data stays bad and is not armed again)."""
     poison_kind: str = "uniform"
     """What the garbage is: "uniform" - tokens drawn uniformly from the vocabulary (binary or
     mis-decoded content); "shuffled" - the block's own tokens in a random order (text statistics
@@ -274,6 +278,9 @@ class FaultConfig:
     def __post_init__(self) -> None:
         if not 0 < self.poison_fraction <= 1:
             raise ValueError(f"faults.poison_fraction must be in (0, 1], got {self.poison_fraction!r}")
+        if any(len(r) != 2 or not 0 <= r[0] < r[1] for r in self.poison_ids):
+            raise ValueError(f"faults.poison_ids must be [start, end) ranges with 0 <= start < end, got "
+                             f"{self.poison_ids!r}")
         if self.poison_kind not in POISON_KINDS:
             raise ValueError(f"faults.poison_kind must be one of {', '.join(POISON_KINDS)}, got {self.poison_kind!r}")
 

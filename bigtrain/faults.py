@@ -60,6 +60,24 @@ class FaultInjector:
         """The documents made garbage (ground truth for the quarantine's precision)."""
         self.armed: list[list[int]] = []
         """[step, start, end]: the ranges each poison stretch added, by the step that armed it."""
+        self._static()
+
+    def _static(self) -> None:
+        """``faults.poison_ids``: garbage from step 0 on, whatever the state loaded says; the documents
+        all of whose blocks it covers join the ground truth."""
+        if not self.cfg.poison_ids:
+            return
+        ranges = [tuple(r) for r in self.cfg.poison_ids]
+        self.poisoned = [list(r) for r in Sampler.merge_ranges([*map(tuple, self.poisoned), *ranges])]
+        self.armed += [[0, a, b] for a, b in ranges if [0, a, b] not in self.armed]
+        if self.train_docs is not None:
+            blocks = {i for a, b in ranges for i in range(a, b)}
+            docs: set[int] = set()
+            for i in blocks:
+                first, last = (int(x) for x in self.train_docs[i].tolist())
+                docs.update(range(first, last + 1))
+            docs = {d for d in docs if set(blocks_of_documents(self.train_docs, [d])) <= blocks}
+            self.poisoned_docs = sorted(set(self.poisoned_docs) | docs)
 
     def state_dict(self) -> dict:
         return {"fired": list(self.fired), "poisoned": [list(r) for r in self.poisoned],
@@ -71,6 +89,7 @@ class FaultInjector:
         self.poisoned_docs = list(d.get("poisoned_docs", []))
         # a state saved before ``armed`` existed: its poison counts as armed from the start (read garbled)
         self.armed = [list(r) for r in d.get("armed", [[0, a, b] for a, b in self.poisoned])]
+        self._static()
 
     def _fire(self, kind: str, step: int, steps: list[int]) -> bool:
         key = f"{kind}@{step}"

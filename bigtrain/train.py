@@ -57,8 +57,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
             continue
         if verdict.kind == STOP:  # a monitor whose rule ends the run
             rec.step(row)
-            rec.event({"event": "stop", "step": state.progress.step, "reason": verdict.reason,
-                       "severity": verdict.severity})
+            rec.event({"event": "stop", "step": state.progress.step, "onset_step": verdict.onset_step,
+                       "reason": verdict.reason, "severity": verdict.severity})
             return finish(run, EXIT_GAVE_UP, verdict.reason)
         evaluator.maybe_eval(state.progress.step, row)
         run.snaps.maybe_save(state.progress.step, run.save, row, allowed=verdict.kind == "ok")

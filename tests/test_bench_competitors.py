@@ -145,12 +145,19 @@ def test_kill_counter_resets_and_mean_includes_spikes():
 
 
 def test_kill_high_loss_rule():
+    """Upstream sets the cap at ``timestamp.batch == window_size``, a batch at which the window is one
+    value short of full (Composer counts the batch before BATCH_END), so the cap stays at its default
+    10: 3.5 is never high; 11.5 (under 2x a mean of 6, so no outlier) is."""
     mon = KillLossSpikeMonitor(total_steps=1000)  # window 100
-    for t in range(100):
-        mon.observe(t, 3.0 if t == 0 else 2.0, 1.0)  # first full window max 3 -> loss_cap 3
-    kinds = [mon.observe(100 + i, 3.5, 1.0).kind for i in range(100)]
-    # 3.5 < 2 * mean, so never an outlier. The rule is first checked at the 200th loss
-    # (current_step >= 2 * window), when the window holds 99 values of 3.5 > cap 3 (>= 50).
+    for t in range(1, 101):
+        mon.observe(t, 3.0 if t == 1 else 2.0, 1.0)
+    assert all(mon.observe(t, 3.5, 1.0).kind == "ok" for t in range(101, 301))
+    mon = KillLossSpikeMonitor(total_steps=1000)
+    for t in range(1, 101):
+        mon.observe(t, 6.0, 1.0)
+    kinds = [mon.observe(t, 11.5, 1.0).kind for t in range(101, 201)]
+    # The rule is first checked at step 200 (current_step >= 2 x window), when the window holds 99
+    # values of 11.5 > cap 10 (>= 50).
     assert kinds == ["ok"] * 99 + ["stop"]
 
 

@@ -88,3 +88,21 @@ def test_a_stopped_run_restarts_from_the_checkpoint_before_the_onset_and_counts_
     second = rows(1, 100) + rows(101, 300, "again")  # resumed from 100: rows 101-160 truncated, then redone
     executed = spike_bench.executed_rows([first, second])
     assert len(executed) == 160 + 200 and executed[160:] == rows(101, 300, "again")
+
+
+def test_a_restart_carries_the_world_over_and_merges_each_legs_events_once(tmp_path):
+    """What happened stays happened: a fired NaN does not come back, the poison the stopped leg met
+    stays at its sample ids; events of every leg are counted once (a resume keeps a stop anywhere)."""
+    import spike_bench
+
+    sc = spike_bench.Scenario("x", "x", [], 300, 300, faults=["faults.nan_steps=[150,250]",
+                                                             "faults.poison_steps=[150,151]",
+                                                             "faults.corrupt_weights_step=120"])
+    stop = tmp_path / "checkpoints" / "step_00000154"
+    stop.mkdir(parents=True)
+    (stop / "bigtrain_state.json").write_text(json.dumps({"faults": {"poisoned": [[7, 9], [40, 41]]}}))
+    assert spike_bench.carried_faults(sc, tmp_path, 154) == [
+        "faults.nan_steps=[250]", "faults.scale_grad_steps=[]", "faults.poison_steps=[]",
+        "faults.poison_ids=[[7,9],[40,41]]", "faults.corrupt_weights_step=0"]
+    a, b, c = {"time": 1.0, "event": "rollback"}, {"time": 2.0, "event": "stop"}, {"time": 3.0, "event": "skip_steps"}
+    assert spike_bench.merged_events([[a, b], [b, c]]) == [a, b, c]  # the resume dropped a, kept b

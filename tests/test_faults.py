@@ -91,3 +91,18 @@ def test_poison_is_read_as_it_was_at_a_step_and_survives_a_checkpoint():
     older = FaultInjector(FaultConfig(), rank=0, vocab=50)
     older.load_state_dict({k: v for k, v in state.state_dict().items() if k != "armed"})
     assert older.corrupt(batch(), bad, as_of=0)["input_ids"].equal(now)
+
+
+def test_static_poison_is_garbage_from_the_start_and_survives_a_loaded_state():
+    """faults.poison_ids: bad data already in the corpus (a restarted benchmark run carries the poison
+    its stopped leg met this way); documents wholly inside it are the ground truth."""
+    docs = torch.tensor([[0, 0], [0, 1], [1, 1], [2, 2], [2, 2]])  # doc 1 spans blocks 1-2; doc 2 blocks 3-4
+    inj = FaultInjector(FaultConfig(poison_ids=[[1, 3]]), 0, docs, vocab=50)
+    assert inj.poisoned == [[1, 3]] and inj.poisoned_docs == [1]  # doc 0 also has clean block 0
+    inj.load_state_dict({"fired": [], "poisoned": [[3, 5]], "poisoned_docs": [2], "armed": [[7, 3, 5]]})
+    assert inj.poisoned == [[1, 5]] and inj.poisoned_docs == [1, 2]
+    x = inj.corrupt({"input_ids": torch.zeros(2, 4, dtype=torch.long), "labels": torch.zeros(2, 4, dtype=torch.long)},
+                    [1, 0], as_of=0)["input_ids"]
+    assert not x[0].eq(0).all() and x[1].eq(0).all()  # garbage as of step 0: static poison is armed at 0
+    with pytest.raises(ValueError, match="poison_ids"):
+        FaultConfig(poison_ids=[[3, 3]])
