@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from bigtrain.config import load_config  # noqa: E402
 from bigtrain.data import build_dataset, build_tokenizer  # noqa: E402
-from bigtrain.distributed import init_distributed  # noqa: E402
+from bigtrain.distributed import init_distributed, shutdown  # noqa: E402
 from bigtrain.engine import resolve_ds_config  # noqa: E402
 from bigtrain.model import build_model  # noqa: E402
 
@@ -85,7 +85,7 @@ def main() -> int:
                "peak_rss_mb_max_rank": round(rss.item(), 1), "overrides": args.overrides}
         with open(args.result, "a") as f:
             f.write(json.dumps(row) + "\n")
-    dist.barrier()
+    shutdown(barrier=True)  # as bigtrain's CLI does: gloo's threads left to finalization can abort a rank
     return 0
 
 
