@@ -246,9 +246,6 @@ def merged_legs(legs: list[list[dict]]) -> list[dict]:
     return out
 
 
-executed_rows = merged_legs
-
-
 def merged_events(legs: list[list[dict]]) -> list[dict]:
     """spikes.jsonl events of every leg, each once (by its time stamp): a resume keeps a stop and the
     rollbacks its checkpoint holds, wherever they lie, so legs do not share a simple prefix."""

@@ -70,14 +70,23 @@ class FaultInjector:
         ranges = [tuple(r) for r in self.cfg.poison_ids]
         self.poisoned = [list(r) for r in Sampler.merge_ranges([*map(tuple, self.poisoned), *ranges])]
         self.armed += [[0, a, b] for a, b in ranges if [0, a, b] not in self.armed]
-        if self.train_docs is not None:
-            blocks = {i for a, b in ranges for i in range(a, b)}
-            docs: set[int] = set()
-            for i in blocks:
-                first, last = (int(x) for x in self.train_docs[i].tolist())
-                docs.update(range(first, last + 1))
-            docs = {d for d in docs if set(blocks_of_documents(self.train_docs, [d])) <= blocks}
-            self.poisoned_docs = sorted(set(self.poisoned_docs) | docs)
+        blocks = {i for a, b in ranges for i in range(a, b)}
+        self._whole_documents(blocks, blocks)
+
+    def _sources(self, blocks) -> set[int]:
+        """The documents these blocks draw tokens from."""
+        docs: set[int] = set()
+        for sid in blocks:
+            first, last = (int(d) for d in self.train_docs[sid].tolist())
+            docs.update(range(first, last + 1))
+        return docs
+
+    def _whole_documents(self, blocks, garbled: set[int]) -> None:
+        """Add to the ground truth the documents of ``blocks`` every block of which is ``garbled``."""
+        if self.train_docs is None:
+            return
+        docs = {d for d in self._sources(blocks) if set(blocks_of_documents(self.train_docs, [d])) <= garbled}
+        self.poisoned_docs = sorted(set(self.poisoned_docs) | docs)
 
     def state_dict(self) -> dict:
         return {"fired": list(self.fired), "poisoned": [list(r) for r in self.poisoned],
@@ -129,20 +138,13 @@ class FaultInjector:
         k = max(1, round(self.cfg.poison_fraction * per_rank))
         chosen = [sid for b in range(0, len(ids), global_batch) for r in ranks
                   for sid in ids[b + r * per_rank:b + r * per_rank + k]]
-        docs: set[int] = set()
-        if self.train_docs is not None:
-            for sid in chosen:
-                first, last_doc = (int(d) for d in self.train_docs[sid].tolist())
-                docs.update(range(first, last_doc + 1))
         bad = chosen
         if self.cfg.poison_documents and self.train_docs is not None:
-            bad = blocks_of_documents(self.train_docs, docs)
+            bad = blocks_of_documents(self.train_docs, self._sources(chosen))
         # Ground truth of bad *documents*: those every block of which is garbage. Without
         # poison_documents only the chosen blocks are garbled, so a document sharing a chosen block but
         # with other, clean blocks is not bad data.
-        garbled = set(bad)
-        docs = {d for d in docs if set(blocks_of_documents(self.train_docs, [d])) <= garbled}
-        self.poisoned_docs = sorted(set(self.poisoned_docs) | docs)
+        self._whole_documents(chosen, set(bad))
         added = Sampler.merge_ranges((i, i + 1) for i in bad)
         self.armed += [[step, a, b] for a, b in added]
         self.poisoned = [list(r) for r in Sampler.merge_ranges([*map(tuple, self.poisoned), *added])]

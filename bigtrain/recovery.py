@@ -24,7 +24,7 @@ from bigtrain.engine import apply_hparams, keep_loss_scale, loss_scale, lr_multi
 from bigtrain.run import Layout, Run
 from bigtrain.sampler import Sampler, SkipSet, blocks_of_documents, implicated_documents
 from bigtrain.spike import (CAUSE_INCIDENT, DATA, NOISE, OPTIMIZER, SKIP_UPDATE, Attribution, RecoveryPlan, Verdict,
-                            attribute, noise_samples, uniform_like)
+                            attribute, noise_bar, noise_samples, uniform_like)
 
 log = logging.getLogger("bigtrain")
 
@@ -239,11 +239,10 @@ def screen(run: Run, ids: list[int], sums: list[float], counts: list[float], lev
     flagged = [i for i, row in zip(candidates, labels) if uniform_like(row[row != -100].tolist(), run.vocab, cfg)]
     if not flagged:
         return False
-    bar = max(cfg.noise_fraction * math.log(run.vocab), cfg.noise_min_ratio * math.exp(level))
+    bar = noise_bar(level, run.vocab, cfg)
     attribution = Attribution(DATA, flagged, {"noise_bar": round(bar, 4)})
-    max_blocks = max(1, min(int(cfg.max_document_share * run.data.train.shape[0]), cfg.noise_max_blocks))
-    skip = quarantine(h, run.sampler, run.data, attribution, (ids, sums, counts), (0, 0, 0, 0, 0), max_blocks,
-                      cfg.noise_max_blocks, why=NOISE)
+    skip = quarantine(h, run.sampler, run.data, attribution, (ids, sums, counts), (0, 0, 0, 0, 0),
+                      document_cap(run, cfg.noise_max_blocks), cfg.noise_max_blocks, why=NOISE)
     if not skip.rows:
         return False
     run.skips = SkipSet(h.skipped_samples)
@@ -391,14 +390,20 @@ def recover(run: Run, verdict: Verdict, row: dict) -> GiveUp | None:
     return None
 
 
+def document_cap(run: Run, cap: int) -> int:
+    """Blocks a document may have and still be convicted whole: ``spike.max_document_share`` of the
+    training blocks, at most ``cap``, at least 1."""
+    return max(1, min(int(run.cfg.spike.max_document_share * run.data.train.shape[0]), cap))
+
+
 def skip_samples(run: Run, plan: RecoveryPlan, attribution: Attribution | None, suspects: Suspects,
                  spike_step: int) -> Quarantine:
     """What this rollback skips (``quarantine``), from the restored cursor; the run's skip set rebuilt."""
     cfg, h = run.cfg.spike, run.state.history
     window = (run.state.progress.cursor, spike_step - plan.restored_step, run.layout.global_batch,
               plan.skip_multiplier, plan.margin_batches)
-    max_blocks = max(1, min(int(cfg.max_document_share * run.data.train.shape[0]), cfg.max_convicted_blocks))
-    skip = quarantine(h, run.sampler, run.data, attribution, suspects, window, max_blocks, cfg.max_convicted_blocks)
+    skip = quarantine(h, run.sampler, run.data, attribution, suspects, window, document_cap(run, cfg.max_convicted_blocks),
+                      cfg.max_convicted_blocks)
     run.skips = SkipSet(h.skipped_samples)
     return skip
 

@@ -718,6 +718,11 @@ def attribute(sums: list[float], counts: list[float], reference: tuple[float, fl
     return Attribution(cause, outliers, stats, aligned)
 
 
+def noise_bar(level: float, vocab: int, cfg: SpikeConfig) -> float:
+    """The mean token loss from which a sample is a noise candidate (:func:`noise_samples`)."""
+    return max(cfg.noise_fraction * math.log(vocab), cfg.noise_min_ratio * math.exp(level))
+
+
 def noise_samples(sums: list[float], counts: list[float], level: float | None, vocab: int, cfg: SpikeConfig) -> list[int]:
     """Positions of the samples of an accepted step that score like noise: mean token loss at least
     ``cfg.noise_fraction`` x ln(``vocab``) and ``cfg.noise_min_ratio`` x exp(``level``) (the log
@@ -727,7 +732,7 @@ def noise_samples(sums: list[float], counts: list[float], level: float | None, v
     every rank (its inputs came through the step's all-reduce)."""
     if cfg.noise_fraction <= 0 or level is None or vocab < 2:
         return []
-    bar = max(cfg.noise_fraction * math.log(vocab), cfg.noise_min_ratio * math.exp(level))
+    bar = noise_bar(level, vocab, cfg)
     return [i for i, (s, c) in enumerate(zip(sums, counts))
             if c >= cfg.noise_min_tokens and math.isfinite(s / c) and s / c >= bar]
 

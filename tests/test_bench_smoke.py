@@ -86,7 +86,7 @@ def test_a_stopped_run_restarts_from_the_checkpoint_before_the_onset_and_counts_
     rows = lambda a, b, tag="": [{"step": s, "loss": s, "tag": tag} for s in range(a, b + 1)]  # noqa: E731
     first = rows(1, 160)  # stopped at 160
     second = rows(1, 100) + rows(101, 300, "again")  # resumed from 100: rows 101-160 truncated, then redone
-    executed = spike_bench.executed_rows([first, second])
+    executed = spike_bench.merged_legs([first, second])
     assert len(executed) == 160 + 200 and executed[160:] == rows(101, 300, "again")
 
 
