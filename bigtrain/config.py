@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import inspect
 import json
+import math
 import textwrap
 import types
 import typing
@@ -260,7 +261,10 @@ class FaultConfig:
     nan_steps: list[int] = field(default_factory=list)
     """Force a non-finite loss at these steps."""
     corrupt_weights_step: int = 0
-    """At this step, scale one weight matrix by 1000 (silent data corruption); 0 = off."""
+    """At this step, scale one weight matrix by ``corrupt_scale`` (silent data corruption); 0 = off."""
+    corrupt_scale: float = 1000.0
+    """Factor for ``corrupt_weights_step``: 1000 wrecks the model at once; a small one (e.g. 3) is a
+    persistent corruption the loss barely shows."""
     scale_grad_steps: list[int] = field(default_factory=list)
     """Multiply the loss (hence the gradients) by ``grad_scale`` at these steps."""
     grad_scale: float = 1000.0
@@ -281,6 +285,8 @@ class FaultConfig:
         if any(len(r) != 2 or not 0 <= r[0] < r[1] for r in self.poison_ids):
             raise ValueError(f"faults.poison_ids must be [start, end) ranges with 0 <= start < end, got "
                              f"{self.poison_ids!r}")
+        if not (math.isfinite(self.corrupt_scale) and self.corrupt_scale != 0):
+            raise ValueError(f"faults.corrupt_scale must be finite and non-zero, got {self.corrupt_scale!r}")
         if self.poison_kind not in POISON_KINDS:
             raise ValueError(f"faults.poison_kind must be one of {', '.join(POISON_KINDS)}, got {self.poison_kind!r}")
 

@@ -118,7 +118,7 @@ class FaultInjector:
         if self._fire("poison", step, cfg.poison_steps):
             self._poison_block(progress.cursor, sampler, skipped, step, global_batch, per_rank, skips)
         if self._fire("corrupt", step, [cfg.corrupt_weights_step]) and self.here:
-            corrupt_weights(engine)
+            corrupt_weights(engine, cfg.corrupt_scale)
         if self._fire("nan", step, cfg.nan_steps) and self.here:
             self._loss_factor = float("nan")
         if self._fire("scale_grad", step, cfg.scale_grad_steps) and self.here:
@@ -185,12 +185,12 @@ class FaultInjector:
 
 
 @torch.no_grad()
-def corrupt_weights(engine) -> None:
-    """Silent data corruption on this rank: the output projection x1000. Under ZeRO-1/2 the rank's
+def corrupt_weights(engine, scale: float = 1000.0) -> None:
+    """Silent data corruption on this rank: the output projection times ``scale``. Under ZeRO-1/2 the rank's
     working copy; under ZeRO-3 its partition (``ds_tensor``) and, for a small parameter that ZeRO-3
     keeps whole on every rank (below stage3_param_persistence_threshold), the full copy too."""
     weight = engine.module.get_output_embeddings().weight
     if weight.data.numel() > 0:
-        weight.data.mul_(1000.0)
+        weight.data.mul_(scale)
     if getattr(weight, "ds_tensor", None) is not None and weight.ds_tensor.data_ptr() != weight.data.data_ptr():
-        weight.ds_tensor.data.mul_(1000.0)
+        weight.ds_tensor.data.mul_(scale)

@@ -21,7 +21,7 @@ log = logging.getLogger("bigtrain")
 
 
 # Rows with these keys are always logged, whatever train.log_interval says.
-ALWAYS_LOGGED = {"eval_loss", "snapshot_seconds", "checkpoint_seconds"}
+ALWAYS_LOGGED = {"eval_loss", "eval_accuracy", "snapshot_seconds", "checkpoint_seconds"}
 
 
 class Recorder:
@@ -83,9 +83,10 @@ class Recorder:
         if not self._open:
             return
         self._metrics.write(json.dumps({**row, "time": time.time()}) + "\n")  # after the step's eval and saves
-        for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "eps", "eval_loss"):
+        for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "eps", "eval_loss", "eval_accuracy"):
             if row.get(key) is not None:
-                self._tb.add_scalar(f"train/{key}" if key != "eval_loss" else "eval/loss", row[key], row["step"])
+                tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                self._tb.add_scalar(tag, row[key], row["step"])
         self._bar.set_postfix(loss=f"{row['loss']:.4g}", tok_s=f"{row['tokens_per_sec']:.0f}", refresh=False)
         self._bar.update(row["step"] - self._bar.n)  # throttled by mininterval; negative after a rollback
 

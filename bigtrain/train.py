@@ -260,9 +260,9 @@ def micro_batch(data: PackedData, sampler: Sampler, stream: list[int], faults: F
 
 
 class Evaluator:
-    """Held-out loss every ``train.eval_interval`` steps and at the last step, every rank on its own
-    shard, the same number of forwards per rank (ZeRO-3 gathers parameters collectively). One
-    all-reduce."""
+    """Held-out loss and next-token accuracy every ``train.eval_interval`` steps and at the last step,
+    every rank on its own shard, the same number of forwards per rank (ZeRO-3 gathers parameters
+    collectively). One all-reduce."""
 
     def __init__(self, engine, data: PackedData, layout: Layout, cfg):
         self.engine, self.data, self.layout = engine, data, layout
@@ -271,24 +271,30 @@ class Evaluator:
 
     def maybe_eval(self, step: int, row: dict) -> None:
         if self.interval and step % self.interval == 0 or step == self.total:
-            self.last = row["eval_loss"] = self.evaluate()
+            self.last, row["eval_accuracy"] = self.evaluate()
+            row["eval_loss"] = self.last
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> tuple[float, float]:
+        """(mean loss, share of labelled tokens whose argmax prediction is right) over the eval shard.
+        The argmax reads the logits the forward already made (no extra memory beyond one bool per token)."""
         engine, layout = self.engine, self.layout
         engine.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=engine.device)
+        total = torch.zeros(3, dtype=torch.float64, device=engine.device)
         m = self.data.eval.shape[0]
         for b in range(self.batches):
             start = (b * layout.world + layout.rank) * layout.micro
             rows = [(start + j) % m for j in range(layout.micro)]
             batch = {k: v.to(engine.device) for k, v in self.data.batch(rows, "eval").items()}
             out = engine(**batch)
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            total += torch.stack([out.loss.double() * n, torch.tensor(n, dtype=torch.float64, device=engine.device)])
+            target = batch["labels"][:, 1:]
+            mask = target != -100
+            n = mask.sum().double()
+            right = ((out.logits[:, :-1].argmax(-1) == target) & mask).sum().double()
+            total += torch.stack([out.loss.double() * n, n, right])
         dist.all_reduce(total)
         engine.train()
-        return (total[0] / total[1]).item()
+        return (total[0] / total[1]).item(), (total[2] / total[1]).item()
 
 
 def prepare_run_dir(cfg: Config, run_dir: Path, resume: str | None, rank: int) -> Path | None:

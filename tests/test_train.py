@@ -84,17 +84,20 @@ def test_export_gives_a_loadable_model_with_the_trained_eval_loss(tmp_path, data
     data = build_dataset(cfg.data, tokenizer, cfg.train.seed)
     # The trainer's final evaluation: 3 batches x 2 ranks x micro 2, rank-major over the eval blocks.
     m = data.eval.shape[0]
-    total = n = 0.0
+    total = n = right = 0.0
     with torch.no_grad():
         for b in range(3):
             for rank in range(2):
                 start = (b * 2 + rank) * 2
                 x = data.batch([(start + j) % m for j in range(2)], "eval")["input_ids"]
                 tokens = x.shape[0] * (x.shape[1] - 1)
-                total += model(input_ids=x, labels=x).loss.item() * tokens
+                out = model(input_ids=x, labels=x)
+                total += out.loss.item() * tokens
+                right += int((out.logits[:, :-1].argmax(-1) == x[:, 1:]).sum())
                 n += tokens
     final = read_jsonl(run_dir / "metrics.jsonl")[-1]
     assert total / n == pytest.approx(final["eval_loss"], rel=1e-5)
+    assert right / n == pytest.approx(final["eval_accuracy"], abs=1e-9)  # next-token accuracy, same blocks
 
 
 STOPPING_ENTRY = """
