@@ -1,9 +1,11 @@
 """The competitors' spike rules, reproduced so the spike benchmark runs them under bigtrain's trainer.
 
-Two monitors, each a faithful copy of an upstream rule behind bigtrain's ``Monitor`` protocol
+Four monitors, each a copy of an upstream rule behind bigtrain's ``Monitor`` protocol
 (bigtrain/spike.py): OLMo-core's skip-step rule (allenai/OLMo-core,
-src/olmo_core/optim/skip_step_optimizer.py) and llm-foundry's KillLossSpike (mosaicml/llm-foundry,
-llmfoundry/callbacks/kill_loss_spike_callback.py); docs/design.md sec. 2 compares them with bigtrain's.
+src/olmo_core/optim/skip_step_optimizer.py), llm-foundry's KillLossSpike (mosaicml/llm-foundry,
+llmfoundry/callbacks/kill_loss_spike_callback.py), Megatron-LM's rerun state machine checks
+(NVIDIA/Megatron-LM, megatron/core/rerun_state_machine.py, pretrain_gpt.py) and PaLM's manual recipe
+(Chowdhery et al. 2022, sec. 5.1); docs/design.md sec. 2 compares them with bigtrain's.
 They answer with the protocol's generic verdicts (``SKIP_UPDATE``: undo this one update; ``STOP``: end
 the run), which the trainer handles without knowing who asked.
 
@@ -153,10 +155,116 @@ class KillLossSpikeMonitor:
         restarted run fills a new window first (the batch count, Composer's, continues: ``observe``)."""
 
 
+# A step Megatron's spiky-loss check flagged: logged, re-run once, and its update applied (the check
+# is not fatal). The trainer does nothing with this verdict kind but log it in the step's row.
+FLAGGED = "flagged"
+
+
+class MegatronRerunMonitor:
+    """Megatron-LM's loss checks (NVIDIA/Megatron-LM, read at d98e8a6).
+
+    - NaN / Inf loss (``check_for_nan_in_loss_and_grad``, on by default, fatal): the step is re-run in
+      place; a result that does not reproduce is a transient error and the job exits (code 17), one
+      that does is checkpointed and the job exits (16) to be re-run elsewhere
+      (megatron/core/rerun_state_machine.py ``validate_result``). Either way the job ends here (STOP)
+      and the scheduler relaunches it from the newest checkpoint (bench/spike_bench.py ``run_one``).
+    - Spiky loss (``--check-for-spiky-loss``, opt-in, enabled in this policy since without it the
+      policy is plain training): ``is_unexpectedly_large`` (rerun_state_machine.py L698-763) records
+      the max of the first 100 values, then rejects any value >= 10x that max (pretrain_gpt.py
+      ``SPIKY_LOSS_FACTOR = 10``); the max is frozen after 100 values and NaN/Inf are ignored. The
+      check is not fatal: the step is re-run once in place and its update applied (the rerun costs one
+      forward/backward; not executed here, counted by the benchmark). The flag goes to the tracker
+      file, and on the next launch the iterations flagged reproducibly are skipped
+      (``get_skipped_iterations_from_tracker_file``; ``run_one`` passes them as ``train.skip_steps``).
+    - Upstream checks each rank's per-microbatch summed loss; here the all-reduced mean, like every
+      monitor (the ratio to the max is the same for a constant token count; a fault on one rank of R
+      is diluted R-fold). The first iteration is not checked (L592-595). Upstream saves the max in its
+      checkpoint only with ``ckpt_format == "torch_dist"``; this copy keeps it across a relaunch too.
+    """
+
+    num_samples = 100
+    threshold = 10.0
+
+    def __init__(self) -> None:
+        self._max = 0.0
+        self._seen = 0
+        self._first = True
+
+    def observe(self, step: int, loss: float, grad_norm: float, nonfinite: bool = False,
+                ds_skipped: bool = False) -> Verdict:
+        if not math.isfinite(loss):
+            return Verdict(STOP, f"non-finite loss {loss}: Megatron's NaN check ends the job (exit 16/17)", step)
+        if self._first:  # validation is skipped on the job's first iteration
+            self._first = False
+            return Verdict(OK, "first iteration")
+        value = abs(loss)
+        if self._seen < self.num_samples:
+            self._seen += 1
+            self._max = max(self._max, value)
+            return Verdict(OK, "warmup", stats={"max": self._max})
+        if value >= self._max * self.threshold:
+            return Verdict(FLAGGED, f"loss >= {self.threshold:g}x the max of the first {self.num_samples}: "
+                           "re-run, update applied, skipped on the next launch", step, value / self._max,
+                           {"max": self._max})
+        return Verdict(OK, "normal", stats={"max": self._max})
+
+    def reset_pending(self) -> None:
+        """Nothing is pending."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"max": self._max, "seen": self._seen}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self._max, self._seen = d["max"], d["seen"]
+        self._first = True  # a relaunched job skips validation on its first iteration again
+
+
+class PalmManualMonitor:
+    """The person of PaLM's recipe (Chowdhery et al. 2022, "PaLM", sec. 5.1 "Training Instability"):
+    "we re-started training from a checkpoint roughly 100 steps before the spike started, and skipped
+    roughly 200-500 data batches, which cover the batches that were seen before and during the spike".
+    The paper gives no detection rule, so the person stops the run at a spike by the definition this
+    benchmark labels natural spikes with: loss > 1.5x the median of the previous 100 steps (after 20
+    steps). Non-finite losses stop it too (a person sees a NaN). The restart itself (100 steps back,
+    200 batches skipped) is ``run_one``'s. Nothing is kept across a restart: a person has no window."""
+
+    window = 100
+    factor = 1.5
+    min_losses = 20
+
+    def __init__(self) -> None:
+        self._losses: deque[float] = deque(maxlen=self.window)
+
+    def observe(self, step: int, loss: float, grad_norm: float, nonfinite: bool = False,
+                ds_skipped: bool = False) -> Verdict:
+        if not math.isfinite(loss):
+            return Verdict(STOP, f"non-finite loss {loss}: the person restarts", step)
+        verdict = Verdict(OK, "warmup" if len(self._losses) < self.min_losses else "normal")
+        if len(self._losses) >= self.min_losses:
+            median = statistics.median(self._losses)
+            if loss > self.factor * median:
+                verdict = Verdict(STOP, f"loss {loss:.4g} > {self.factor:g}x the median {median:.4g} of the last "
+                                  f"{len(self._losses)} steps", step, loss / median, {"median": median})
+        self._losses.append(loss)
+        return verdict
+
+    def reset_pending(self) -> None:
+        """Nothing is pending."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": list(self._losses)}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Nothing: a restarted run starts with no window (the person looks at the new curve)."""
+
+
 def register() -> None:
-    """Make ``spike.monitor=olmo_skip_step`` and ``spike.monitor=llmfoundry_kill`` valid names."""
+    """Make ``spike.monitor=`` ``olmo_skip_step``, ``llmfoundry_kill``, ``megatron_rerun`` and
+    ``palm_manual`` valid names."""
     register_monitor("olmo_skip_step", _olmo_skip_step)
     register_monitor("llmfoundry_kill", _llmfoundry_kill)
+    register_monitor("megatron_rerun", _megatron_rerun)
+    register_monitor("palm_manual", _palm_manual)
 
 
 def _olmo_skip_step(cfg: SpikeConfig, total_steps: int) -> OlmoSkipStepMonitor:
@@ -165,3 +273,11 @@ def _olmo_skip_step(cfg: SpikeConfig, total_steps: int) -> OlmoSkipStepMonitor:
 
 def _llmfoundry_kill(cfg: SpikeConfig, total_steps: int) -> KillLossSpikeMonitor:
     return KillLossSpikeMonitor(total_steps)  # its window is a share of the run
+
+
+def _megatron_rerun(cfg: SpikeConfig, total_steps: int) -> MegatronRerunMonitor:
+    return MegatronRerunMonitor()
+
+
+def _palm_manual(cfg: SpikeConfig, total_steps: int) -> PalmManualMonitor:
+    return PalmManualMonitor()

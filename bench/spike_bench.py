@@ -90,35 +90,74 @@ class Scenario:
     reference: str | None = None
     """Scenario whose run with the same policy and seed is the clean reference for the final loss;
     None: this scenario's policy "none" with the same seed."""
+    variant: bool = False
+    """A held-out fault variant (issue 12): run with ``--variants``, not by default."""
 
 
-# modadd seeds, in the order their plain run leaves the initial ln(97) plateau (a scan of seeds 1-6,
-# bf16, policy none): 6 and 2 by step ~250, 3 and 4 by ~600, 1 at ~650, 5 later. bigtrain's epoch-permutation sampler makes this plateau far longer and more
-# seed-dependent than the research script's sampling with replacement (escape by ~100 steps); the
-# plateau is not what the scenario measures, so it uses seeds that leave it early.
-MODADD_SEEDS = (2, 6, 3, 4)
+# Seeds used while the rules were developed (dev; every number of the first iterations came from them):
+# text 1-4, modadd 2 and 6 (the first escapers in a scan of seeds 1-6, policy none, of the initial
+# ln(97) plateau), diluted 11 (thresholds) and 12-26 (issue 14's reports). The held-out evaluation
+# uses seeds none of that touched, for every scenario, chosen before any run of them and not
+# selected on any result (a modadd seed may stay on the plateau; it is reported as it is).
+DEV_SEEDS = (1, 2, 3, 4)
+MODADD_DEV_SEEDS = (2, 6, 3, 4)
+HELDOUT_SEEDS = (31, 32, 33, 34, 35)
 
 
-def scenarios(quick: bool) -> list[Scenario]:
-    """The benchmark's scenarios; --quick shortens the runs and moves the faults with them."""
-    n_text = 150 if quick else 300
-    at = n_text // 2  # faults hit mid-run, after the fast initial fall, leaving half the run to recover
-    poison = list(range(at, at + 6))
+def scenarios(quick: bool, dev: bool = False) -> list[Scenario]:
+    """The benchmark's scenarios. Text runs are 200 steps (--quick: 150) with the faults at mid-run
+    (after the fast initial fall, leaving half the run to recover); the variants move them (early:
+    10%, late: 90%) or change their size and shape. ``dev``: the seeds the rules were developed on."""
+    n_text = 150 if quick else 200
+    at = n_text // 2
+    text_seeds = DEV_SEEDS if dev else HELDOUT_SEEDS
+    modadd_seeds = MODADD_DEV_SEEDS if dev else HELDOUT_SEEDS
+    n = 2 if dev else 5
+
+    def poison(first: int, length: int) -> list[str]:
+        return [f"faults.poison_steps=[{','.join(map(str, range(first, first + length)))}]"]
+
+    def text(key: str, title: str, faults: list[str], injected: list[tuple[int, int]], data: bool = False,
+             base: list[str] = STDLIB, variant: bool = False) -> Scenario:
+        return Scenario(key, title, base, n_text, n_text, seeds=text_seeds, n_seeds=n, faults=faults,
+                        injected=injected, data_fault=data, reference="clean_text" if base is STDLIB else "clean_epochs",
+                        variant=variant)
+
+    early, late = n_text // 10, n_text * 9 // 10 - 6
+    # A stdlib subset small enough that a run sees it ~3 times (1,350 train blocks of 64 tokens against
+    # 200 x 16 samples): the poisoned blocks come round again in every epoch.
+    epochs = [*STDLIB, "data.max_bytes=90000"]
     return [
         Scenario("modadd", "1. Low-loss Adam spikes (modadd, real, optimizer-driven)", MODADD,
-                 steps=1000, quick_steps=700, seeds=MODADD_SEEDS, n_seeds=2, kind="natural"),
-        Scenario("poison", "2. Bad data: 6 consecutive batches of garbage tokens on both ranks", STDLIB,
-                 n_text, n_text, faults=[f"faults.poison_steps=[{','.join(map(str, poison))}]"], data_fault=True,
-                 injected=[(poison[0], poison[-1])], reference="clean_text", n_seeds=2),
-        Scenario("sdc", "3. Silent data corruption: output projection x1000 on rank 1", STDLIB, n_text, n_text,
-                 faults=[f"faults.corrupt_weights_step={at}", "faults.ranks=[1]"],
-                 injected=[(at, at)], reference="clean_text", n_seeds=2),
-        Scenario("nan", "4. Non-finite loss at one step (both ranks)", STDLIB, n_text, n_text,
-                 faults=[f"faults.nan_steps=[{at}]"], injected=[(at, at)], reference="clean_text", n_seeds=2),
+                 steps=1000, quick_steps=700, seeds=modadd_seeds, n_seeds=n, kind="natural"),
+        text("poison", "2. Bad data: 6 consecutive batches of garbage tokens on both ranks",
+             poison(at, 6), [(at, at + 5)], data=True),
+        text("sdc", "3. Silent data corruption: output projection x1000 on rank 1",
+             [f"faults.corrupt_weights_step={at}", "faults.ranks=[1]"], [(at, at)]),
+        text("nan", "4. Non-finite loss at one step (both ranks)", [f"faults.nan_steps=[{at}]"], [(at, at)]),
         Scenario("clean_text", "5a. Clean control: stdlib text, nothing injected", STDLIB, n_text, n_text,
-                 kind="clean", n_seeds=2),
-        Scenario("clean_modadd", "5b. Clean control: modadd up to the end of its fast fall", MODADD,
-                 steps=400, quick_steps=250, seeds=MODADD_SEEDS, n_seeds=2, kind="clean"),
+                 seeds=text_seeds, n_seeds=n, kind="clean"),
+        # Variants that played no part in developing any rule (issue 12), defined before any run of them.
+        text("poison_1", "V1. Bad data: 1 batch", poison(at, 1), [(at, at)], data=True, variant=True),
+        text("poison_30", "V2. Bad data: 30 consecutive batches", poison(at, 30), [(at, at + 29)], data=True,
+             variant=True),
+        text("poison_100", "V3. Bad data: 100 consecutive batches (half the run)", poison(at - 40, 100),
+             [(at - 40, at + 59)], data=True, variant=True),
+        text("poison_part", "V4. Bad data on part of the batch: ~30% of 6 batches' samples",
+             [*poison(at, 6), "faults.poison_fraction=0.3"], [(at, at + 5)], data=True, variant=True),
+        text("poison_rank", "V5. Bad data on one rank: rank 1's samples in 6 batches",
+             [*poison(at, 6), "faults.ranks=[1]"], [(at, at + 5)], data=True, variant=True),
+        text("poison_early", "V6. Bad data early (10% of the run): 6 batches", poison(early, 6),
+             [(early, early + 5)], data=True, variant=True),
+        text("poison_late", "V7. Bad data late (90% of the run): 6 batches", poison(late, 6),
+             [(late, late + 5)], data=True, variant=True),
+        text("sdc_small", "V8. Small persistent weight corruption: output projection x3 on rank 1",
+             [f"faults.corrupt_weights_step={at}", "faults.corrupt_scale=3", "faults.ranks=[1]"], [(at, at)],
+             variant=True),
+        text("poison_epochs", "V9. Multi-epoch: 6 bad batches in epoch 1 come round in epochs 2 and 3",
+             poison(n_text // 8, 6), [(n_text // 8, n_text // 8 + 5)], data=True, base=epochs, variant=True),
+        Scenario("clean_epochs", "V9 clean: the multi-epoch data, nothing injected", epochs, n_text, n_text,
+                 seeds=text_seeds, n_seeds=n, kind="clean", variant=True),
     ]
 
 
@@ -134,10 +173,20 @@ PERIODIC = ["checkpoint.interval=50", "checkpoint.keep=100"]
 POLICIES: dict[str, list[str]] = {
     "none": ["spike.monitor=none", "checkpoint.snapshot_interval=0"],
     "clip-only": ["spike.monitor=none", "optim.grad_clip=1.0", "checkpoint.snapshot_interval=0"],
+    # modadd's equal-compute baseline: plain training with the hyper-parameters bigtrain's recovery ends
+    # with on modadd (dev seeds 2 and 6: beta2 0.95, eps 1e-15, LR scaled to 0.02-0.23x, geometric mean
+    # ~0.07), the LR decayed to 0.07x by the schedule (cosine to min_lr) instead of by events.
+    "none-matched": ["spike.monitor=none", "checkpoint.snapshot_interval=0", "optim.beta2=0.95", "optim.eps=1e-15",
+                     "optim.min_lr=2.1e-4"],
     "olmo-skip-step": ["spike.monitor=olmo_skip_step", "checkpoint.snapshot_interval=1", "optim.grad_clip=1.0",
                        *PERIODIC],
     "llmfoundry-kill": ["spike.monitor=llmfoundry_kill", "checkpoint.snapshot_interval=0", "optim.grad_clip=1.0",
                         *PERIODIC],
+    # Megatron-LM clips at 1.0 by default (megatron/training/arguments.py, --clip-grad 1.0).
+    "megatron-rerun": ["spike.monitor=megatron_rerun", "checkpoint.snapshot_interval=0", "optim.grad_clip=1.0",
+                       *PERIODIC],
+    # PaLM clipped at 1.0 (Chowdhery et al. 2022, sec. 5).
+    "palm-manual": ["spike.monitor=palm_manual", "checkpoint.snapshot_interval=0", "optim.grad_clip=1.0", *PERIODIC],
     "bigtrain": ["spike.monitor=bigtrain"],
     "bigtrain-clip": ["spike.monitor=bigtrain", "optim.grad_clip=1.0"],
     "bigtrain-no-eps": ["spike.monitor=bigtrain", "spike.lower_eps=false"],
@@ -146,18 +195,28 @@ POLICIES: dict[str, list[str]] = {
     "bigtrain-window": ["spike.monitor=bigtrain", "spike.sample_z=1e9"],
 }
 BIGTRAIN = "bigtrain"
+# The held-out run's policies: every competitor as its users run it, plain training, bigtrain with and
+# without clipping (clip-only is left out: Megatron's policy is clipping plus checks that rarely fire;
+# the ablations bigtrain-no-eps / -lr0.5 / -window were development tools). none-matched runs on modadd only.
+DEFAULT_POLICIES = ["none", "none-matched", "olmo-skip-step", "llmfoundry-kill", "megatron-rerun", "palm-manual",
+                    "bigtrain", "bigtrain-clip"]
+MODADD_ONLY = {"none-matched"}
 # Policies whose rule ends the run (llm-foundry's KillLossSpike raises LossSpikeError; OLMo-core's
-# trainer raises on a non-finite loss): a person restarts them, at most MAX_RESTARTS times, from the
-# newest periodic checkpoint before the onset, skipping the data from there to the stop
-# (``train.skip_steps``, the PaLM recipe's "restart ~100 steps before, skip the batches").
-RESTART_POLICIES = {"llmfoundry-kill", "olmo-skip-step"}
+# trainer raises on a non-finite loss; Megatron's NaN check exits the job; PaLM's person stops it): the
+# run is restarted, at most MAX_RESTARTS times, by ``restart_plan``'s rule for the policy.
+RESTART_POLICIES = {"llmfoundry-kill", "olmo-skip-step", "megatron-rerun", "palm-manual"}
 MAX_RESTARTS = 3
+# PaLM: "re-started training from a checkpoint roughly 100 steps before the spike started, and skipped
+# roughly 200-500 data batches" (the low end: these runs are 200 steps).
+PALM_BACK, PALM_SKIP = 100, 200
 # OLMo-core skips an update by multiplying it by zero (src/olmo_core/optim/skip_step_optimizer.py);
 # DeepSpeed offers no cheap way to drop one update, so here the policy restores a per-step snapshot:
 # its loop time measures the emulation, not OLMo's rule, and stays out of the overhead column.
 EMULATED_OVERHEAD = {"olmo-skip-step"}
 # --quick runs the plain baseline, the two competitors that act, and bigtrain's default.
 QUICK_POLICIES = ["none", "olmo-skip-step", "llmfoundry-kill", "bigtrain"]
+# Verdict kinds of a step row that are a policy's detection (FLAGGED: Megatron's logged-only flag).
+FLAGGED = "flagged"
 
 # An event "detects" an injected fault when its onset (or, without one, its step) lies in
 # [first - EARLY, last + LATE]: llm-foundry needs 5 steps at >= 2x before it stops, and its stop
@@ -201,10 +260,11 @@ def command(sc: Scenario, policy: str, seed: int, steps: int, run_dir: Path) -> 
             *fault_overrides(sc), *POLICIES[policy]]
 
 
-def restart_point(run_dir: Path) -> tuple[int, int] | None:
-    """Where a person restarts a run its policy stopped: (checkpoint step, stop step) - the newest
-    periodic checkpoint before the stop event's onset (the stop step when it has none), and the data
-    from there to the stop skipped. None: no stop event, or no checkpoint before it."""
+def restart_point(run_dir: Path, policy: str = "llmfoundry-kill") -> tuple[int, int] | None:
+    """Where a run its policy stopped is restarted: (checkpoint step, stop step). The newest periodic
+    checkpoint before the stop event's onset (the stop step when it has none); for PaLM's person, the
+    newest at least ``PALM_BACK`` steps before the onset, else the newest before it. None: no stop
+    event, or no checkpoint before it."""
     stops = [e for e in read_jsonl(run_dir / "spikes.jsonl") if e.get("event") == "stop"]
     if not stops:
         return None
@@ -213,7 +273,31 @@ def restart_point(run_dir: Path) -> tuple[int, int] | None:
     saved = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*")
                    if (p / "bigtrain_state.json").exists())
     before = [s for s in saved if s < onset]
+    if policy == "palm-manual" and [s for s in before if s <= onset - PALM_BACK]:
+        before = [s for s in before if s <= onset - PALM_BACK]
     return (before[-1], stop["step"]) if before else None
+
+
+def restart_skips(policy: str, run_dir: Path, ckpt: int, stop: int, skips: list[list[int]]) -> list[list[int]]:
+    """Every skip range of the run so far and the new ones for a restart from ``ckpt`` after a stop at
+    ``stop`` (``run_one`` passes on those after the checkpoint; the earlier ones are in its history).
+
+    - llm-foundry / OLMo (a person, PaLM-style): the data from the checkpoint to the stop, plus what the
+      stopped leg itself skipped after the checkpoint.
+    - PaLM: as above, at least ``PALM_SKIP`` batches.
+    - Megatron: the relaunch skips only the iterations its spiky-loss check flagged (they reproduce:
+      every fault here is deterministic data or persistent weights), after the checkpoint; the NaN that
+      ended the job was transient (it did not reproduce), so nothing is skipped for it."""
+    earlier = [r for r in skips if r[0] <= ckpt]
+    later = [r for r in skips if r[0] > ckpt]
+    if policy == "megatron-rerun":
+        flagged = {r["step"] for leg in read_legs(run_dir, "metrics.jsonl") for r in leg if r.get("verdict") == FLAGGED}
+        covered = {s for a, b in later for s in range(a, b + 1)}
+        return earlier + sorted(later + [[s, s] for s in sorted(flagged) if s > ckpt and s not in covered])
+    length = (stop - ckpt) + sum(b - a + 1 for a, b in later)
+    if policy == "palm-manual":
+        length = max(length, PALM_SKIP)
+    return earlier + [[ckpt + 1, ckpt + length]]
 
 
 def carried_faults(sc: Scenario, run_dir: Path, stop: int) -> list[str]:
@@ -225,9 +309,12 @@ def carried_faults(sc: Scenario, run_dir: Path, stop: int) -> list[str]:
     steps = lambda key: [int(x) for x in json.loads(over.get(key, "[]"))]  # noqa: E731
     state = json.loads((run_dir / "checkpoints" / f"step_{stop:08d}" / "bigtrain_state.json").read_text())
     faults = state.get("faults") or {}
+    # A poison stretch is armed whole at its first step (its later steps are marked fired then): its
+    # samples are in poison_ids, and arming its later steps again would poison other samples too.
+    fired = set(faults.get("fired", []))
     out = [f"faults.nan_steps={json.dumps([x for x in steps('faults.nan_steps') if x > stop])}",
            f"faults.scale_grad_steps={json.dumps([x for x in steps('faults.scale_grad_steps') if x > stop])}",
-           f"faults.poison_steps={json.dumps([x for x in steps('faults.poison_steps') if x > stop])}",
+           f"faults.poison_steps={json.dumps([x for x in steps('faults.poison_steps') if x > stop and f'poison@{x}' not in fired])}",
            f"faults.poison_ids={json.dumps(faults.get('poisoned', []), separators=(',', ':'))}"]
     if 0 < int(over.get("faults.corrupt_weights_step", 0)) <= stop:
         out.append("faults.corrupt_weights_step=0")
@@ -283,15 +370,12 @@ def run_one(sc: Scenario, policy: str, seed: int, steps: int, work: Path, env: d
         events = read_jsonl(run_dir / "spikes.jsonl")
         new_stop = sum(e.get("event") == "stop" for e in events) > stops  # this leg's rule stopped it
         stops = sum(e.get("event") == "stop" for e in events)
-        point = restart_point(run_dir) if policy in RESTART_POLICIES and not killed and new_stop else None
+        point = restart_point(run_dir, policy) if policy in RESTART_POLICIES and not killed and new_stop else None
         if point is None or legs > MAX_RESTARTS or (run_dir / "summary.json").exists():
             break
         ckpt, stop = point
-        # The data from the checkpoint's cursor to the stop: the steps run since plus what the
-        # stopped leg itself skipped after the checkpoint (ranges applied before it are in its history).
-        length = (stop - ckpt) + sum(b - a + 1 for a, b in skips if a > ckpt)
-        skips = [r for r in skips if r[0] <= ckpt] + [[ckpt + 1, ckpt + length]]
-        later = [r for r in skips if r[0] > ckpt]
+        skips = restart_skips(policy, run_dir, ckpt, stop, skips)
+        later = [r for r in skips if r[0] > ckpt and r[0] <= steps]
         at = first.index("train") + 1  # options before the overrides (argparse takes them there)
         cmd = [*first[:at], "--resume", str(run_dir / "checkpoints" / f"step_{ckpt:08d}"), *first[at:],
                *carried_faults(sc, run_dir, stop), f"train.skip_steps={json.dumps(later, separators=(',', ':'))}"]
@@ -396,28 +480,81 @@ def injected_rows(rows: list[dict], sc: Scenario) -> list[set[int]]:
     return out
 
 
-def classify_events(rows: list[dict], events: list[dict], faults: list[set[int]]) -> tuple[int, int, int]:
-    """(detected, missed, false alarms) on the executed timeline.
-
-    Each event belongs to the executed row that produced it (rows with a spike / incident /
-    skip_update / stop verdict, in order: the trainer writes exactly one event for each). An event
-    detects a fault if a row the fault touched lies between the event's onset (minus ``EARLY`` rows)
-    and the event, or at most ``LATE`` rows before the event (llm-foundry's stop has no onset).
-    Several events on one fault detect it once; an event that detects nothing is a false alarm."""
+def detections(rows: list[dict], events: list[dict]) -> list[tuple[int, int]]:
+    """(row, onset row) of every detection on the executed timeline. Rows with a spike / incident /
+    skip_update / stop verdict each have exactly one spikes.jsonl event, in order (its onset step is
+    looked up backwards from the row); a row Megatron's check flagged is its own detection (logged
+    only, no event)."""
     event_rows = [i for i, r in enumerate(rows) if r.get("verdict") in ("spike", "incident", "skip_update", "stop")]
     # Events that answer such a row: not a noise screen, a skip_steps or a screen_off (no verdict of theirs).
     events = [e for e in events if e.get("event") in ("rollback", "skip_update", "give_up", "stop")]
-    hit = [False] * len(faults)
-    false_alarms = 0
+    out = []
     for i_e, e in zip(event_rows, events):
         onset = e.get("onset_step")
         i_o = next((j for j in range(i_e, -1, -1) if rows[j]["step"] == onset), i_e) if onset is not None else i_e
+        out.append((i_e, i_o))
+    out += [(i, i) for i, r in enumerate(rows) if r.get("verdict") == FLAGGED]
+    return sorted(out)
+
+
+def classify_events(rows: list[dict], events: list[dict], faults: list[set[int]]) -> tuple[int, int, int]:
+    """(detected, missed, false alarms) on the executed timeline.
+
+    A detection (``detections``) detects a fault if a row the fault touched lies between the
+    detection's onset (minus ``EARLY`` rows) and the detection, or at most ``LATE`` rows before it
+    (llm-foundry's stop has no onset). Several detections of one fault count once; a detection that
+    detects nothing is a false alarm."""
+    hit = [False] * len(faults)
+    false_alarms = 0
+    for i_e, i_o in detections(rows, events):
         found = False
         for f, touched in enumerate(faults):
             if any(j <= i_e and (i_e - j <= LATE or j >= i_o - EARLY) for j in touched):
                 hit[f] = found = True
         false_alarms += not found
     return sum(hit), len(faults) - sum(hit), false_alarms
+
+
+# Natural spikes, labelled by the issue's definition: loss > LABEL_FACTOR x the median of the previous
+# LABEL_WINDOW executed steps, back under that bar within LABEL_RECOVER steps (a loss that stays up is
+# a divergence, not a spike); consecutive labelled steps are one spike.
+LABEL_FACTOR, LABEL_WINDOW, LABEL_RECOVER, LABEL_MIN = 1.5, 50, 50, 20
+
+
+def labelled_spikes(rows: list[dict]) -> list[int]:
+    """Onset rows of the natural spikes on the executed timeline (after LABEL_MIN rows)."""
+    losses = [r["loss"] for r in rows]
+    onsets, i = [], LABEL_MIN
+    while i < len(rows):
+        prev = [x for x in losses[max(0, i - LABEL_WINDOW):i] if math.isfinite(x)]
+        bar = LABEL_FACTOR * statistics.median(prev) if prev else math.inf
+        if not losses[i] > bar:  # NaN counts as a spike
+            i += 1
+            continue
+        end = next((j for j in range(i + 1, min(len(rows), i + 1 + LABEL_RECOVER)) if losses[j] <= bar), None)
+        if end is not None:
+            onsets.append(i)
+        i = end if end is not None else i + LABEL_RECOVER
+    return onsets
+
+
+def natural_scores(rows: list[dict], events: list[dict]) -> dict[str, Any]:
+    """Detection precision / recall against ``labelled_spikes``: a detection matches a labelled spike
+    whose onset lies in [its onset - EARLY, the detection row] or at most LATE rows before it."""
+    labels = labelled_spikes(rows)
+    dets = detections(rows, events)
+    match = lambda d, o: o <= d[0] and (d[0] - o <= LATE or o >= d[1] - EARLY)  # noqa: E731
+    true_dets = sum(any(match(d, o) for o in labels) for d in dets)
+    found = sum(any(match(d, o) for d in dets) for o in labels)
+    return {"labelled": len(labels), "detections": len(dets), "true_detections": true_dets, "found": found,
+            "precision": true_dets / len(dets) if dets else None, "recall": found / len(labels) if labels else None}
+
+
+def eval_at_executed(rows: list[dict], limit: int) -> tuple[float | None, float | None]:
+    """(eval loss, eval accuracy) of the last evaluation within the first ``limit`` executed steps
+    (equal compute: a run that redid steps is compared where the others stopped)."""
+    evals = [r for r in rows[:limit] if "eval_loss" in r]
+    return (evals[-1]["eval_loss"], evals[-1].get("eval_accuracy")) if evals else (None, None)
 
 
 def parse_run(run_dir: Path, sc: Scenario, policy: str, seed: int, steps: int, rc: int,
@@ -442,8 +579,12 @@ def parse_run(run_dir: Path, sc: Scenario, policy: str, seed: int, steps: int, r
     detected, missed, false_alarms = classify_events(rows, events, faults)
     gone = discarded_mask(rows)
     faulty_kept = sum(not gone[i] for touched in faults for i in touched)
+    natural = natural_scores(rows, events) if sc.kind == "natural" else None
     if sc.kind == "natural":
-        detected = missed = false_alarms = None  # real spikes: counted by the research rule instead
+        detected = missed = false_alarms = None  # real spikes: scored against the labelled list instead
+    reruns = sum(r.get("verdict") == FLAGGED for r in rows)  # Megatron re-runs each flagged step once
+    equal_loss, equal_acc = eval_at_executed(rows, steps)
+    accs = [r["eval_accuracy"] for r in path if "eval_accuracy" in r]
     finished = rc == 0 and steps_done == steps and summary is not None
     kinds = [e.get("event") for e in events]
     restarts = len(legs) - 1
@@ -459,11 +600,13 @@ def parse_run(run_dir: Path, sc: Scenario, policy: str, seed: int, steps: int, r
         "events": [{k: e.get(k) for k in ("event", "step", "onset_step", "verdict", "reason", "action",
                                           "restored_step", "wasted_steps", "eps_after", "lr_scale_after",
                                           "beta2_after")} for e in events],
-        "detected": detected, "missed": missed, "false_alarms": false_alarms,
+        "final_eval_accuracy": accs[-1] if accs else None,
+        "eval_loss_equal_executed": equal_loss, "eval_accuracy_equal_executed": equal_acc, "natural": natural,
+        "detected": detected, "missed": missed, "false_alarms": false_alarms, "reruns": reruns,
         "faulty_steps_run": sum(len(t) for t in faults), "faulty_steps_kept": faulty_kept if faults else None,
-        "rollbacks": sum(e.get("event") in ("rollback", "skip_update") for e in events),
-        "wasted_steps": wasted, "wasted_steps_summary": summary.get("wasted_steps") if summary else None,
-        "wasted_tokens": wasted * tokens_per_step, "executed_steps": len(rows),
+        "rollbacks": sum(e.get("event") in ("rollback", "skip_update") for e in events) + reruns,
+        "wasted_steps": wasted + reruns, "wasted_steps_summary": summary.get("wasted_steps") if summary else None,
+        "wasted_tokens": (wasted + reruns) * tokens_per_step, "executed_steps": len(rows),
         "ds_skipped_steps": sum(not r.get("step_applied", True) for r in rows),
         "wall_seconds": round(wall, 1), "train_seconds": summary.get("seconds") if summary else None,
         "causes": [e.get("cause") for e in events if e.get("cause")],
@@ -498,9 +641,10 @@ def relative(results: list[dict], r: dict, scs: dict[str, Scenario]) -> float | 
     sc = scs[r["scenario"]]
     ref_key, ref_policy = (sc.reference, r["policy"]) if sc.reference else (sc.key, "none")
     ref = [x for x in results if x["scenario"] == ref_key and x["policy"] == ref_policy and x["seed"] == r["seed"]]
-    if not ref or ref[0]["final_eval_loss"] is None or r["final_eval_loss"] is None:
+    a = compared_loss(r, sc)
+    b = compared_loss(ref[0], scs.get(ref_key, sc)) if ref else None
+    if a is None or b is None:
         return None
-    a, b = r["final_eval_loss"], ref[0]["final_eval_loss"]
     if not (math.isfinite(a) and math.isfinite(b)):
         return math.nan
     return a / b - 1
@@ -561,23 +705,94 @@ def _groups(results: list[dict], scs: dict[str, Scenario]):
                 yield sc, policy, rs
 
 
+def _pct_interval(xs: list[float]) -> str:
+    """Mean [95% t-interval] of relative differences, in percent; n=1: the value."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "—"
+    if any(not math.isfinite(x) for x in xs):
+        return "nan"
+    iv = interval(xs)
+    if iv is None:
+        return _pct(xs[0])
+    return f"{100 * iv[0]:+.1f}% [{100 * iv[1]:+.1f}, {100 * iv[2]:+.1f}]"
+
+
+def compared_loss(r: dict, sc: Scenario) -> float | None:
+    """The loss a run is judged by: on modadd (real spikes, where recovery redoes steps) the last eval
+    within the steps every policy executed (equal compute); elsewhere the final eval."""
+    return r.get("eval_loss_equal_executed") if sc.kind == "natural" else r["final_eval_loss"]
+
+
 def outcome_table(results: list[dict], scs: dict[str, Scenario]) -> list[str]:
-    lines = ["| scenario | policy | finished | final eval loss | vs clean | train loss, last 50 steps "
-             "| spikes (10x rule), run / kept |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| scenario | policy | finished | final eval loss | vs clean, paired | eval accuracy "
+             "| at equal executed steps: eval loss / accuracy | spikes (10x rule), run / kept "
+             "| natural spikes: labelled / precision / recall |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for sc, policy, rs in _groups(results, scs):
+        nat = [r.get("natural") or {} for r in rs]
+        prec = [x["precision"] for x in nat if x.get("precision") is not None]
+        rec = [x["recall"] for x in nat if x.get("recall") is not None]
         lines.append(
             f"| {sc.key} | {policy} | {sum(r['finished'] for r in rs)}/{len(rs)} "
-            f"| {' / '.join(_fmt(r['final_eval_loss']) for r in rs)} "
-            f"| {' / '.join(_pct(relative(results, r, scs)) for r in rs)} "
-            f"| {' / '.join(_fmt(r['train_loss_last50'], 3) for r in rs)} "
-            f"| {sum(len(r['spikes_executed']) for r in rs)} / {sum(len(r['spikes_kept']) for r in rs)} |")
+            f"| {_fmt_interval([r['final_eval_loss'] for r in rs if r['final_eval_loss'] is not None])} "
+            f"| {_pct_interval([relative(results, r, scs) for r in rs]) if sc.kind != 'clean' or policy != 'none' else '(reference)'} "
+            f"| {_fmt_interval([r['final_eval_accuracy'] for r in rs if r.get('final_eval_accuracy') is not None], 3)} "
+            f"| {_fmt(_mean([r.get('eval_loss_equal_executed') for r in rs]))} / "
+            f"{_fmt(_mean([r.get('eval_accuracy_equal_executed') for r in rs]), 3)} "
+            f"| {sum(len(r['spikes_executed']) for r in rs)} / {sum(len(r['spikes_kept']) for r in rs)} "
+            f"| {sum(x.get('labelled', 0) for x in nat) if sc.kind == 'natural' else 'n/a'} / "
+            f"{_fmt(_mean(prec), 2) if sc.kind == 'natural' else 'n/a'} / {_fmt(_mean(rec), 2) if sc.kind == 'natural' else 'n/a'} |")
+    return lines
+
+
+def paired_claims(results: list[dict], scs: dict[str, Scenario], mine: tuple[str, ...] = (BIGTRAIN, "bigtrain-clip")
+                  ) -> list[str]:
+    """bigtrain (and bigtrain-clip) against every other policy, scenario by scenario, paired by seed.
+
+    A seed where one run finished and the other did not ranks the finished one first, whatever the
+    losses; the loss difference (compared_loss: mine / theirs - 1) is over the seeds where both
+    finished, with a 95% t-interval. A claim ("better" / "worse") is made only when the interval
+    excludes 0 and no unfinished run argues the other way."""
+    lines = ["| scenario | policy | vs | seeds both finished | loss difference, mean [95% CI] | only mine finished "
+             "| only theirs finished | verdict |", "|---|---|---|---|---|---|---|---|"]
+    for sc in scs.values():
+        for me in mine:
+            for other in POLICIES:
+                if other in mine or other == me:
+                    continue
+                pairs = []
+                for seed in sc.seeds:
+                    a = [r for r in results if (r["scenario"], r["policy"], r["seed"]) == (sc.key, me, seed)]
+                    b = [r for r in results if (r["scenario"], r["policy"], r["seed"]) == (sc.key, other, seed)]
+                    if a and b:
+                        pairs.append((a[0], b[0]))
+                if not pairs:
+                    continue
+                both = [(a, b) for a, b in pairs if a["finished"] and b["finished"]]
+                diffs = [compared_loss(a, sc) / compared_loss(b, sc) - 1 for a, b in both
+                         if compared_loss(a, sc) and compared_loss(b, sc)]
+                only_me = sum(a["finished"] and not b["finished"] for a, b in pairs)
+                only_them = sum(b["finished"] and not a["finished"] for a, b in pairs)
+                iv = interval(diffs)
+                if iv is not None and iv[2] < 0 and not only_them:
+                    verdict = "**better**"
+                elif iv is not None and iv[1] > 0 and not only_me:
+                    verdict = "worse"
+                elif only_me and not only_them and (iv is None or iv[1] <= 0):
+                    verdict = "**better** (finished where it did not)"
+                elif only_them and not only_me and (iv is None or iv[2] >= 0):
+                    verdict = "worse (did not finish where it did)"
+                else:
+                    verdict = "no difference shown"
+                lines.append(f"| {sc.key} | {me} | {other} | {len(both)}/{len(pairs)} | {_pct_interval(diffs)} "
+                             f"| {only_me} | {only_them} | {verdict} |")
     return lines
 
 
 def cost_table(results: list[dict], scs: dict[str, Scenario]) -> list[str]:
     lines = ["| scenario | policy | detected | missed | false alarms | faulty steps kept / run "
-             "| rollbacks + skips | restarts by hand | DeepSpeed-skipped steps | wasted steps (tokens) | wall s "
+             "| rollbacks + skips + reruns | restarts by hand | DeepSpeed-skipped steps | wasted steps (tokens) | wall s "
              "| loop overhead |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for sc, policy, rs in _groups(results, scs):
@@ -602,29 +817,48 @@ def cost_table(results: list[dict], scs: dict[str, Scenario]) -> list[str]:
 
 
 DEFINITIONS = """\
-- **policies**: each competitor as its users run it. llm-foundry's KillLossSpike and OLMo-core's
-  skip-step clip gradients at 1.0 (llm-foundry: scripts/train/yamls/pretrain/mpt-7b.yaml,
-  `algorithms.gradient_clipping`; OLMo-core's recipes: `max_grad_norm` 1.0) and save a checkpoint
-  every 50 steps. When a policy's rule ends the run (KillLossSpike's LossSpikeError; OLMo-core's
-  trainer raises on a non-finite loss), a simulated person restarts it, at most 3 times, from the
-  newest checkpoint before the stop's onset, skipping the data from there to the stop
-  (`train.skip_steps`, also what the stopped leg itself skipped since): PaLM's manual recipe. What
-  happened stays happened: a transient fault that fired (NaN, weight corruption) does not come back,
-  and poison the stopped leg met stays in the data at its sample ids (`faults.poison_ids`) rather
-  than being armed again on other samples. Each restart is counted, its steps as wasted, its
-  start-up in the wall time; a leg that stops again restarts again, at most 3 times. KillLossSpike ignores a NaN as upstream does (the NaN enters its window
-  and blinds it while it stays there; llm-foundry's YAMLs add no NaN monitor). Neither competitor
-  keeps its window across a restart (upstream keeps it in memory only). `bigtrain-clip` is bigtrain
-  with the same clipping.
+- **policies**: each competitor as its users run it, with gradient clipping at 1.0 as its recipes
+  use (llm-foundry: scripts/train/yamls/pretrain/mpt-7b.yaml, `algorithms.gradient_clipping`;
+  OLMo-core's recipes: `max_grad_norm` 1.0; Megatron-LM: `--clip-grad` 1.0 by default; PaLM: clipping
+  at 1.0) and a checkpoint every 50 steps. When a policy's rule ends the run, it is restarted, at most
+  3 times, from a checkpoint, with its own rule for the data:
+  - `llmfoundry-kill` (KillLossSpike's LossSpikeError) and `olmo-skip-step` (OLMo-core's trainer
+    raises on a non-finite loss): a simulated person restarts from the newest checkpoint before the
+    stop's onset and skips the data from there to the stop.
+  - `palm-manual`: the person of PaLM's report (sec. 5.1) stops at a spike (loss > 1.5x the median
+    of the last 100 steps; the paper gives no rule), restarts from a checkpoint ~100 steps before it
+    and skips 200 batches (the report: 200-500).
+  - `megatron-rerun`: Megatron-LM's checks (megatron/core/rerun_state_machine.py): a NaN ends the
+    job (exit 16/17) and the scheduler relaunches it from the newest checkpoint; a loss >= 10x the
+    max of the first 100 (`--check-for-spiky-loss`, on here) is flagged, re-run once and applied, and
+    skipped only on a relaunch.
+
+  What happened stays happened: a transient fault that fired (NaN, weight corruption) does not come
+  back, and poison met before the stop stays in the data at its sample ids (`faults.poison_ids`).
+  Each restart is counted, its steps as wasted, its start-up in the wall time. KillLossSpike ignores a
+  NaN as upstream does (the NaN enters its window and blinds it while it stays there). No competitor
+  keeps its window across a restart (upstream keeps it in memory only; Megatron's max is kept).
+  `bigtrain-clip` is bigtrain with the same clipping. `none-matched` (modadd only) is plain training
+  with the beta2 (0.95), eps (1e-15) and LR decay (to 0.07x) bigtrain's recovery ended with on the dev
+  seeds: the equal-hyper-parameter baseline.
 - **finished**: exit status 0 and every step done (runs per policy / runs); "finished after N
   restart(s)" when a person had to restart it.
-- **final eval loss**: the last held-out loss the run logged (`train.eval_batches` x micro-batch x 2
+- **eval accuracy**: next-token accuracy on the same held-out blocks (modadd: the answer token).
+  **at equal executed steps**: the last evaluation within the first `train.steps` executed steps
+  (steps a rollback or restart redid count), mean over seeds: on modadd, where recovery redoes steps,
+  the loss every comparison uses.
+- **natural spikes** (modadd): labelled on each run's executed timeline as loss > 1.5x the median
+  of the previous 50 steps, back under it within 50 steps (consecutive steps are one spike); a
+  detection (any rollback, skip, stop or Megatron flag) is true if a labelled onset lies in [its
+  onset - 2, it] or at most 10 steps before it; precision over detections, recall over labelled
+  spikes, means over seeds.
+- **final eval loss**: mean [95% t-interval over seeds] of the last held-out loss the run logged (`train.eval_batches` x micro-batch x 2
   ranks eval blocks, the same blocks every time); for a run that did not finish, the last eval
-  before it stopped. **vs clean**: that loss relative to the clean reference with the same seed:
+  before it stopped. **vs clean, paired**: that loss relative to the clean reference with the same seed,
+  mean [95% t-interval over seeds]:
   for scenarios 2-4 the `clean_text` run *of the same policy* (so the number is what the fault cost
   under that policy; with no event on the clean run it equals plain training), for `modadd` and the
-  clean controls the policy `none` run.
-- **train loss, last 50 steps**: mean training loss of the last 50 steps of the surviving path.
+  clean controls the policy `none` run (modadd: at equal executed steps).
 - **spikes (10x rule)**: the rule of docs/design.md sec. 3, loss > max(1e-3, 10 x the
   minimum of the previous 100 executed steps), >= 50 executed steps apart, after step 200;
   *run*: over every executed step, including those a rollback later undid; *kept*: over the
@@ -637,7 +871,9 @@ DEFINITIONS = """\
   policies `none` and `clip-only` have no detector and miss by construction.
 - **faulty steps kept / run**: executed steps that drew poisoned data, or at which the NaN / weight
   corruption fired, that remain on the surviving path / that were executed at all.
-- **rollbacks + skips**: rollback and skip_update events. **DeepSpeed-skipped steps**: steps whose
+- **rollbacks + skips + reruns**: rollback and skip_update events, and steps Megatron's check
+  flagged (each re-run once in place upstream; the re-run is not executed here, and counts as one
+  wasted step). **DeepSpeed-skipped steps**: steps whose
   update DeepSpeed itself dropped (non-finite gradients). **wasted steps**: executed steps a
   rollback discarded (metrics.jsonl rows minus surviving steps); tokens = steps x global batch x
   seq_len.
@@ -684,27 +920,19 @@ def checks(results: list[dict], scs: dict[str, Scenario]) -> list[str]:
     fa_clean = sum(v for k, v in fa.items() if scs[k].kind == "clean")
     out.append(f"- **Zero false alarms on the clean runs:** {'yes' if fa_clean == 0 else f'no: {fa_clean}'} "
                "(false alarms per scenario: " + ", ".join(f"{k} {v}" for k, v in fa.items()) + ").")
-    rels = [(r, relative(results, r, scs)) for r in inj]
-    far = [f"{r['scenario']} seed {r['seed']} {_pct(x)}" for r, x in rels if x is None or not abs(x) <= 0.01]
-    out.append(f"- **Within 1% of the clean run's held-out loss on scenarios 2-4:** "
-               f"{'yes' if not far else 'no: ' + ', '.join(far)} (all: "
-               + ", ".join(f"{r['scenario']} s{r['seed']} {_pct(x)}" for r, x in rels) + ").")
+    for key in [k for k, sc in scs.items() if sc.kind == "injected"]:
+        rels = [relative(results, r, scs) for r in bt if r["scenario"] == key]
+        out.append(f"- **{key}: held-out loss vs the clean run (same policy, paired by seed):** {_pct_interval(rels)}.")
     for k in (k for k, s in scs.items() if s.kind == "natural"):
         for seed in sorted({r["seed"] for r in results if r["scenario"] == k}, key=scs[k].seeds.index):
             rs = {r["policy"]: r for r in results if r["scenario"] == k and r["seed"] == seed}
-            mine = rs.get(BIGTRAIN)
-            if mine is None or mine["final_eval_loss"] is None:
+            if BIGTRAIN not in rs:
                 continue
-            others = [p for p in rs if not p.startswith(BIGTRAIN)]
-            better = [f"{p} {_fmt(rs[p]['final_eval_loss'])}" for p in others
-                      if rs[p]["final_eval_loss"] is not None and rs[p]["final_eval_loss"] <= mine["final_eval_loss"]]
-            ranked = sorted((p for p in rs if rs[p]["final_eval_loss"] is not None),
-                            key=lambda p: rs[p]["final_eval_loss"])
-            out.append(f"- **Best final held-out loss on {k}, seed {seed}:** "
-                       f"{'yes' if not better else 'no: ' + ', '.join(better) + ' as good or better'} "
-                       f"(bigtrain {_fmt(mine['final_eval_loss'])}; ranking "
-                       + " < ".join(p + ("" if rs[p]["finished"] else "*") for p in ranked)
-                       + "; * = did not finish, its last eval).")
+            # Finished runs first (by the loss at equal executed steps), then the unfinished ones.
+            ranked = sorted(rs, key=lambda p: (not rs[p]["finished"], compared_loss(rs[p], scs[k]) or math.inf))
+            out.append(f"- **{k}, seed {seed}, ranking at equal executed steps ({scs[k].steps}):** "
+                       + " < ".join(f"{p} {_fmt(compared_loss(rs[p], scs[k]), 3)}" + ("" if rs[p]["finished"] else " (not finished)")
+                                    for p in ranked) + ".")
     return out
 
 
@@ -764,6 +992,8 @@ def write_report(results: list[dict], meta: dict, scs: dict[str, Scenario], out:
     lines = [
         "# Spike benchmark",
         "",
+        f"Code: bigtrain **{meta['environment'].get('bigtrain', 'unknown')}** for every run"
+        f"{'' if not meta.get('merged') else ' (and the merged runs below)'}. "
         f"Generated by `{meta['command']}` on {meta['date']} ({meta['total_minutes']:.1f} min for "
         f"{len(results)} runs; {'quick' if meta['quick'] else 'default'} sizing; seeds per scenario in "
         "the table under \"What was run\").",
@@ -778,8 +1008,9 @@ def write_report(results: list[dict], meta: dict, scs: dict[str, Scenario], out:
         "",
         "## Results",
         "",
-        "Per (scenario, policy): values per seed are separated by `/` (seeds in the order of \"What was "
-        "run\"), counts are summed over seeds, times are means. Definitions are under the tables.",
+        "Per (scenario, policy): losses and accuracies are means with a 95% t-interval over seeds (paired by "
+        "seed where compared), counts are summed over seeds, times are means. Every run is in the table "
+        "under \"Every run\". Definitions are under the tables.",
         "",
         *outcome_table(results, scs),
         "",
@@ -789,6 +1020,15 @@ def write_report(results: list[dict], meta: dict, scs: dict[str, Scenario], out:
         "### Answers (computed from the table)",
         "",
         *checks(results, scs),
+        "",
+        "### Claims: bigtrain against each policy, paired by seed",
+        "",
+        "Loss difference: bigtrain's loss / the other policy's - 1 (modadd: at equal executed steps; "
+        "elsewhere the final held-out loss), over the seeds where both finished, mean [95% t-interval]. "
+        "A seed where only one of the two finished ranks the finished one first. **better** / worse only "
+        "where the interval excludes 0 (or only one side finished); everything else is \"no difference shown\".",
+        "",
+        *paired_claims(results, scs),
         "",
         "<details><summary>Every run: outcome and monitor events</summary>",
         "",
@@ -829,6 +1069,24 @@ def write_jsonl(path: Path, meta: dict, results: list[dict]) -> None:
     with open(path, "w") as f:
         for row in [meta, *results]:
             f.write(json.dumps(row) + "\n")
+
+
+HISTORY = "spike_benchmark_history.jsonl"
+
+
+def append_history(out: Path, meta: dict, results: list[dict]) -> None:
+    """Every invocation's runs, one JSON line each, appended and never rewritten (spike_benchmark.jsonl
+    holds the set the report shows). The first call also files the set it is about to replace."""
+    path = out / HISTORY
+    jsonl = out / "spike_benchmark.jsonl"
+    drop = ("curve", "eval_curve")
+    with open(path, "a") as f:
+        if not path.stat().st_size and jsonl.exists():
+            old_meta, *old = read_jsonl(jsonl)
+            f.write(json.dumps({"meta": old_meta, "results": [{k: v for k, v in r.items() if k not in drop}
+                                                               for r in old]}) + "\n")
+        f.write(json.dumps({"meta": meta, "results": [{k: v for k, v in r.items() if k not in drop}
+                                                      for r in results]}) + "\n")
 
 
 def reparse(old: dict, work: Path, sc: Scenario) -> dict:
@@ -1053,6 +1311,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--diluted", action="store_true",
                     help="run the diluted bad-data scenarios (issue 14) and append their section to OUT/spike_benchmark.md")
+    ap.add_argument("--variants", action="store_true",
+                    help="run the held-out fault variants (V1-V9) instead of the main scenarios (with --merge: add them)")
+    ap.add_argument("--dev", action="store_true",
+                    help="use the seeds the rules were developed on instead of the held-out ones")
     ap.add_argument("--quick", action="store_true",
                     help=f"1 seed, shorter runs, policies {', '.join(QUICK_POLICIES)} (about 8 minutes on 2 cores)")
     ap.add_argument("--seeds", type=int, default=None,
@@ -1077,21 +1339,22 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or ("runs/spike-bench-quick" if args.quick else "docs"))
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "spike_benchmark.jsonl"
-    scs = {sc.key: sc for sc in scenarios(args.quick)}
+    every = {sc.key: sc for sc in scenarios(args.quick, args.dev)}
+    scs = {k: sc for k, sc in every.items() if sc.variant == args.variants}
     if args.report_only or args.reparse:
         lines = read_jsonl(jsonl)
         meta, results = lines[0], lines[1:]
-        scs = {sc.key: sc for sc in scenarios(meta["quick"])}
+        scs = {sc.key: sc for sc in scenarios(meta["quick"], meta.get("dev", True))}
         if args.reparse:
             results = [reparse(r, Path(meta["work"]), scs[r["scenario"]]) for r in results]
             write_jsonl(jsonl, meta, results)
         print(write_report(results, meta, {k: v for k, v in scs.items() if k in meta["steps"]}, out))
         return 0
 
-    chosen = [scs[k] for k in (args.only or scs)]
+    chosen = [every[k] for k in (args.only or scs)]
     seeds = {sc.key: args.seed_ids or list(sc.seeds[:args.seeds or (1 if args.quick else sc.n_seeds)])
              for sc in chosen}
-    policies = args.policies or (QUICK_POLICIES if args.quick else list(POLICIES))
+    policies = args.policies or (QUICK_POLICIES if args.quick else DEFAULT_POLICIES)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     work = Path(args.work or f"runs/spike-bench-{stamp}").resolve()
     env = run_env()
@@ -1099,7 +1362,8 @@ def main(argv: list[str] | None = None) -> int:
     print("warming up (comm op build, data cache) ...", flush=True)
     warm_up(env)
     steps = {sc.key: sc.quick_steps if args.quick else sc.steps for sc in chosen}
-    jobs = [(sc, p, s) for sc in chosen for s in seeds[sc.key] for p in policies]
+    jobs = [(sc, p, s) for sc in chosen for s in seeds[sc.key] for p in policies
+            if p not in MODADD_ONLY or sc.base is MODADD]
     t0 = time.monotonic()
     results = []
     for i, (sc, policy, seed) in enumerate(jobs, 1):
@@ -1110,7 +1374,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(r['spikes_executed'])}, wasted {r['wasted_steps']}, {r['wall_seconds']} s", flush=True)
     meta = {"command": shlex.join(["python", "bench/spike_bench.py", *(argv if argv is not None else sys.argv[1:])]),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "quick": args.quick, "seeds": seeds, "steps": steps, "work": str(work),
+            "quick": args.quick, "dev": args.dev, "seeds": seeds, "steps": steps, "work": str(work),
             "total_minutes": (time.monotonic() - t0) / 60, "environment": at_start,
             "jsonl_name": jsonl.name}
     at_end = environment()
@@ -1118,6 +1382,7 @@ def main(argv: list[str] | None = None) -> int:
         meta["warning"] = (f"bigtrain's code changed during the benchmark ({at_start['bigtrain']} at the start, "
                            f"{at_end['bigtrain']} at the end): runs may mix code versions")
     shown = {sc.key: sc for sc in chosen}
+    new_runs = list(results)
     if args.merge and jsonl.exists():
         old_meta, *old_results = read_jsonl(jsonl)
         done = {(r["scenario"], r["policy"], r["seed"]) for r in results}
@@ -1126,9 +1391,11 @@ def main(argv: list[str] | None = None) -> int:
         old_meta["steps"] = {**old_meta["steps"], **meta["steps"]}
         for k, new_seeds in meta["seeds"].items():
             have = old_meta["seeds"].get(k, [])
-            old_meta["seeds"][k] = [x for x in scs[k].seeds if x in have or x in new_seeds]
+            old_meta["seeds"][k] = [x for x in every[k].seeds if x in have or x in new_seeds]
         meta = {**old_meta, "merged": merged}
-        shown = {k: v for k, v in scs.items() if k in meta["steps"]}
+        shown = {k: v for k, v in every.items() if k in meta["steps"]}
+    append_history(out, meta, [r for r in results if (r["scenario"], r["policy"], r["seed"]) in
+                               {(x["scenario"], x["policy"], x["seed"]) for x in new_runs}])
     write_jsonl(jsonl, meta, results)
     print(write_report(results, meta, shown, out))
     return 0

@@ -22,7 +22,7 @@ ENTRY = str(ROOT / "bench" / "bench_entry.py")
 sys.path.insert(0, str(ROOT / "bench"))
 
 import competitors  # noqa: E402
-from competitors import KillLossSpikeMonitor, OlmoSkipStepMonitor  # noqa: E402
+from competitors import KillLossSpikeMonitor, MegatronRerunMonitor, OlmoSkipStepMonitor, PalmManualMonitor  # noqa: E402
 
 
 @pytest.fixture
@@ -38,6 +38,8 @@ def test_registered_names_build_the_competitors(registered):
                       OlmoSkipStepMonitor)
     kill = build_monitor(SpikeConfig(monitor="llmfoundry_kill"), 10_000)
     assert isinstance(kill, KillLossSpikeMonitor) and kill.window_size == 500
+    assert isinstance(build_monitor(SpikeConfig(monitor="megatron_rerun"), 10), MegatronRerunMonitor)
+    assert isinstance(build_monitor(SpikeConfig(monitor="palm_manual"), 10), PalmManualMonitor)
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
@@ -180,3 +182,34 @@ def test_competitors_keep_no_state_across_a_restart():
         losses = [2.0, 9.0, 9.0, 9.0, 9.0, 9.0, 2.0]
         assert any(mon.observe(t, x, 1.0).kind != "ok" for t, x in enumerate(losses, start=151))
         assert all(twin.observe(t, x, 1.0).kind == "ok" for t, x in enumerate(losses, start=151))
+
+
+def test_megatron_flags_10x_the_frozen_max_of_the_first_100_and_applies_the_update():
+    """is_unexpectedly_large: the first iteration is not checked, the next 100 values set the max, which
+    never moves again; a value >= 10x it is flagged (logged, the update applied), not stopped."""
+    mon = MegatronRerunMonitor()
+    assert mon.observe(1, 1000.0, 1.0).kind == "ok"  # first iteration: not validated, not in the max
+    for t in range(2, 102):
+        assert mon.observe(t, 5.0 if t == 2 else 2.0, 1.0).kind == "ok"
+    assert mon.observe(102, 49.9, 1.0).kind == "ok"  # below 10 x 5
+    v = mon.observe(103, 50.0, 1.0)
+    assert v.kind == "flagged" and v.onset_step == 103 and v.severity == pytest.approx(10.0)
+    assert mon.observe(104, 49.0, 1.0).kind == "ok"  # the flagged value did not raise the max
+    assert mon.observe(105, math.nan, 1.0).kind == "stop"  # the NaN check ends the job
+    twin = MegatronRerunMonitor()
+    twin.load_state_dict(json.loads(json.dumps(mon.state_dict())))
+    assert twin.observe(106, 60.0, 1.0).kind == "ok"  # a relaunched job skips its first iteration
+    assert twin.observe(107, 60.0, 1.0).kind == "flagged"  # then the saved max applies
+
+
+def test_palm_person_stops_above_1_5x_the_median_and_forgets_on_restart():
+    mon = PalmManualMonitor()
+    for t in range(1, 21):
+        assert mon.observe(t, 30.0 if t == 5 else 2.0, 1.0).kind == "ok"  # no decision before 20 losses
+    assert mon.observe(21, 3.0, 1.0).kind == "ok"  # exactly 1.5 x the median: not above
+    v = mon.observe(22, 3.01, 1.0)
+    assert v.kind == "stop" and v.onset_step == 22
+    assert mon.observe(23, math.inf, 1.0).kind == "stop"
+    twin = PalmManualMonitor()
+    twin.load_state_dict(mon.state_dict())
+    assert twin.observe(24, 100.0, 1.0).kind == "ok"  # a restarted run: the person starts watching anew

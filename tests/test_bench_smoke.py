@@ -100,9 +100,81 @@ def test_a_restart_carries_the_world_over_and_merges_each_legs_events_once(tmp_p
                                                              "faults.corrupt_weights_step=120"])
     stop = tmp_path / "checkpoints" / "step_00000154"
     stop.mkdir(parents=True)
-    (stop / "bigtrain_state.json").write_text(json.dumps({"faults": {"poisoned": [[7, 9], [40, 41]]}}))
+    (stop / "bigtrain_state.json").write_text(json.dumps({"faults": {"poisoned": [[7, 9], [40, 41]],
+                                                                     "fired": ["poison@150", "poison@151"]}}))
     assert spike_bench.carried_faults(sc, tmp_path, 154) == [
         "faults.nan_steps=[250]", "faults.scale_grad_steps=[]", "faults.poison_steps=[]",
         "faults.poison_ids=[[7,9],[40,41]]", "faults.corrupt_weights_step=0"]
     a, b, c = {"time": 1.0, "event": "rollback"}, {"time": 2.0, "event": "stop"}, {"time": 3.0, "event": "skip_steps"}
     assert spike_bench.merged_events([[a, b], [b, c]]) == [a, b, c]  # the resume dropped a, kept b
+
+
+def test_a_poison_stretch_not_reached_before_the_stop_is_still_armed_but_a_fired_one_is_not(tmp_path):
+    """A stretch is armed whole at its first step (its samples then live in poison_ids); a later step
+    of it must not be armed again on the restart, which would poison other samples too."""
+    import spike_bench
+
+    sc = spike_bench.Scenario("x", "x", [], 300, 300, faults=["faults.poison_steps=[150,151,152,200]"])
+    stop = tmp_path / "checkpoints" / "step_00000151"
+    stop.mkdir(parents=True)
+    (stop / "bigtrain_state.json").write_text(json.dumps({"faults": {
+        "poisoned": [[7, 9]], "fired": ["poison@150", "poison@151", "poison@152"]}}))
+    assert "faults.poison_steps=[200]" in spike_bench.carried_faults(sc, tmp_path, 151)
+
+
+def test_each_policy_restarts_by_its_own_rule(tmp_path):
+    """llm-foundry / OLMo: skip from the checkpoint to the stop; PaLM: 100 steps back, 200 batches
+    skipped; Megatron: only the iterations its check flagged (the NaN that ended the job was transient)."""
+    import spike_bench
+
+    for step in (50, 100, 150):
+        (tmp_path / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step_{step:08d}" / "bigtrain_state.json").write_text("{}")
+    (tmp_path / "spikes.jsonl").write_text(json.dumps({"event": "stop", "step": 160, "onset_step": 156}) + "\n")
+    assert spike_bench.restart_point(tmp_path, "llmfoundry-kill") == (150, 160)
+    assert spike_bench.restart_point(tmp_path, "palm-manual") == (50, 160)  # newest <= 156 - 100
+    assert spike_bench.restart_skips("llmfoundry-kill", tmp_path, 150, 160, []) == [[151, 160]]
+    assert spike_bench.restart_skips("llmfoundry-kill", tmp_path, 150, 160, [[20, 30], [155, 158]]) == [
+        [20, 30], [151, 164]]  # the stopped leg's own skip after the checkpoint is carried, longer
+    assert spike_bench.restart_skips("palm-manual", tmp_path, 50, 160, []) == [[51, 250]]
+    assert spike_bench.restart_skips("palm-manual", tmp_path, 50, 400, []) == [[51, 400]]  # at least to the stop
+    rows = [{"step": s, "loss": 1.0, "verdict": "flagged" if s in (40, 120, 130) else "ok"} for s in range(1, 161)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert spike_bench.restart_skips("megatron-rerun", tmp_path, 100, 160, []) == [[120, 120], [130, 130]]
+    (tmp_path / "spikes.jsonl").write_text(json.dumps({"event": "stop", "step": 40, "onset_step": 40}) + "\n")
+    assert spike_bench.restart_point(tmp_path, "palm-manual") is None  # no checkpoint before the onset
+
+
+def test_natural_spikes_are_labelled_by_the_median_rule_and_scored_per_detection():
+    """A spike: loss > 1.5x the median of the previous 50 steps, back under it within 50 steps; a loss
+    that stays up is not one. A detection matches a spike at most 10 rows before it."""
+    import spike_bench
+
+    losses = [1.0] * 100 + [2.0, 3.0, 1.0] + [1.0] * 100 + [5.0] * 60
+    rows = [{"step": i + 1, "loss": x, "verdict": "ok"} for i, x in enumerate(losses)]
+    assert spike_bench.labelled_spikes(rows) == [100]  # the divergence at 203 never recovers
+    rows[104]["verdict"] = "flagged"  # detected 4 rows after the onset
+    rows[150]["verdict"] = "flagged"  # nothing there: a false detection
+    s = spike_bench.natural_scores(rows, [])
+    assert (s["labelled"], s["detections"], s["true_detections"], s["found"]) == (1, 2, 1, 1)
+    assert s["precision"] == 0.5 and s["recall"] == 1.0
+
+
+def test_paired_claims_rank_unfinished_runs_last_and_claim_only_outside_the_interval():
+    import spike_bench
+
+    sc = spike_bench.Scenario("poison", "t", [], 10, 10, seeds=(1, 2, 3))
+    mk = lambda p, seed, loss, fin=True: {"scenario": "poison", "policy": p, "seed": seed,  # noqa: E731
+                                          "final_eval_loss": loss, "finished": fin}
+    res = [mk("bigtrain", s, 2.0 + 0.01 * s) for s in (1, 2, 3)]
+    res += [mk("none", s, 2.5 + 0.01 * s) for s in (1, 2, 3)]
+    res += [mk("llmfoundry-kill", 1, 1.0, fin=False), mk("llmfoundry-kill", 2, 2.0), mk("llmfoundry-kill", 3, 2.03)]
+    lines = spike_bench.paired_claims(res, {"poison": sc}, mine=("bigtrain",))
+    row = {line.split(" | ")[2]: line for line in lines[2:]}
+    assert "| **better** |" in row["none"] and "3/3" in row["none"]
+    # Seed 1: only bigtrain finished (the other's lower loss where it stopped does not count); seeds 2-3
+    # are a wash, so finishing is the whole claim.
+    assert "2/3" in row["llmfoundry-kill"] and "| 1 | 0 | **better** (finished where it did not) |" in row["llmfoundry-kill"]
+    res[-2]["final_eval_loss"], res[-1]["final_eval_loss"] = 1.5, 1.52  # now clearly lower where it finished
+    lines = spike_bench.paired_claims(res, {"poison": sc}, mine=("bigtrain",))
+    assert "no difference shown" in [line for line in lines if "llmfoundry-kill" in line][0]
