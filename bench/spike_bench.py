@@ -102,6 +102,13 @@ class Scenario:
 DEV_SEEDS = (1, 2, 3, 4)
 MODADD_DEV_SEEDS = (2, 6, 3, 4)
 HELDOUT_SEEDS = (31, 32, 33, 34, 35)
+# modadd's held-out seeds: on most seeds bigtrain's epoch-permutation sampler keeps the plain run on the
+# ln(97) plateau for the whole run, where nothing spikes. The rule, fixed before the scan and applied to
+# policy none only (no other policy ran on them): the first seeds >= 31 whose plain run's held-out loss
+# is < 2.0 after 700 steps. Scan of 31-42 (2026-12-05, `--quick --only modadd --policies none`): 31 3.11,
+# 32 4.71, 33 1.49, 34 4.25, 35 4.65, 36 4.67, 37 0.034, 38 0.017, 39 4.62, 40 4.70, 41 1.52, 42 4.34.
+# Four so far; the fifth comes from scanning 43 on by the same rule.
+MODADD_HELDOUT_SEEDS = (33, 37, 38, 41)
 
 
 def scenarios(quick: bool, dev: bool = False) -> list[Scenario]:
@@ -111,7 +118,7 @@ def scenarios(quick: bool, dev: bool = False) -> list[Scenario]:
     n_text = 150 if quick else 200
     at = n_text // 2
     text_seeds = DEV_SEEDS if dev else HELDOUT_SEEDS
-    modadd_seeds = MODADD_DEV_SEEDS if dev else HELDOUT_SEEDS
+    modadd_seeds = MODADD_DEV_SEEDS if dev else MODADD_HELDOUT_SEEDS
     n = 2 if dev else 5
 
     def poison(first: int, length: int) -> list[str]:
@@ -129,10 +136,10 @@ def scenarios(quick: bool, dev: bool = False) -> list[Scenario]:
     epochs = [*STDLIB, "data.max_bytes=90000"]
     return [
         Scenario("modadd", "1. Low-loss Adam spikes (modadd, real, optimizer-driven)", MODADD,
-                 steps=1000, quick_steps=700, seeds=modadd_seeds, n_seeds=n, kind="natural"),
+                 steps=1000, quick_steps=700, seeds=modadd_seeds, n_seeds=min(n, len(modadd_seeds)), kind="natural"),
         text("poison", "2. Bad data: 6 consecutive batches of garbage tokens on both ranks",
              poison(at, 6), [(at, at + 5)], data=True),
-        text("sdc", "3. Silent data corruption: output projection x1000 on rank 1",
+        text("sdc", "3. Silent data corruption for one step: output projection x1000 on rank 1 (the fp32 master restores it after the step)",
              [f"faults.corrupt_weights_step={at}", "faults.ranks=[1]"], [(at, at)]),
         text("nan", "4. Non-finite loss at one step (both ranks)", [f"faults.nan_steps=[{at}]"], [(at, at)]),
         Scenario("clean_text", "5a. Clean control: stdlib text, nothing injected", STDLIB, n_text, n_text,
@@ -151,9 +158,9 @@ def scenarios(quick: bool, dev: bool = False) -> list[Scenario]:
              [(early, early + 5)], data=True, variant=True),
         text("poison_late", "V7. Bad data late (90% of the run): 6 batches", poison(late, 6),
              [(late, late + 5)], data=True, variant=True),
-        text("sdc_small", "V8. Small persistent weight corruption: output projection x3 on rank 1",
-             [f"faults.corrupt_weights_step={at}", "faults.corrupt_scale=3", "faults.ranks=[1]"], [(at, at)],
-             variant=True),
+        # V8, a small persistent weight corruption, waits for a corruption that persists: the current one
+        # scales the rank's working copy, which ZeRO's fp32 master overwrites at the end of the same step
+        # (deepspeed/runtime/zero/stage_1_and_2.py keeps a cloned master partition), so it lasts one step.
         text("poison_epochs", "V9. Multi-epoch: 6 bad batches in epoch 1 come round in epochs 2 and 3",
              poison(n_text // 8, 6), [(n_text // 8, n_text // 8 + 5)], data=True, base=epochs, variant=True),
         Scenario("clean_epochs", "V9 clean: the multi-epoch data, nothing injected", epochs, n_text, n_text,
@@ -289,34 +296,44 @@ def restart_skips(policy: str, run_dir: Path, ckpt: int, stop: int, skips: list[
       every fault here is deterministic data or persistent weights), after the checkpoint; the NaN that
       ended the job was transient (it did not reproduce), so nothing is skipped for it."""
     earlier = [r for r in skips if r[0] <= ckpt]
-    later = [r for r in skips if r[0] > ckpt]
+    later = [r for r in skips if ckpt < r[0] <= stop]  # applied by the stopped leg after the checkpoint
+    unreached = [r for r in skips if r[0] > stop]  # still ahead: kept as they are
     if policy == "megatron-rerun":
         flagged = {r["step"] for leg in read_legs(run_dir, "metrics.jsonl") for r in leg if r.get("verdict") == FLAGGED}
         covered = {s for a, b in later for s in range(a, b + 1)}
-        return earlier + sorted(later + [[s, s] for s in sorted(flagged) if s > ckpt and s not in covered])
+        covered |= {s for a, b in unreached for s in range(a, b + 1)}
+        return earlier + sorted(later + unreached + [[s, s] for s in sorted(flagged) if s > ckpt and s not in covered])
     length = (stop - ckpt) + sum(b - a + 1 for a, b in later)
     if policy == "palm-manual":
         length = max(length, PALM_SKIP)
-    return earlier + [[ckpt + 1, ckpt + length]]
+    new = [ckpt + 1, ckpt + length]
+    return earlier + [new] + [r for r in unreached if r[0] > new[1]]
 
 
-def carried_faults(sc: Scenario, run_dir: Path, stop: int) -> list[str]:
+def carried_faults(sc: Scenario, run_dir: Path, stop: int, seen: dict | None = None) -> list[str]:
     """Fault overrides for a restart after a stop at ``stop``: what happened to the world stays
-    happened. Transient faults that fired by then (NaN, weight corruption, gradient scaling) do not
-    come back; the poison the stopped leg armed stays in the data (``faults.poison_ids``) instead of
-    being armed again at its step on other samples."""
+    happened. Transient faults that fired in any leg so far (NaN, weight corruption, gradient scaling)
+    do not come back; the poison any leg armed stays in the data (``faults.poison_ids``) instead of
+    being armed again at its step on other samples. ``seen`` carries what earlier legs did (each
+    restart's checkpoint descends from one taken before their faults fired, so its own state forgets
+    them); it is updated in place."""
+    seen = {} if seen is None else seen
     over = dict(f.split("=", 1) for f in sc.faults)
     steps = lambda key: [int(x) for x in json.loads(over.get(key, "[]"))]  # noqa: E731
     state = json.loads((run_dir / "checkpoints" / f"step_{stop:08d}" / "bigtrain_state.json").read_text())
     faults = state.get("faults") or {}
     # A poison stretch is armed whole at its first step (its later steps are marked fired then): its
     # samples are in poison_ids, and arming its later steps again would poison other samples too.
-    fired = set(faults.get("fired", []))
-    out = [f"faults.nan_steps={json.dumps([x for x in steps('faults.nan_steps') if x > stop])}",
-           f"faults.scale_grad_steps={json.dumps([x for x in steps('faults.scale_grad_steps') if x > stop])}",
-           f"faults.poison_steps={json.dumps([x for x in steps('faults.poison_steps') if x > stop and f'poison@{x}' not in fired])}",
-           f"faults.poison_ids={json.dumps(faults.get('poisoned', []), separators=(',', ':'))}"]
-    if 0 < int(over.get("faults.corrupt_weights_step", 0)) <= stop:
+    fired = seen["fired"] = seen.get("fired", set()) | set(faults.get("fired", []))
+    reached = seen["reached"] = max(seen.get("reached", 0), stop)
+    poisoned = seen["poisoned"] = sorted({tuple(r) for r in [*seen.get("poisoned", []), *faults.get("poisoned", [])]})
+    left = lambda key, kind: [x for x in steps(key) if x > reached and f"{kind}@{x}" not in fired]  # noqa: E731
+    out = [f"faults.nan_steps={json.dumps(left('faults.nan_steps', 'nan'))}",
+           f"faults.scale_grad_steps={json.dumps(left('faults.scale_grad_steps', 'scale_grad'))}",
+           f"faults.poison_steps={json.dumps(left('faults.poison_steps', 'poison'))}",
+           f"faults.poison_ids={json.dumps([list(r) for r in poisoned], separators=(',', ':'))}"]
+    corrupt = int(over.get("faults.corrupt_weights_step", 0))
+    if 0 < corrupt and (corrupt <= reached or f"corrupt@{corrupt}" in fired):
         out.append("faults.corrupt_weights_step=0")
     return [o.replace(" ", "") for o in out]
 
@@ -357,7 +374,7 @@ def run_one(sc: Scenario, policy: str, seed: int, steps: int, work: Path, env: d
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     cmd = command(sc, policy, seed, steps, run_dir)
-    first, t0, legs, skips, stops = cmd, time.monotonic(), 0, [], 0
+    first, t0, legs, skips, stops, seen = cmd, time.monotonic(), 0, [], 0, {}
     while True:
         with open(run_dir / "log.txt", "a") as log:
             # Own session, so the watchdog can end torchrun and its workers together by group id.
@@ -378,7 +395,7 @@ def run_one(sc: Scenario, policy: str, seed: int, steps: int, work: Path, env: d
         later = [r for r in skips if r[0] > ckpt and r[0] <= steps]
         at = first.index("train") + 1  # options before the overrides (argparse takes them there)
         cmd = [*first[:at], "--resume", str(run_dir / "checkpoints" / f"step_{ckpt:08d}"), *first[at:],
-               *carried_faults(sc, run_dir, stop), f"train.skip_steps={json.dumps(later, separators=(',', ':'))}"]
+               *carried_faults(sc, run_dir, stop, seen), f"train.skip_steps={json.dumps(later, separators=(',', ':'))}"]
     wall = time.monotonic() - t0
     result = parse_run(run_dir, sc, policy, seed, steps, proc.returncode, wall)
     if killed:
@@ -528,7 +545,7 @@ def labelled_spikes(rows: list[dict]) -> list[int]:
     while i < len(rows):
         prev = [x for x in losses[max(0, i - LABEL_WINDOW):i] if math.isfinite(x)]
         bar = LABEL_FACTOR * statistics.median(prev) if prev else math.inf
-        if not losses[i] > bar:  # NaN counts as a spike
+        if math.isfinite(losses[i]) and not losses[i] > bar:  # a NaN counts as a spike
             i += 1
             continue
         end = next((j for j in range(i + 1, min(len(rows), i + 1 + LABEL_RECOVER)) if losses[j] <= bar), None)
@@ -585,7 +602,7 @@ def parse_run(run_dir: Path, sc: Scenario, policy: str, seed: int, steps: int, r
     reruns = sum(r.get("verdict") == FLAGGED for r in rows)  # Megatron re-runs each flagged step once
     equal_loss, equal_acc = eval_at_executed(rows, steps)
     accs = [r["eval_accuracy"] for r in path if "eval_accuracy" in r]
-    finished = rc == 0 and steps_done == steps and summary is not None
+    finished = rc == 0 and steps_done == steps and summary is not None and final_eval is not None and math.isfinite(final_eval)
     kinds = [e.get("event") for e in events]
     restarts = len(legs) - 1
     outcome = (f"finished after {restarts} restart(s)" if finished and restarts else
@@ -750,8 +767,9 @@ def paired_claims(results: list[dict], scs: dict[str, Scenario], mine: tuple[str
                   ) -> list[str]:
     """bigtrain (and bigtrain-clip) against every other policy, scenario by scenario, paired by seed.
 
-    A seed where one run finished and the other did not ranks the finished one first, whatever the
-    losses; the loss difference (compared_loss: mine / theirs - 1) is over the seeds where both
+    A seed where one run finished and the other did not is counted in the "only ... finished" columns,
+    not in the loss difference, and is no claim by itself (a harness cap on restarts decides some of
+    them); the loss difference (compared_loss: mine / theirs - 1) is over the seeds where both
     finished, with a 95% t-interval. A claim ("better" / "worse") is made only when the interval
     excludes 0 and no unfinished run argues the other way."""
     lines = ["| scenario | policy | vs | seeds both finished | loss difference, mean [95% CI] | only mine finished "
@@ -775,15 +793,11 @@ def paired_claims(results: list[dict], scs: dict[str, Scenario], mine: tuple[str
                 only_me = sum(a["finished"] and not b["finished"] for a, b in pairs)
                 only_them = sum(b["finished"] and not a["finished"] for a, b in pairs)
                 iv = interval(diffs)
-                if iv is not None and iv[2] < 0 and not only_them:
+                if iv is not None and iv[2] < 0 and only_them <= only_me:
                     verdict = "**better**"
-                elif iv is not None and iv[1] > 0 and not only_me:
+                elif iv is not None and iv[1] > 0 and only_me <= only_them:
                     verdict = "worse"
-                elif only_me and not only_them and (iv is None or iv[1] <= 0):
-                    verdict = "**better** (finished where it did not)"
-                elif only_them and not only_me and (iv is None or iv[2] >= 0):
-                    verdict = "worse (did not finish where it did)"
-                else:
+                else:  # finishing where the other did not is in the counts, not a claim
                     verdict = "no difference shown"
                 lines.append(f"| {sc.key} | {me} | {other} | {len(both)}/{len(pairs)} | {_pct_interval(diffs)} "
                              f"| {only_me} | {only_them} | {verdict} |")
@@ -924,7 +938,7 @@ def checks(results: list[dict], scs: dict[str, Scenario]) -> list[str]:
         rels = [relative(results, r, scs) for r in bt if r["scenario"] == key]
         out.append(f"- **{key}: held-out loss vs the clean run (same policy, paired by seed):** {_pct_interval(rels)}.")
     for k in (k for k, s in scs.items() if s.kind == "natural"):
-        for seed in sorted({r["seed"] for r in results if r["scenario"] == k}, key=scs[k].seeds.index):
+        for seed in sorted({r["seed"] for r in results if r["scenario"] == k}):
             rs = {r["policy"]: r for r in results if r["scenario"] == k and r["seed"] == seed}
             if BIGTRAIN not in rs:
                 continue
@@ -1025,8 +1039,9 @@ def write_report(results: list[dict], meta: dict, scs: dict[str, Scenario], out:
         "",
         "Loss difference: bigtrain's loss / the other policy's - 1 (modadd: at equal executed steps; "
         "elsewhere the final held-out loss), over the seeds where both finished, mean [95% t-interval]. "
-        "A seed where only one of the two finished ranks the finished one first. **better** / worse only "
-        "where the interval excludes 0 (or only one side finished); everything else is \"no difference shown\".",
+        "A seed where only one of the two finished is counted beside it and is no claim by itself. **better** / "
+        "worse only where the interval excludes 0 and the unfinished counts do not argue the other way; "
+        "everything else is \"no difference shown\".",
         "",
         *paired_claims(results, scs),
         "",
@@ -1385,6 +1400,11 @@ def main(argv: list[str] | None = None) -> int:
     new_runs = list(results)
     if args.merge and jsonl.exists():
         old_meta, *old_results = read_jsonl(jsonl)
+        if (old_meta.get("dev", True), old_meta["quick"]) != (args.dev, args.quick):
+            raise SystemExit(f"--merge: {jsonl} holds {'dev' if old_meta.get('dev', True) else 'held-out'}"
+                             f"{', quick' if old_meta['quick'] else ''} runs; these are "
+                             f"{'dev' if args.dev else 'held-out'}{', quick' if args.quick else ''}: run without "
+                             "--merge (the old set stays in the history file) or with the same sizing")
         done = {(r["scenario"], r["policy"], r["seed"]) for r in results}
         results = [r for r in old_results if (r["scenario"], r["policy"], r["seed"]) not in done] + results
         merged = old_meta.get("merged", []) + [{k: meta[k] for k in ("command", "date", "total_minutes", "environment")}]

@@ -261,10 +261,12 @@ class FaultConfig:
     nan_steps: list[int] = field(default_factory=list)
     """Force a non-finite loss at these steps."""
     corrupt_weights_step: int = 0
-    """At this step, scale one weight matrix by ``corrupt_scale`` (silent data corruption); 0 = off."""
+    """At this step, scale one weight matrix by ``corrupt_scale`` for that step (silent data corruption
+    of one step's computation on the faulty ranks); 0 = off."""
     corrupt_scale: float = 1000.0
-    """Factor for ``corrupt_weights_step``: 1000 wrecks the model at once; a small one (e.g. 3) is a
-    persistent corruption the loss barely shows."""
+    """Factor for ``corrupt_weights_step``. The corruption hits the rank's working copy of the weight,
+    which ZeRO's fp32 master partition overwrites when the step ends: it corrupts one step's forward and
+    backward on that rank (and, through its gradient, that update), not the weights from then on."""
     scale_grad_steps: list[int] = field(default_factory=list)
     """Multiply the loss (hence the gradients) by ``grad_scale`` at these steps."""
     grad_scale: float = 1000.0

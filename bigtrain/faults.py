@@ -186,7 +186,8 @@ class FaultInjector:
 
 @torch.no_grad()
 def corrupt_weights(engine, scale: float = 1000.0) -> None:
-    """Silent data corruption on this rank: the output projection times ``scale``. Under ZeRO-1/2 the rank's
+    """Silent data corruption on this rank: the output projection times ``scale``, for the current step
+    only (the optimizer's fp32 master partition is copied back over the working weights when it steps). Under ZeRO-1/2 the rank's
     working copy; under ZeRO-3 its partition (``ds_tensor``) and, for a small parameter that ZeRO-3
     keeps whole on every rank (below stage3_param_persistence_threshold), the full copy too."""
     weight = engine.module.get_output_embeddings().weight

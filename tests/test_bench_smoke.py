@@ -136,6 +136,8 @@ def test_each_policy_restarts_by_its_own_rule(tmp_path):
     assert spike_bench.restart_skips("llmfoundry-kill", tmp_path, 150, 160, []) == [[151, 160]]
     assert spike_bench.restart_skips("llmfoundry-kill", tmp_path, 150, 160, [[20, 30], [155, 158]]) == [
         [20, 30], [151, 164]]  # the stopped leg's own skip after the checkpoint is carried, longer
+    assert spike_bench.restart_skips("llmfoundry-kill", tmp_path, 150, 160, [[155, 158], [180, 185]]) == [
+        [151, 164], [180, 185]]  # a range the stopped leg never reached stays as it was
     assert spike_bench.restart_skips("palm-manual", tmp_path, 50, 160, []) == [[51, 250]]
     assert spike_bench.restart_skips("palm-manual", tmp_path, 50, 400, []) == [[51, 400]]  # at least to the stop
     rows = [{"step": s, "loss": 1.0, "verdict": "flagged" if s in (40, 120, 130) else "ok"} for s in range(1, 161)]
@@ -160,7 +162,7 @@ def test_natural_spikes_are_labelled_by_the_median_rule_and_scored_per_detection
     assert s["precision"] == 0.5 and s["recall"] == 1.0
 
 
-def test_paired_claims_rank_unfinished_runs_last_and_claim_only_outside_the_interval():
+def test_paired_claims_count_unfinished_runs_apart_and_claim_only_outside_the_interval():
     import spike_bench
 
     sc = spike_bench.Scenario("poison", "t", [], 10, 10, seeds=(1, 2, 3))
@@ -173,8 +175,31 @@ def test_paired_claims_rank_unfinished_runs_last_and_claim_only_outside_the_inte
     row = {line.split(" | ")[2]: line for line in lines[2:]}
     assert "| **better** |" in row["none"] and "3/3" in row["none"]
     # Seed 1: only bigtrain finished (the other's lower loss where it stopped does not count); seeds 2-3
-    # are a wash, so finishing is the whole claim.
-    assert "2/3" in row["llmfoundry-kill"] and "| 1 | 0 | **better** (finished where it did not) |" in row["llmfoundry-kill"]
-    res[-2]["final_eval_loss"], res[-1]["final_eval_loss"] = 1.5, 1.52  # now clearly lower where it finished
+    # are a wash, and finishing once more is counted, not claimed.
+    assert "2/3" in row["llmfoundry-kill"] and "| 1 | 0 | no difference shown |" in row["llmfoundry-kill"]
+    res[-2]["final_eval_loss"], res[-1]["final_eval_loss"] = 1.5, 1.52  # the other clearly lower where both finished
     lines = spike_bench.paired_claims(res, {"poison": sc}, mine=("bigtrain",))
-    assert "no difference shown" in [line for line in lines if "llmfoundry-kill" in line][0]
+    assert "| 1 | 0 | no difference shown |" in [line for line in lines if "llmfoundry-kill" in line][0]  # mixed evidence
+    res[6]["finished"], res[6]["final_eval_loss"] = True, 1.51  # all finished, the other lower on each seed
+    lines = spike_bench.paired_claims(res, {"poison": sc}, mine=("bigtrain",))
+    assert "| 3/3 |" in [line for line in lines if "llmfoundry-kill" in line][0]
+    assert "| 0 | 0 | worse |" in [line for line in lines if "llmfoundry-kill" in line][0]
+
+
+def test_faults_that_fired_in_any_earlier_leg_stay_fired(tmp_path):
+    """A second restart's checkpoint descends from one taken before the first leg's faults fired: what
+    the first leg met must not be armed again (review of issue 12)."""
+    import spike_bench
+
+    sc = spike_bench.Scenario("x", "x", [], 300, 300, faults=["faults.poison_steps=[60,61,62]",
+                                                             "faults.nan_steps=[58]"])
+    for step, state in ((70, {"poisoned": [[7, 9]], "fired": ["nan@58", "poison@60", "poison@61", "poison@62"]}),
+                        (55, {"poisoned": [], "fired": []})):
+        d = tmp_path / "checkpoints" / f"step_{step:08d}"
+        d.mkdir(parents=True)
+        (d / "bigtrain_state.json").write_text(json.dumps({"faults": state}))
+    seen: dict = {}
+    spike_bench.carried_faults(sc, tmp_path, 70, seen)
+    again = spike_bench.carried_faults(sc, tmp_path, 55, seen)  # the second leg stopped earlier
+    assert "faults.poison_steps=[]" in again and "faults.nan_steps=[]" in again
+    assert "faults.poison_ids=[[7,9]]" in again
