@@ -107,8 +107,8 @@ HELDOUT_SEEDS = (31, 32, 33, 34, 35)
 # policy none only (no other policy ran on them): the first seeds >= 31 whose plain run's held-out loss
 # is < 2.0 after 700 steps. Scan of 31-42 (2026-12-05, `--quick --only modadd --policies none`): 31 3.11,
 # 32 4.71, 33 1.49, 34 4.25, 35 4.65, 36 4.67, 37 0.034, 38 0.017, 39 4.62, 40 4.70, 41 1.52, 42 4.34.
-# Four so far; the fifth comes from scanning 43 on by the same rule.
-MODADD_HELDOUT_SEEDS = (33, 37, 38, 41)
+# The fifth by the same rule, scanned from 43 on (2026-12-06, same command): 43 4.64, 44 0.037.
+MODADD_HELDOUT_SEEDS = (33, 37, 38, 41, 44)
 
 
 def scenarios(quick: bool, dev: bool = False) -> list[Scenario]:
@@ -654,17 +654,12 @@ def _pct(x: float | None) -> str:
 
 
 def relative(results: list[dict], r: dict, scs: dict[str, Scenario]) -> float | None:
-    """Final held-out loss relative to the clean reference run (same seed)."""
+    """The run against its clean reference (same seed): paired_diff (modadd: accuracy points against
+    policy none at equal executed steps; text: final held-out loss ratio - 1)."""
     sc = scs[r["scenario"]]
     ref_key, ref_policy = (sc.reference, r["policy"]) if sc.reference else (sc.key, "none")
     ref = [x for x in results if x["scenario"] == ref_key and x["policy"] == ref_policy and x["seed"] == r["seed"]]
-    a = compared_loss(r, sc)
-    b = compared_loss(ref[0], scs.get(ref_key, sc)) if ref else None
-    if a is None or b is None:
-        return None
-    if not (math.isfinite(a) and math.isfinite(b)):
-        return math.nan
-    return a / b - 1
+    return paired_diff(r, ref[0], sc) if ref else None
 
 
 def overhead(results: list[dict], r: dict) -> float | None:
@@ -735,6 +730,40 @@ def _pct_interval(xs: list[float]) -> str:
     return f"{100 * iv[0]:+.1f}% [{100 * iv[1]:+.1f}, {100 * iv[2]:+.1f}]"
 
 
+def paired_diff(a: dict, b: dict, sc: Scenario) -> float | None:
+    """How run ``a`` compares with run ``b`` (same seed; ``b`` may be a clean reference), signed so that < 0 means ``a``
+    is better. Text: ``a``'s loss / ``b``'s - 1. modadd: ``b``'s accuracy at equal executed steps minus
+    ``a``'s, in accuracy points (0-1 scale): its losses span 4e-4 to 4 across seeds, so a loss ratio
+    against a run near 0 is dominated by that run (one seed's +1500% drowned the rest)."""
+    if sc.kind == "natural":
+        x, y = a.get("eval_accuracy_equal_executed"), b.get("eval_accuracy_equal_executed")
+        if x is None or y is None:
+            return None
+        return y - x if math.isfinite(x) and math.isfinite(y) else math.nan
+    x, y = compared_loss(a, sc), compared_loss(b, sc)
+    if x is None or y is None:
+        return None
+    if not (math.isfinite(x) and math.isfinite(y)):
+        return math.nan
+    return x / y - 1 if y else None
+
+
+def _diff_interval(xs: list[float], sc: Scenario) -> str:
+    """Mean [95% CI] of paired_diff values: percent of loss, or (modadd) accuracy points, shown with
+    the sign of "mine minus theirs" (higher accuracy is better, so its sign is flipped back)."""
+    if sc.kind != "natural":
+        return _pct_interval(xs)
+    xs = [-x for x in xs if x is not None]
+    if not xs:
+        return "—"
+    if any(not math.isfinite(x) for x in xs):
+        return "nan"
+    if len(xs) == 1:
+        return f"{100 * xs[0]:+.1f} pt acc."
+    iv = interval(xs)
+    return f"{100 * iv[0]:+.1f} pt [{100 * iv[1]:+.1f}, {100 * iv[2]:+.1f}] acc."
+
+
 def compared_loss(r: dict, sc: Scenario) -> float | None:
     """The loss a run is judged by: on modadd (real spikes, where recovery redoes steps) the last eval
     within the steps every policy executed (equal compute); elsewhere the final eval."""
@@ -753,7 +782,7 @@ def outcome_table(results: list[dict], scs: dict[str, Scenario]) -> list[str]:
         lines.append(
             f"| {sc.key} | {policy} | {sum(r['finished'] for r in rs)}/{len(rs)} "
             f"| {_fmt_interval([r['final_eval_loss'] for r in rs if r['final_eval_loss'] is not None])} "
-            f"| {_pct_interval([relative(results, r, scs) for r in rs]) if sc.kind != 'clean' or policy != 'none' else '(reference)'} "
+            f"| {_diff_interval([relative(results, r, scs) for r in rs], sc) if sc.kind not in ('clean', 'natural') or policy != 'none' else '(reference)'} "
             f"| {_fmt_interval([r['final_eval_accuracy'] for r in rs if r.get('final_eval_accuracy') is not None], 3)} "
             f"| {_fmt(_mean([r.get('eval_loss_equal_executed') for r in rs]))} / "
             f"{_fmt(_mean([r.get('eval_accuracy_equal_executed') for r in rs]), 3)} "
@@ -769,10 +798,10 @@ def paired_claims(results: list[dict], scs: dict[str, Scenario], mine: tuple[str
 
     A seed where one run finished and the other did not is counted in the "only ... finished" columns,
     not in the loss difference, and is no claim by itself (a harness cap on restarts decides some of
-    them); the loss difference (compared_loss: mine / theirs - 1) is over the seeds where both
+    them); the difference (paired_diff: loss ratio, or modadd's accuracy points) is over the seeds where both
     finished, with a 95% t-interval. A claim ("better" / "worse") is made only when the interval
     excludes 0 and no unfinished run argues the other way."""
-    lines = ["| scenario | policy | vs | seeds both finished | loss difference, mean [95% CI] | only mine finished "
+    lines = ["| scenario | policy | vs | seeds both finished | difference, mean [95% CI] | only mine finished "
              "| only theirs finished | verdict |", "|---|---|---|---|---|---|---|---|"]
     for sc in scs.values():
         for me in mine:
@@ -788,8 +817,7 @@ def paired_claims(results: list[dict], scs: dict[str, Scenario], mine: tuple[str
                 if not pairs:
                     continue
                 both = [(a, b) for a, b in pairs if a["finished"] and b["finished"]]
-                diffs = [compared_loss(a, sc) / compared_loss(b, sc) - 1 for a, b in both
-                         if compared_loss(a, sc) and compared_loss(b, sc)]
+                diffs = [d for d in (paired_diff(a, b, sc) for a, b in both) if d is not None]
                 only_me = sum(a["finished"] and not b["finished"] for a, b in pairs)
                 only_them = sum(b["finished"] and not a["finished"] for a, b in pairs)
                 iv = interval(diffs)
@@ -799,7 +827,8 @@ def paired_claims(results: list[dict], scs: dict[str, Scenario], mine: tuple[str
                     verdict = "worse"
                 else:  # finishing where the other did not is in the counts, not a claim
                     verdict = "no difference shown"
-                lines.append(f"| {sc.key} | {me} | {other} | {len(both)}/{len(pairs)} | {_pct_interval(diffs)} "
+                counted = f"{len(diffs)}" + (f" ({len(both)} finished)" if len(diffs) != len(both) else "")
+                lines.append(f"| {sc.key} | {me} | {other} | {counted}/{len(pairs)} | {_diff_interval(diffs, sc)} "
                              f"| {only_me} | {only_them} | {verdict} |")
     return lines
 
@@ -852,7 +881,8 @@ DEFINITIONS = """\
   Each restart is counted, its steps as wasted, its start-up in the wall time. KillLossSpike ignores a
   NaN as upstream does (the NaN enters its window and blinds it while it stays there). No competitor
   keeps its window across a restart (upstream keeps it in memory only; Megatron's max is kept).
-  `bigtrain-clip` is bigtrain with the same clipping. `none-matched` (modadd only) is plain training
+  `bigtrain-clip` is bigtrain as shipped (`optim.grad_clip` defaults to 1.0); `bigtrain` is
+  bigtrain with clipping off, as in the scenarios' base (no clipping). `none-matched` (modadd only) is plain training
   with the beta2 (0.95), eps (1e-15) and LR decay (to 0.07x) bigtrain's recovery ended with on the dev
   seeds: the equal-hyper-parameter baseline.
 - **finished**: exit status 0 and every step done (runs per policy / runs); "finished after N
@@ -869,7 +899,7 @@ DEFINITIONS = """\
 - **final eval loss**: mean [95% t-interval over seeds] of the last held-out loss the run logged (`train.eval_batches` x micro-batch x 2
   ranks eval blocks, the same blocks every time); for a run that did not finish, the last eval
   before it stopped. **vs clean, paired**: that loss relative to the clean reference with the same seed,
-  mean [95% t-interval over seeds]:
+  mean [95% t-interval over seeds] (modadd: eval accuracy minus the reference's, in points):
   for scenarios 2-4 the `clean_text` run *of the same policy* (so the number is what the fault cost
   under that policy; with no event on the clean run it equals plain training), for `modadd` and the
   clean controls the policy `none` run (modadd: at equal executed steps).
@@ -916,37 +946,57 @@ def per_run(results: list[dict]) -> list[str]:
     return lines
 
 
+SHIPPED = "bigtrain-clip"  # bigtrain as installed: optim.grad_clip defaults to 1.0 (bigtrain/config.py)
+
+
 def checks(results: list[dict], scs: dict[str, Scenario]) -> list[str]:
-    """The benchmark's questions about bigtrain's default, answered from the numbers (regenerated on
-    every run; the discussion under the notes marker is written by hand)."""
-    bt = [r for r in results if r["policy"] == BIGTRAIN]
+    """The benchmark's questions about bigtrain, answered from the numbers (regenerated on every run;
+    the discussion under the notes marker is written by hand): for bigtrain as shipped (clipping at
+    1.0, SHIPPED) and for bigtrain with clipping off (BIGTRAIN, the scenarios' base)."""
     out = []
-    unfinished = [f"{r['scenario']} seed {r['seed']} ({r['outcome']})" for r in bt if not r["finished"]]
-    out.append(f"- **Finished every scenario:** {'yes' if not unfinished else 'no: ' + ', '.join(unfinished)}.")
-    inj = [r for r in bt if scs[r["scenario"]].kind == "injected"]
-    missed = [f"{r['scenario']} seed {r['seed']}" for r in inj if r["missed"]]
-    kept = [f"{r['scenario']} seed {r['seed']} ({r['faulty_steps_kept']})" for r in inj if r["faulty_steps_kept"]]
-    out.append(f"- **Caught every injected fault:** "
-               f"{'yes' if not missed else 'no: missed in ' + ', '.join(missed)} "
-               f"({sum(r['detected'] for r in inj)}/{sum(len(scs[r['scenario']].injected) for r in inj)}); "
-               f"faulty steps left in the final model: {', '.join(kept) if kept else 'none'}.")
-    fa = {k: sum(r["false_alarms"] or 0 for r in bt if r["scenario"] == k) for k, s in scs.items() if s.kind != "natural"}
-    fa_clean = sum(v for k, v in fa.items() if scs[k].kind == "clean")
-    out.append(f"- **Zero false alarms on the clean runs:** {'yes' if fa_clean == 0 else f'no: {fa_clean}'} "
-               "(false alarms per scenario: " + ", ".join(f"{k} {v}" for k, v in fa.items()) + ").")
-    for key in [k for k, sc in scs.items() if sc.kind == "injected"]:
-        rels = [relative(results, r, scs) for r in bt if r["scenario"] == key]
-        out.append(f"- **{key}: held-out loss vs the clean run (same policy, paired by seed):** {_pct_interval(rels)}.")
+    for policy, name in ((SHIPPED, "bigtrain as shipped (`bigtrain-clip`: gradient clipping 1.0, the default)"),
+                         (BIGTRAIN, "bigtrain with clipping off (`bigtrain`)")):
+        bt = [r for r in results if r["policy"] == policy]
+        if not bt:
+            continue
+        out.append(f"{name}:")
+        unfinished = [f"{r['scenario']} seed {r['seed']} ({r['outcome']})" for r in bt if not r["finished"]]
+        out.append(f"- **Finished every run:** {'yes' if not unfinished else 'no: ' + ', '.join(unfinished)} "
+                   f"({sum(r['finished'] for r in bt)}/{len(bt)}).")
+        inj = [r for r in bt if scs[r["scenario"]].kind == "injected"]
+        missed = [f"{r['scenario']} seed {r['seed']}" for r in inj if r["missed"]]
+        kept = [f"{r['scenario']} seed {r['seed']} ({r['faulty_steps_kept']})" for r in inj if r["faulty_steps_kept"]]
+        out.append(f"- **Caught every injected fault:** "
+                   f"{'yes' if not missed else 'no: missed in ' + ', '.join(missed)} "
+                   f"({sum(r['detected'] for r in inj)}/{sum(len(scs[r['scenario']].injected) for r in inj)}); "
+                   f"faulty steps left in the final model: {', '.join(kept) if kept else 'none'}.")
+        fa = {k: sum(r["false_alarms"] or 0 for r in bt if r["scenario"] == k) for k, s in scs.items()
+              if s.kind != "natural" and any(r["scenario"] == k for r in bt)}
+        fa_clean = sum(v for k, v in fa.items() if scs[k].kind == "clean")
+        out.append(f"- **Zero false alarms on the clean runs:** {'yes' if fa_clean == 0 else f'no: {fa_clean}'} "
+                   "(false alarms per scenario: " + ", ".join(f"{k} {v}" for k, v in fa.items()) + ").")
+        for key in [k for k, sc in scs.items() if sc.kind == "injected" and any(r["scenario"] == k for r in bt)]:
+            rels = [relative(results, r, scs) for r in bt if r["scenario"] == key]
+            out.append(f"- **{key}: held-out loss vs the clean run (same policy, paired by seed):** {_pct_interval(rels)}.")
+        out.append("")
     for k in (k for k, s in scs.items() if s.kind == "natural"):
         for seed in sorted({r["seed"] for r in results if r["scenario"] == k}):
             rs = {r["policy"]: r for r in results if r["scenario"] == k and r["seed"] == seed}
-            if BIGTRAIN not in rs:
-                continue
-            # Finished runs first (by the loss at equal executed steps), then the unfinished ones.
-            ranked = sorted(rs, key=lambda p: (not rs[p]["finished"], compared_loss(rs[p], scs[k]) or math.inf))
-            out.append(f"- **{k}, seed {seed}, ranking at equal executed steps ({scs[k].steps}):** "
-                       + " < ".join(f"{p} {_fmt(compared_loss(rs[p], scs[k]), 3)}" + ("" if rs[p]["finished"] else " (not finished)")
-                                    for p in ranked) + ".")
+            # Finished runs ranked by accuracy at equal executed steps (then loss); the unfinished apart,
+            # at the last eval they reached (fewer steps).
+            def key(p: str) -> tuple:
+                acc, loss = rs[p].get("eval_accuracy_equal_executed"), compared_loss(rs[p], scs[k])
+                bad = acc is None or not math.isfinite(acc)
+                return (bad, 0 if bad else -acc, math.inf if loss is None or not math.isfinite(loss) else loss)
+
+            def show(p: str) -> str:
+                return f"{p} {_fmt(rs[p].get('eval_accuracy_equal_executed'), 3)} / {_fmt(compared_loss(rs[p], scs[k]), 3)}"
+
+            done = sorted((p for p in rs if rs[p]["finished"]), key=key)
+            stopped = [f"{show(p)} at step {rs[p]['steps_done']}" for p in sorted(rs, key=key) if not rs[p]["finished"]]
+            out.append(f"- **{k}, seed {seed}, ranking at equal executed steps ({scs[k].steps}), accuracy / loss:** "
+                       + " > ".join(show(p) for p in done) + (f"; not finished: {', '.join(stopped)}" if stopped else "")
+                       + ".")
     return out
 
 
@@ -1008,8 +1058,9 @@ def write_report(results: list[dict], meta: dict, scs: dict[str, Scenario], out:
         "",
         f"Code: bigtrain **{meta['environment'].get('bigtrain', 'unknown')}** for every run"
         f"{'' if not meta.get('merged') else ' (and the merged runs below)'}. "
-        f"Generated by `{meta['command']}` on {meta['date']} ({meta['total_minutes']:.1f} min for "
-        f"{len(results)} runs; {'quick' if meta['quick'] else 'default'} sizing; seeds per scenario in "
+        f"{len(results)} runs; {meta['total_minutes'] + sum(m['total_minutes'] for m in meta.get('merged', [])):.1f} min "
+        f"over {1 + len(meta.get('merged', []))} invocations (replaced runs included); first invocation `{meta['command']}` on {meta['date']} ({meta['total_minutes']:.1f} min; "
+        f"{'quick' if meta['quick'] else 'default'} sizing; seeds per scenario in "
         "the table under \"What was run\").",
         "",
         f"Environment: Python {env['python']}, torch {env['torch']}, DeepSpeed {env['deepspeed']}, "
@@ -1017,7 +1068,7 @@ def write_report(results: list[dict], meta: dict, scs: dict[str, Scenario], out:
         f"{env['cores']} cores; {env['os']}. "
         "Every run is `torchrun --nproc_per_node 2 -m bigtrain train ...` (gloo, CPU), one at a time.",
         *([f"\n**Warning:** {meta['warning']}."] if meta.get("warning") else []),
-        *[f"\nRuns replaced later by `{m['command']}` on {m['date']} (bigtrain "
+        *[f"\nRuns added (or replaced) later by `{m['command']}` on {m['date']} (bigtrain "
           f"{m['environment'].get('bigtrain', 'unknown')}, {m['total_minutes']:.1f} min)." for m in meta.get("merged", [])],
         "",
         "## Results",
@@ -1037,8 +1088,11 @@ def write_report(results: list[dict], meta: dict, scs: dict[str, Scenario], out:
         "",
         "### Claims: bigtrain against each policy, paired by seed",
         "",
-        "Loss difference: bigtrain's loss / the other policy's - 1 (modadd: at equal executed steps; "
-        "elsewhere the final held-out loss), over the seeds where both finished, mean [95% t-interval]. "
+        "Difference: on the text scenarios bigtrain's final held-out loss / the other policy's - 1; on "
+        "modadd bigtrain's eval accuracy at equal executed steps minus the other's, in accuracy points "
+        "(its losses span 4e-4 to 4 across seeds, so a loss ratio is dominated by the run nearest 0); "
+        "over the seeds where both finished, mean [95% t-interval]. `bigtrain-clip` is bigtrain as shipped "
+        "(gradient clipping 1.0 is the default); `bigtrain` turns clipping off. "
         "A seed where only one of the two finished is counted beside it and is no claim by itself. **better** / "
         "worse only where the interval excludes 0 and the unfinished counts do not argue the other way; "
         "everything else is \"no difference shown\".",
@@ -1211,7 +1265,7 @@ def diluted_report(results: list[dict], meta: dict) -> list[str]:
              and r["policy"] == "none" and r["final_eval_loss"] is not None}
     off = {(r["scenario"], r["seed"]): r["final_eval_loss"] for r in results if r["policy"] == "none"}
     lines = [f"### Diluted bad data ({meta['date']})", "", f"Commands: `{meta['command']}`", "",
-             f"Seeds {list(meta['seeds'])}; the last invocation took {meta['total_minutes']:.1f} min. Held-out loss: final eval loss; vs clean / vs off: "
+             f"Seeds {list(meta['seeds'])}; the last invocation took {(meta.get('merged') or [meta])[-1]['total_minutes']:.1f} min. Held-out loss: final eval loss; vs clean / vs off: "
              "ratio to the clean run (policy none) and to the monitor-off run of the same scenario and seed. "
              "Precision/recall over the injected bad documents (doc) and blocks (sample precision: share of "
              "skipped samples that were garbage).", "",

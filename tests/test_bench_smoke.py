@@ -186,6 +186,33 @@ def test_paired_claims_count_unfinished_runs_apart_and_claim_only_outside_the_in
     assert "| 0 | 0 | worse |" in [line for line in lines if "llmfoundry-kill" in line][0]
 
 
+def test_modadd_is_compared_by_accuracy_points_not_by_a_loss_ratio_near_zero():
+    """On modadd one seed ends near loss 0 and another on the plateau: a loss ratio against the run
+    near 0 drowns every other seed, so runs are compared by accuracy at equal executed steps; higher
+    accuracy is better and is shown as a positive difference."""
+    import spike_bench
+
+    sc = spike_bench.Scenario("modadd", "t", [], 1000, 700, seeds=(1, 2, 3), kind="natural")
+    mk = lambda p, seed, loss, acc: {"scenario": "modadd", "policy": p, "seed": seed, "finished": True,  # noqa: E731
+                                     "eval_loss_equal_executed": loss, "eval_accuracy_equal_executed": acc}
+    # bigtrain is 2-4 points more accurate on every seed; on seed 1 its loss is 30x the other's (both ~0).
+    res = [mk("bigtrain", 1, 0.003, 0.995), mk("bigtrain", 2, 1.0, 0.70), mk("bigtrain", 3, 0.5, 0.83)]
+    res += [mk("none", 1, 0.0001, 0.975), mk("none", 2, 1.2, 0.66), mk("none", 3, 0.6, 0.80)]
+    line = [x for x in spike_bench.paired_claims(res, {"modadd": sc}, mine=("bigtrain",)) if "| none |" in x][0]
+    assert "| **better** |" in line and "+3.0 pt" in line
+    assert spike_bench.paired_diff(res[0], res[3], sc) < 0  # < 0: the first run is the better one
+    res[3]["eval_accuracy_equal_executed"] = None  # a run without an accuracy is left out, not counted as 0
+    line = [x for x in spike_bench.paired_claims(res, {"modadd": sc}, mine=("bigtrain",)) if "| none |" in x][0]
+    assert "| 2 (3 finished)/3 |" in line and "+3.5 pt" in line  # the seeds the interval is over
+    res[3]["eval_accuracy_equal_executed"] = 0.975
+    for r in res:
+        r.update(final_eval_loss=r["eval_loss_equal_executed"], final_eval_accuracy=r["eval_accuracy_equal_executed"],
+                 spikes_executed=[], spikes_kept=[], natural={})
+    rows = {x.split(" | ")[1]: x for x in spike_bench.outcome_table(res, {"modadd": sc})[2:]}
+    assert "| +3.0 pt [" in rows["bigtrain"] and "%" not in rows["bigtrain"]  # more accurate than none: positive
+    assert "| (reference) |" in rows["none"]
+
+
 def test_faults_that_fired_in_any_earlier_leg_stay_fired(tmp_path):
     """A second restart's checkpoint descends from one taken before the first leg's faults fired: what
     the first leg met must not be armed again (review of issue 12)."""
