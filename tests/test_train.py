@@ -97,7 +97,10 @@ def test_export_gives_a_loadable_model_with_the_trained_eval_loss(tmp_path, data
                 n += tokens
     final = read_jsonl(run_dir / "metrics.jsonl")[-1]
     assert total / n == pytest.approx(final["eval_loss"], rel=1e-5)
-    assert right / n == pytest.approx(final["eval_accuracy"], abs=1e-9)  # next-token accuracy, same blocks
+    # Next-token accuracy on the same blocks. The 2-rank ZeRO-3 forward and this one differ in reduction
+    # order (the losses agree to 1e-5, not bit for bit), so a near-tie may flip one argmax: allow one token.
+    assert abs(right / n - final["eval_accuracy"]) <= 1.5 / n
+    assert 0.0 < final["eval_accuracy"] < 1.0
 
 
 STOPPING_ENTRY = """
