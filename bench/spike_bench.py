@@ -718,8 +718,9 @@ def _groups(results: list[dict], scs: dict[str, Scenario]):
                 yield sc, policy, rs
 
 
-def _pct_interval(xs: list[float]) -> str:
-    """Mean [95% t-interval] of relative differences, in percent; n=1: the value."""
+def _pct_interval(xs: list[float], unit: str = "%", tail: str = "") -> str:
+    """Mean [95% t-interval] of differences in hundredths (percent, or accuracy points with
+    ``unit`` " pt"); n=1: the value."""
     xs = [x for x in xs if x is not None]
     if not xs:
         return "—"
@@ -727,8 +728,8 @@ def _pct_interval(xs: list[float]) -> str:
         return "nan"
     iv = interval(xs)
     if iv is None:
-        return _pct(xs[0])
-    return f"{100 * iv[0]:+.1f}% [{100 * iv[1]:+.1f}, {100 * iv[2]:+.1f}]"
+        return (_pct(xs[0]) if unit == "%" else f"{100 * xs[0]:+.1f}{unit}") + tail
+    return f"{100 * iv[0]:+.1f}{unit} [{100 * iv[1]:+.1f}, {100 * iv[2]:+.1f}]{tail}"
 
 
 def paired_diff(a: dict, b: dict, sc: Scenario) -> float | None:
@@ -754,15 +755,7 @@ def _diff_interval(xs: list[float], sc: Scenario) -> str:
     the sign of "mine minus theirs" (higher accuracy is better, so its sign is flipped back)."""
     if sc.kind != "natural":
         return _pct_interval(xs)
-    xs = [-x for x in xs if x is not None]
-    if not xs:
-        return "—"
-    if any(not math.isfinite(x) for x in xs):
-        return "nan"
-    if len(xs) == 1:
-        return f"{100 * xs[0]:+.1f} pt acc."
-    iv = interval(xs)
-    return f"{100 * iv[0]:+.1f} pt [{100 * iv[1]:+.1f}, {100 * iv[2]:+.1f}] acc."
+    return _pct_interval([-x for x in xs if x is not None], unit=" pt", tail=" acc.")
 
 
 def compared_loss(r: dict, sc: Scenario) -> float | None:
