@@ -159,9 +159,11 @@ def scenarios(quick: bool, dev: bool = False) -> list[Scenario]:
              [(early, early + 5)], data=True, variant=True),
         text("poison_late", "V7. Bad data late (90% of the run): 6 batches", poison(late, 6),
              [(late, late + 5)], data=True, variant=True),
-        # V8, a small persistent weight corruption, waits for a corruption that persists: the current one
-        # scales the rank's working copy, which ZeRO's fp32 master overwrites at the end of the same step
-        # (deepspeed/runtime/zero/stage_1_and_2.py keeps a cloned master partition), so it lasts one step.
+        # V8: the corruption is written into ZeRO's fp32 master too (faults.corrupt_persistent), so it stays
+        # in the model until a rollback restores a state from before it; x2 is one exponent bit per element.
+        text("corrupt_persist", "V8. Small persistent weight corruption: output projection x2 in the fp32 master "
+             "(every rank's share), from mid-run on", [f"faults.corrupt_weights_step={at}", "faults.corrupt_scale=2",
+                                                       "faults.corrupt_persistent=true"], [(at, at)], variant=True),
         text("poison_epochs", "V9. Multi-epoch: 6 bad batches in epoch 1 come round in epochs 2 and 3",
              poison(n_text // 8, 6), [(n_text // 8, n_text // 8 + 5)], data=True, base=epochs, variant=True),
         Scenario("clean_epochs", "V9 clean: the multi-epoch data, nothing injected", epochs, n_text, n_text,

@@ -266,7 +266,13 @@ class FaultConfig:
     corrupt_scale: float = 1000.0
     """Factor for ``corrupt_weights_step``. The corruption hits the rank's working copy of the weight,
     which ZeRO's fp32 master partition overwrites when the step ends: it corrupts one step's forward and
-    backward on that rank (and, through its gradient, that update), not the weights from then on."""
+    backward on that rank (and, through its gradient, that update), not the weights from then on
+    (unless ``corrupt_persistent``)."""
+    corrupt_persistent: bool = False
+    """Make ``corrupt_weights_step`` persistent: the rank's share of the fp32 master is scaled too, so
+    the corruption stays in the model from that step on (a fault of the model state, such as a bit flip
+    in optimizer memory) until a rollback restores a state from before it. On the ranks in ``ranks``:
+    each scales the part of the master it owns, so with every rank the whole weight is scaled."""
     scale_grad_steps: list[int] = field(default_factory=list)
     """Multiply the loss (hence the gradients) by ``grad_scale`` at these steps."""
     grad_scale: float = 1000.0

@@ -118,7 +118,7 @@ class FaultInjector:
         if self._fire("poison", step, cfg.poison_steps):
             self._poison_block(progress.cursor, sampler, skipped, step, global_batch, per_rank, skips)
         if self._fire("corrupt", step, [cfg.corrupt_weights_step]) and self.here:
-            corrupt_weights(engine, cfg.corrupt_scale)
+            corrupt_weights(engine, cfg.corrupt_scale, cfg.corrupt_persistent)
         if self._fire("nan", step, cfg.nan_steps) and self.here:
             self._loss_factor = float("nan")
         if self._fire("scale_grad", step, cfg.scale_grad_steps) and self.here:
@@ -185,13 +185,32 @@ class FaultInjector:
 
 
 @torch.no_grad()
-def corrupt_weights(engine, scale: float = 1000.0) -> None:
-    """Silent data corruption on this rank: the output projection times ``scale``, for the current step
-    only (the optimizer's fp32 master partition is copied back over the working weights when it steps). Under ZeRO-1/2 the rank's
-    working copy; under ZeRO-3 its partition (``ds_tensor``) and, for a small parameter that ZeRO-3
-    keeps whole on every rank (below stage3_param_persistence_threshold), the full copy too."""
+def corrupt_weights(engine, scale: float = 1000.0, persistent: bool = False) -> None:
+    """Silent data corruption on this rank: the output projection times ``scale``. Under ZeRO-1/2 the
+    rank's working copy; under ZeRO-3 its partition (``ds_tensor``) and, for a small parameter that
+    ZeRO-3 keeps whole on every rank (below stage3_param_persistence_threshold), the full copy too.
+
+    Transient (``persistent`` False): the optimizer's fp32 master partition is copied back over the
+    working weights when it steps, so the corruption lasts the current step. ``persistent``: this
+    rank's share of the fp32 master is scaled as well (a fault of the model state, such as a bit
+    flip in optimizer memory), so the corruption stays in the weights from then on; only a rollback
+    to a state from before it removes it. Local on every stage (no collective): each rank scales the
+    fragment it owns, as DeepSpeed's ``safe_set_full_fp32_param`` writes it
+    (deepspeed/utils/tensor_fragment.py ``set_full_hp_param``; ZeRO-3:
+    deepspeed/runtime/zero/stage3.py ``set_full_hp_param``). Scaling needs no full value, so no
+    gather either. Without a ZeRO optimizer the working weight is the master: already persistent."""
     weight = engine.module.get_output_embeddings().weight
     if weight.data.numel() > 0:
         weight.data.mul_(scale)
     if getattr(weight, "ds_tensor", None) is not None and weight.ds_tensor.data_ptr() != weight.data.data_ptr():
         weight.ds_tensor.data.mul_(scale)
+    if not persistent:
+        return
+    if hasattr(weight, "ds_id"):  # ZeRO-3: this rank's slice of the flat fp32 partition
+        opt = weight._z3_optimizer
+        part, group = opt._get_fp32_opt_state_partition(weight, release_swap_buffers=False)
+        part.mul_(scale)
+        if opt._swappable_optimizer_subgroup(group):  # NVMe offload: write the changed subgroup back
+            opt._optimizer_states_and_gradient_swap_out(group)
+    elif getattr(weight, "_hp_mapping", None) is not None:  # ZeRO-1/2 (and the bf16 optimizer)
+        weight._hp_mapping.get_hp_fragment().mul_(scale)

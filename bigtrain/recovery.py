@@ -148,7 +148,8 @@ class Quarantine:
 
 def quarantine(history: History, sampler: Sampler, data: PackedData, attribution: Attribution | None,
                suspects: tuple[list[int], list[float], list[float]], window: tuple[int, int, int, int, int],
-               max_document_blocks: int = 0, max_convicted_blocks: int = 0, why: str = "outlier") -> Quarantine:
+               max_document_blocks: int = 0, max_convicted_blocks: int = 0, why: str = "outlier",
+               skip_stream: bool | None = None) -> Quarantine:
     """Add to what ``history`` skips what this recovery skips, by cause:
     - data (outliers explain the spike): the outlier samples, plus every block of the documents they
       convict (:func:`bigtrain.sampler.implicated_documents`), wherever those blocks lie in the stream,
@@ -160,6 +161,8 @@ def quarantine(history: History, sampler: Sampler, data: PackedData, attribution
       data - most are good samples skipped once so the model state moves past the region that blew up
       (as in the PaLM recipe) - so they are skipped for that one pass only and come back in later
       epochs; banning them by id would add ~180k ids per rollback at a global batch of 1,024.
+    ``skip_stream`` (None: when the cause is optimizer) adds the window for any cause: a data rollback
+    that repeats one in its region (``RecoveryPlan.skip_stream``) skips the stream ahead as well.
     ``max_convicted_blocks`` > 0: documents are convicted (in order) only while their blocks total at
     most this; the rest lose only their flagged blocks. So each rollback adds at most
     (suspect samples + ``max_convicted_blocks``) ids. ``why``: the reason the flagged samples' rows give."""
@@ -198,7 +201,7 @@ def quarantine(history: History, sampler: Sampler, data: PackedData, attribution
     rows = [row for sid, row in new.items() if sid not in known]
     history.skipped_samples = np.union1d(existing, fresh).tolist()  # C-speed merge: screens may run often
     history.skipped_docs = sorted(set(history.skipped_docs) | set(docs))
-    if cause == OPTIMIZER:
+    if cause == OPTIMIZER if skip_stream is None else skip_stream:
         cursor, rolled, global_batch, multiplier, margin = window
         stream, end = skip_window(sampler, cursor, history.skipped, rolled, global_batch, multiplier, margin,
                                   SkipSet(history.skipped_samples))
@@ -403,7 +406,7 @@ def skip_samples(run: Run, plan: RecoveryPlan, attribution: Attribution | None, 
     window = (run.state.progress.cursor, spike_step - plan.restored_step, run.layout.global_batch,
               plan.skip_multiplier, plan.margin_batches)
     skip = quarantine(h, run.sampler, run.data, attribution, suspects, window, document_cap(run, cfg.max_convicted_blocks),
-                      cfg.max_convicted_blocks)
+                      cfg.max_convicted_blocks, skip_stream=plan.skip_stream)
     run.skips = SkipSet(h.skipped_samples)
     return skip
 

@@ -168,6 +168,17 @@ class SpikeConfig:
     """Cap on the widening of the skipped data window (1, 2, 4, ...) so escalation cannot skip an
     unbounded share of the data."""
 
+    data_repeat_window: bool = True
+    """A data rollback whose onset follows the previous data rollback's within ``region_steps``
+    also skips a stream window from the restored position, as an optimizer rollback does (1, 2, 4,
+    ... x the rolled-back steps' samples, plus ``skip_margin_batches``), besides the samples it
+    convicts. A data rollback skips only the outliers it saw, the samples of the few steps before the
+    detection; a bad block longer than that brings the next rollback a few steps later, and a
+    100-batch block spent the whole rollback budget that way (docs/spike_benchmark.md, V3). A
+    second data rollback in a region is the evidence that the bad stretch goes on past what was
+    seen; the window's good samples are skipped for that one pass only. False: a data rollback
+    skips by sample id only."""
+
     sample_window: int = 256
     """Per-sample losses (summed token loss / label count of each sample) of recent accepted steps that
     the attribution's median/MAD use: at a global batch of 16 that is the last 16 steps, at 1,024 a
@@ -823,7 +834,8 @@ class RecoveryPlan:
     level: int
     skip_multiplier: int
     """The window an optimizer rollback skips: ``skip_multiplier`` x the samples the rolled-back steps
-    drew, plus ``margin_batches`` global batches (a data or incident rollback skips by sample id)."""
+    drew, plus ``margin_batches`` global batches (a data or incident rollback skips by sample id,
+    and a repeated data rollback the window too: ``skip_stream``)."""
     eps: float
     lr_scale: float
     beta2: float
@@ -833,6 +845,9 @@ class RecoveryPlan:
     margin_batches: int = 0
     budgeted: bool = True
     """A rollback counted against the budgets (False: a skip-update verdict, which has none)."""
+    skip_stream: bool = False
+    """Skip the stream window (``skip_multiplier``, ``margin_batches``) from the restored position: an
+    optimizer rollback, or a data rollback that repeats one in its region (``data_repeat_window``)."""
     restore_monitor: bool = True
     """Restore the monitor's statistics from the target (from before the onset). A skip-update
     verdict keeps them: the flagged value stays in the monitor's window, as in OLMo-core
@@ -853,6 +868,7 @@ class Escalation:
         self.wasted = 0
         self.onsets: list[int] = []  # onset step of every rollback taken
         self.levels: list[int] = []  # escalation level of every rollback taken
+        self.causes: list[str] = []  # cause of every rollback taken
 
     def decide(self, step: int, onset_step: int, rollback_to_step: int, steps_executed: int,
                eps: float, lr_scale: float, beta2: float, cause: str = OPTIMIZER,
@@ -865,8 +881,9 @@ class Escalation:
 
         ``cause`` (see :func:`attribute`) picks the medicine. OPTIMIZER climbs the ladder (eps, then
         LR, then beta2, and a wider skip window on each repeat in the region). DATA and
-        CAUSE_INCIDENT rewind and change no hyper-parameter: bad samples are skipped by id, a
-        non-finite step is retried; they count against the budgets like any rollback, and they
+        CAUSE_INCIDENT rewind and change no hyper-parameter: bad samples are skipped by id (and, on a
+        data rollback that follows another in its region, the stream window ahead too:
+        ``SpikeConfig.data_repeat_window``), a non-finite step is retried; they count against the budgets like any rollback, and they
         neither raise nor reset the level of a later optimizer spike (recorded at level -1; the
         level comes from the last optimizer rollback of the region).
 
@@ -879,7 +896,7 @@ class Escalation:
         wasted = step - rollback_to_step
         if kind == SKIP_UPDATE:
             return RecoveryPlan(False, "skip one update (no budget applies)", 0, 1, eps, lr_scale, beta2, wasted, rollback_to_step,
-                                margin_batches=0, budgeted=False, restore_monitor=False)
+                                margin_batches=0, budgeted=False, restore_monitor=False, skip_stream=cause == OPTIMIZER)
         # Chain on the previous rollback (not the first of the region): spikes that drift a
         # little later after each rollback still escalate, as in docs/design.md sec. 3.
         # The ladder counts optimizer rollbacks only: a data or incident rollback in between (level
@@ -890,6 +907,10 @@ class Escalation:
         if cause != OPTIMIZER:
             level = -1
         multiplier = min(2 ** max(level, 0), cfg.max_skip_multiplier)
+        skip_stream = cause == OPTIMIZER
+        repeats = self.data_repeats(onset_step) if cause == DATA and cfg.data_repeat_window else 0
+        if repeats:  # the bad stretch goes on past the samples seen: skip ahead, widening on each repeat
+            multiplier, skip_stream = min(2 ** (repeats - 1), cfg.max_skip_multiplier), True
         total_wasted = self.wasted + wasted
         # Judged over at least region_steps steps: in the first steps of a run one rollback is "all
         # of the compute" (7 of 7), and a run that keeps failing early is stopped by max_rollbacks.
@@ -905,7 +926,7 @@ class Escalation:
 
         def stop(reason: str) -> RecoveryPlan:
             return RecoveryPlan(True, reason, level, multiplier, eps, lr_scale, beta2, wasted, rollback_to_step,
-                                cfg.skip_margin_batches)
+                                cfg.skip_margin_batches, skip_stream=skip_stream)
 
         recent = 1 + sum(1 for o in self.onsets if onset_step - o <= cfg.region_steps)
         if recent > cfg.max_rollbacks:
@@ -921,17 +942,35 @@ class Escalation:
         self.wasted = total_wasted
         self.onsets.append(onset_step)
         self.levels.append(level)
+        self.causes.append(cause)
         where = "same region as the previous rollback" if same_region else "new region"
         reason = (f"rollback {self.rollbacks} at level {level} ({where})" if cause == OPTIMIZER else
                   f"rollback {self.rollbacks}, cause {cause}: no hyper-parameter changed")
+        if repeats:
+            reason += (f"; data rollback {repeats + 1} in a row in the region: the stream ahead is skipped too "
+                       f"(x{multiplier} window)")
         return RecoveryPlan(False, reason, level, multiplier, new_eps, new_lr, new_beta2, wasted, rollback_to_step,
-                            cfg.skip_margin_batches)
+                            cfg.skip_margin_batches, skip_stream=skip_stream)
+
+    def data_repeats(self, onset_step: int) -> int:
+        """Data rollbacks just before this one, each onset within ``region_steps`` of the next
+        (another cause in between does not break the chain; a gap longer than a region does)."""
+        n, ref = 0, onset_step
+        for o, c in zip(reversed(self.onsets), reversed(self.causes)):
+            if abs(ref - o) > self.cfg.region_steps:
+                break
+            if c == DATA:
+                n, ref = n + 1, o
+        return n
 
     def state_dict(self) -> dict[str, Any]:
         return {"rollbacks": self.rollbacks, "wasted": self.wasted, "onsets": list(self.onsets),
-                "levels": list(self.levels)}
+                "levels": list(self.levels), "causes": list(self.causes)}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.rollbacks, self.wasted = int(d["rollbacks"]), int(d["wasted"])
         self.onsets = [int(s) for s in d["onsets"]]
         self.levels = [int(s) for s in d["levels"]]
+        # a state saved before causes were kept: optimizer rollbacks are those with a level; the
+        # others (data or incident) cannot be told apart, so none of them counts as a data repeat
+        self.causes = [str(c) for c in d.get("causes", [OPTIMIZER if lv >= 0 else "" for lv in self.levels])]

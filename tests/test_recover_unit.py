@@ -283,6 +283,15 @@ def test_quarantine_optimizer_window_is_one_pass_and_document_convictions_are_ca
     assert state.skipped_docs == [2] and q.event["offending_documents"] == [2]
     assert state.skipped_samples == sorted({25, 51, 77} | set(range(20, 30)))
     assert state.skipped == [[0, 24]]  # a data rollback skips no window
+    # A data rollback that repeats one in its region (RecoveryPlan.skip_stream): the outliers by id and
+    # the window from the restored cursor (1 rolled-back step + 1 margin batch of 8 samples not
+    # skipped yet), one pass.
+    q = quarantine(state, sampler, data, Attribution(DATA, [0], {}), ([40], [9.0], [1.0]), (24, 1, 8, 1, 1),
+                   skip_stream=True)
+    assert 40 in state.skipped_samples and q.event["cause"] == DATA
+    window = [r for r in q.rows if r["why"] == "window"]
+    assert q.event["skipped_range"] == [24, state.skipped[0][1]] and len(window) == 16 - (40 in sampler.sample_ids(
+        range(24, state.skipped[0][1])))
 
 
 def test_rollback_skip_window_counts_drawn_samples_not_stream_span():

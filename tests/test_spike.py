@@ -608,6 +608,34 @@ def test_escalation_data_rollback_between_optimizer_rollbacks_keeps_the_ladder()
     assert second.lr_scale < first.lr_scale
 
 
+def test_a_repeated_data_rollback_in_a_region_also_skips_the_stream_ahead_widening_each_time():
+    """Issue 12 (V3): a bad block longer than the few steps a rollback sees brought a data rollback
+    every ~2 steps until the budget stopped the run. The second data rollback of a region skips the
+    stream window too (x1, then x2, x4 ... up to max_skip_multiplier), changing no hyper-parameter."""
+    esc = Escalation(SpikeConfig(max_skip_multiplier=4))
+    plans = [esc.decide(102 - i, 100 - i, 90, 90, 1e-8, 1.0, 0.99, DATA) for i in range(5)]
+    assert [p.skip_stream for p in plans] == [False, True, True, True, True]
+    assert [p.skip_multiplier for p in plans[1:]] == [1, 2, 4, 4]
+    assert all((p.eps, p.lr_scale, p.beta2, p.level) == (1e-8, 1.0, 0.99, -1) for p in plans)
+    assert "stream ahead is skipped" in plans[1].reason and "stream" not in plans[0].reason
+    # An incident in between does not break the chain; a data rollback a region away starts a new one.
+    esc.decide(99, 99, 90, 90, 1e-8, 1.0, 0.99, CAUSE_INCIDENT)
+    assert esc.decide(99, 99, 90, 90, 1e-8, 1.0, 0.99, DATA).skip_multiplier == 4
+    far = esc.decide(700, 700, 690, 690, 1e-8, 1.0, 0.99, DATA)
+    assert not far.skip_stream
+    # The chain survives a checkpoint; a state saved before causes were kept counts no repeats.
+    twin = Escalation(SpikeConfig(max_skip_multiplier=4))
+    twin.load_state_dict(json.loads(json.dumps(esc.state_dict())))
+    assert twin.decide(701, 701, 690, 690, 1e-8, 1.0, 0.99, DATA).skip_stream
+    old = {k: v for k, v in esc.state_dict().items() if k != "causes"}
+    twin.load_state_dict(old)
+    assert not twin.decide(701, 701, 690, 690, 1e-8, 1.0, 0.99, DATA).skip_stream
+    # Off: a data rollback skips by sample id only; an optimizer rollback always skips the window.
+    off = Escalation(SpikeConfig(data_repeat_window=False))
+    assert not any(off.decide(100, 100, 90, 90, 1e-8, 1.0, 0.99, DATA).skip_stream for _ in range(3))
+    assert off.decide(100, 100, 90, 90, 1e-8, 1.0, 0.99, OPTIMIZER).skip_stream
+
+
 def test_attribution_rescored_by_the_restored_weights():
     """The same spiked samples judged again by the weights from before the onset (``rescored``)."""
     cfg = SpikeConfig()
