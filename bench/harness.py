@@ -141,13 +141,18 @@ def versions(packages: tuple[str, ...] = ("torch", "deepspeed", "transformers"))
 PLUGINS = ("bench/bench_entry.py", "bench/competitors.py", "bench/modadd.py")
 
 
+# Bench code that decides what the runs do without being executed by the jobs: the spike benchmark's
+# scenarios, policies and restart rules, and the launcher they go through.
+DRIVERS = ("bench/spike_bench.py", "bench/harness.py")
+
+
 def code_version() -> tuple[str, bool]:
     """The checkout's commit ("unknown" outside git) and whether bigtrain/ or ds_configs/ differ from
-    it (changed or new files), or the bench plug-ins do: the code the jobs ran."""
+    it (changed or new files), or the bench plug-ins or drivers do: the code the runs depended on."""
     try:
         commit = subprocess.run(["git", "log", "-1", "--format=%h"], cwd=REPO, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "bigtrain", "ds_configs", *PLUGINS], cwd=REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "bigtrain", "ds_configs", *PLUGINS, *DRIVERS], cwd=REPO,
                                capture_output=True, text=True, check=True).stdout.strip() != ""
     except (OSError, subprocess.CalledProcessError):
         return "unknown", False
@@ -155,11 +160,11 @@ def code_version() -> tuple[str, bool]:
 
 
 def code_sha256() -> str:
-    """Hash of what the jobs execute (bigtrain/*.py, ds_configs/*.json, the bench plug-ins), so a
-    change in the middle of a benchmark is noticed."""
+    """Hash of what the runs depend on (bigtrain/*.py, ds_configs/*.json, the bench plug-ins and the
+    spike benchmark's driver), so a change in the middle of a benchmark is noticed."""
     code = hashlib.sha256(b"".join(p.read_bytes() for p in sorted([*REPO.glob("bigtrain/*.py"),
                                                                    *REPO.glob("ds_configs/*.json"),
-                                                                   *(REPO / f for f in PLUGINS)])))
+                                                                   *(REPO / f for f in (*PLUGINS, *DRIVERS))])))
     return code.hexdigest()[:12]
 
 
@@ -167,5 +172,5 @@ def environment() -> dict[str, str]:
     """The machine, library versions and code of a benchmark, as one flat record."""
     commit, dirty = code_version()
     return {"python": platform.python_version(), **versions(), "cpu": cpu_model(), "cores": str(os.cpu_count()),
-            "os": platform.platform(), "bigtrain": commit + (" + uncommitted changes in bigtrain/ or its bench plug-ins" if dirty else ""),
+            "os": platform.platform(), "bigtrain": commit + (" + uncommitted changes in bigtrain/ or the bench code" if dirty else ""),
             "code_sha256": code_sha256()}
