@@ -209,6 +209,13 @@ POLICIES: dict[str, list[str]] = {
     "bigtrain-lr0.5": ["spike.monitor=bigtrain", "spike.lr_factor=0.5"],
     # bigtrain with attribution disabled (no sample is ever an outlier): the pre-issue-14 window rule.
     "bigtrain-window": ["spike.monitor=bigtrain", "spike.sample_z=1e9"],
+    # bigtrain as shipped at f9fff5e: data rollbacks skip by sample id only, never the stream ahead.
+    # It decides spike.data_repeat_window's default by a rule fixed before any run on seeds 36-40
+    # (2026-12-06): the window stays on only if bigtrain-clip is better than this policy (paired 95%
+    # interval excluding 0), or finishes where it stops, on the 30- or the 100-batch block (V2, V3), and
+    # is worse (interval excluding 0) on no data scenario (poison, V1-V7, V9). Otherwise its default
+    # becomes off.
+    "bigtrain-clip-idonly": ["spike.monitor=bigtrain", "optim.grad_clip=1.0", "spike.data_repeat_window=false"],
 }
 BIGTRAIN = "bigtrain"
 # The held-out run's policies: every competitor as its users run it, plain training, bigtrain with and

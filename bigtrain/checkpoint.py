@@ -62,8 +62,9 @@ class History:
     how it changed the optimizer, or the compute it threw away)."""
 
     skipped: list[list[int]] = field(default_factory=list)
-    """Half-open stream ranges skipped once: an optimizer rollback's window (good samples passed over to
-    move the model past the region, not bad data, so they come back in later epochs). Checkpoints of
+    """Half-open stream ranges skipped once: the window of an optimizer rollback, or of a data rollback
+    that repeats one in its region (samples passed over to move the model past the region, mostly
+    good ones, so they come back in later epochs). Checkpoints of
     bigtrain <= 0.1 hold every skip in this form; they are honoured as they are (not converted to ids)."""
     skipped_samples: list[int] = field(default_factory=list)
     """Sample ids never to be trained on, in any epoch (spike recovery; see bigtrain.sampler.SkipSet)."""

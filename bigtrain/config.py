@@ -262,7 +262,7 @@ class FaultConfig:
     """Force a non-finite loss at these steps."""
     corrupt_weights_step: int = 0
     """At this step, scale one weight matrix by ``corrupt_scale`` for that step (silent data corruption
-    of one step's computation on the faulty ranks); 0 = off."""
+    of one step's computation on the faulty ranks; from then on with ``corrupt_persistent``); 0 = off."""
     corrupt_scale: float = 1000.0
     """Factor for ``corrupt_weights_step``. The corruption hits the rank's working copy of the weight,
     which ZeRO's fp32 master partition overwrites when the step ends: it corrupts one step's forward and
@@ -271,8 +271,9 @@ class FaultConfig:
     corrupt_persistent: bool = False
     """Make ``corrupt_weights_step`` persistent: the rank's share of the fp32 master is scaled too, so
     the corruption stays in the model from that step on (a fault of the model state, such as a bit flip
-    in optimizer memory) until a rollback restores a state from before it. On the ranks in ``ranks``:
-    each scales the part of the master it owns, so with every rank the whole weight is scaled."""
+    in optimizer memory) until a rollback restores a state from before it. Every rank scales the part
+    of the master it owns, so the whole weight is scaled; ``ranks`` must be empty (a subset would
+    scale whichever slices those ranks happen to own)."""
     scale_grad_steps: list[int] = field(default_factory=list)
     """Multiply the loss (hence the gradients) by ``grad_scale`` at these steps."""
     grad_scale: float = 1000.0
@@ -295,6 +296,10 @@ class FaultConfig:
                              f"{self.poison_ids!r}")
         if not (math.isfinite(self.corrupt_scale) and self.corrupt_scale != 0):
             raise ValueError(f"faults.corrupt_scale must be finite and non-zero, got {self.corrupt_scale!r}")
+        if self.corrupt_persistent and self.ranks:
+            raise ValueError("faults.corrupt_persistent corrupts the fp32 master, which ZeRO partitions: on a subset of "
+                             f"ranks ({self.ranks}) it would scale only the slices those ranks own (none, part or all "
+                             "of the weight, depending on the ZeRO stage and layout). Leave faults.ranks empty")
         if self.poison_kind not in POISON_KINDS:
             raise ValueError(f"faults.poison_kind must be one of {', '.join(POISON_KINDS)}, got {self.poison_kind!r}")
 

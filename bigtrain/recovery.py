@@ -360,8 +360,8 @@ def restore(run: Run, store: CheckpointStore, step: int, restore_monitor: bool) 
 
 def recover(run: Run, verdict: Verdict, row: dict) -> GiveUp | None:
     """Roll back to the newest checkpoint before the spike's onset and treat the cause the per-sample
-    losses point to (``attribute_spike``): data -> skip the offending samples and their documents,
-    hyper-parameters unchanged; optimizer -> skip the window from there to the spike and climb the
+    losses point to (``attribute_spike``): data -> skip the offending samples and their documents (a
+    repeat in the region: the stream window ahead too), hyper-parameters unchanged; optimizer -> skip the window from there to the spike and climb the
     eps/LR/beta2 ladder; incident -> rewind only. Returns the reason when the budget is spent (the
     state is then the last healthy one; the caller saves and exits): never loops."""
     t0, spike_step = time.time(), run.state.progress.step
@@ -431,7 +431,8 @@ def record_rollback(run: Run, event: dict, plan: RecoveryPlan, skip: Quarantine,
     changed = "".join(f"+{k}" for k, key in (("eps", "eps"), ("lr", "lr_scale"), ("beta2", "beta2"))
                       if getattr(plan, key) != before[key])
     run.rec.event({**event, "event": "rollback" if plan.budgeted else "skip_update", "action": "rollback+skip" + changed,
-                   "rollback": h.rollbacks, "level": plan.level, "restored_step": plan.restored_step,
+                   "rollback": h.rollbacks, "level": plan.level, "escalation": plan.reason,
+                   "restored_step": plan.restored_step,
                    "restored_from": str(store.root), **skip.event,
                    "eps_before": before["eps"], "eps_after": h.eps, "lr_scale_before": before["lr_scale"],
                    "lr_scale_after": h.lr_scale, "beta2_before": before["beta2"], "beta2_after": h.beta2,

@@ -947,14 +947,15 @@ class Escalation:
         reason = (f"rollback {self.rollbacks} at level {level} ({where})" if cause == OPTIMIZER else
                   f"rollback {self.rollbacks}, cause {cause}: no hyper-parameter changed")
         if repeats:
-            reason += (f"; data rollback {repeats + 1} in a row in the region: the stream ahead is skipped too "
+            reason += (f"; data rollback {repeats + 1} of a chain in the region: the stream ahead is skipped too "
                        f"(x{multiplier} window)")
         return RecoveryPlan(False, reason, level, multiplier, new_eps, new_lr, new_beta2, wasted, rollback_to_step,
                             cfg.skip_margin_batches, skip_stream=skip_stream)
 
     def data_repeats(self, onset_step: int) -> int:
-        """Data rollbacks just before this one, each onset within ``region_steps`` of the next
-        (another cause in between does not break the chain; a gap longer than a region does)."""
+        """Data rollbacks just before this one, each onset within ``region_steps`` of the next data
+        rollback's (a gap longer than a region ends the chain, whatever the cause of the rollback
+        across it; a rollback of another cause within the region is passed over)."""
         n, ref = 0, onset_step
         for o, c in zip(reversed(self.onsets), reversed(self.causes)):
             if abs(ref - o) > self.cfg.region_steps:

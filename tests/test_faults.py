@@ -129,13 +129,17 @@ for stage, precision in ((1, "bf16"), (2, "bf16"), (2, "fp32"), (3, "bf16")):  #
             with deepspeed.zero.GatheredParameters([w], enabled=stage == 3):
                 return w.data.float().clone()
         before = full()
+        mapping = getattr(w, "_hp_mapping", None)  # ZeRO-1/2: the slice of the weight this rank's master holds
+        owned = torch.tensor([mapping.lp_fragment_address.numel if mapping is not None else 0])
+        torch.distributed.all_gather(shares := [torch.zeros_like(owned) for _ in range(2)], owned)
         corrupt_weights(engine, 4.0, persistent)
         ids = torch.zeros(2, 8, dtype=torch.long)
         engine.backward(engine(input_ids=ids).logits.float().sum() * 0)  # zero gradients: Adam moves nothing
         engine.step()
         after = full()
         out[(stage, precision, persistent)] = [round(float((after / before)[before != 0].min()), 4),
-                                    round(float((after / before)[before != 0].max()), 4)]
+                                    round(float((after / before)[before != 0].max()), 4),
+                                    [int(x) for x in shares] if stage < 3 else None, w.numel() if stage < 3 else None]
         del engine
 if torch.distributed.get_rank() == 0:  # one writer: two ranks' lines can interleave
     print(repr(out), flush=True)
@@ -145,15 +149,28 @@ if torch.distributed.get_rank() == 0:  # one writer: two ranks' lines can interl
 @pytest.mark.slow
 def test_persistent_weight_corruption_survives_the_optimizer_step_on_every_zero_stage(tmp_path):
     """V8 of the spike benchmark: ``faults.corrupt_persistent`` scales the fp32 master too, so the
-    corrupted weight outlives the step on ZeRO-1, 2 and 3 with the master partitioned over 2 ranks
-    (each rank scales the fragment it owns), in bf16 and in fp32 (the benchmark's text runs: ZeRO-2
+    corrupted weight outlives the step on ZeRO-1, 2 and 3 with the weight's master split over 2 ranks
+    (each rank scales the fragment it owns; the test checks both own one), in bf16 and in fp32 (the benchmark's text runs: ZeRO-2
     keeps a separate fp32 master even then); a transient corruption is undone by the step."""
     import os
     import subprocess
 
-    from helpers import BIN, free_port, save_tiny_model
+    from helpers import BIN, free_port
 
-    model = save_tiny_model(tmp_path / "m", 0.0, dtype=torch.bfloat16)
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from bigtrain.data import build_tokenizer
+
+    # Tied embeddings and a narrow model: the output projection (= the input embedding, the first
+    # parameter) is most of the flat buffer, so ZeRO-1/2 split its master between the 2 ranks.
+    tok = build_tokenizer(None)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=8, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=None, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = tmp_path / "m"
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(model)
+    tok.save_pretrained(model)
     script = tmp_path / "persist.py"
     script.write_text(PERSIST_SCRIPT)
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
@@ -162,5 +179,23 @@ def test_persistent_weight_corruption_survives_the_optimizer_step_on_every_zero_
     assert out.returncode == 0, out.stderr[-4000:]
     ratios = eval([line for line in out.stdout.splitlines() if line.startswith("{")][0])
     assert len(ratios) == 8, ratios
-    for (stage, precision, persistent), ratio in ratios.items():
-        assert ratio == ([4.0, 4.0] if persistent else [1.0, 1.0]), (stage, precision, ratios)
+    for (stage, precision, persistent), (low, high, shares, numel) in ratios.items():
+        assert [low, high] == ([4.0, 4.0] if persistent else [1.0, 1.0]), (stage, precision, ratios)
+        if stage < 3:  # both ranks own a part of the weight's master, together all of it
+            assert min(shares) > 0 and sum(shares) == numel, (stage, precision, shares, numel)
+
+
+def test_the_injector_corrupts_persistently_only_when_asked_and_only_on_every_rank(monkeypatch):
+    """``faults.corrupt_persistent`` reaches corrupt_weights through the loop's hook, once; a subset of
+    ranks is refused (ZeRO partitions the master: the ranks would scale whatever slices they own)."""
+    import bigtrain.faults as faults
+
+    calls = []
+    monkeypatch.setattr(faults, "corrupt_weights", lambda engine, scale, persistent: calls.append((scale, persistent)))
+    for persistent in (False, True):
+        inj = FaultInjector(FaultConfig(corrupt_weights_step=3, corrupt_scale=2.0, corrupt_persistent=persistent), 0)
+        for step in range(5):
+            inj.begin_step(Progress(step=step), Sampler(12, seed=0), [], 8, 4, engine=None)
+    assert calls == [(2.0, False), (2.0, True)]
+    with pytest.raises(ValueError, match="faults.ranks empty"):
+        FaultConfig(corrupt_weights_step=3, corrupt_persistent=True, ranks=[1])

@@ -181,6 +181,34 @@ def test_outlier_samples_are_data_skipped_by_id_with_their_documents_and_no_hype
     assert ids[3] not in run.sampler.sample_ids(taken)
 
 
+@pytest.mark.parametrize("window", [True, False])
+def test_a_second_data_rollback_in_the_region_also_skips_the_stream_ahead(tmp_path, window):
+    """spike.data_repeat_window through recover(): the first data rollback skips by id only; the second
+    in the region also skips the window from the restored cursor (1 rolled-back step + 16 margin
+    batches), one pass, and says so; turned off, it skips by id only again."""
+    run = make_run(tmp_path, f"spike.data_repeat_window={str(window).lower()}")
+    healthy(run, 12)
+    for k, bad in enumerate((3, 5)):
+        losses = [2.0] * GLOBAL_BATCH
+        losses[bad] = 200.0
+        verdict, ids, row = step(run, losses)
+        assert verdict.recover
+        TRUTH[ids[bad]] = 200.0
+        assert recover(run, verdict, row) is None
+    h, (first, second) = run.state.history, run.rec.events
+    assert first["cause"] == second["cause"] == DATA and "skipped_range" not in first
+    assert ids[5] in h.skipped_samples and h.eps == 1e-8 and h.lr_scale == 1.0
+    if not window:
+        assert h.skipped == [] and "skipped_range" not in second
+        return
+    restored = run.state.progress.cursor
+    (start, end), = h.skipped
+    assert second["skipped_range"] == [start, end] and start == restored and "stream ahead" in second["escalation"]
+    passed_over = set(run.sampler.sample_ids(range(start, end))) - set(h.skipped_samples)
+    assert len(passed_over) == (1 + 16) * GLOBAL_BATCH
+    assert {r["sample_id"] for r in run.rec.quarantined if r["why"] == "window"} == passed_over
+
+
 def test_an_outlier_the_restored_weights_score_as_usual_was_transient_not_data(tmp_path):
     """One sample far out on the spiked step, normal under the restored weights (a fault of the moment,
     as Megatron-LM's rerun would find): nothing is convicted, the window and the ladder apply."""
@@ -290,8 +318,8 @@ def test_quarantine_optimizer_window_is_one_pass_and_document_convictions_are_ca
                    skip_stream=True)
     assert 40 in state.skipped_samples and q.event["cause"] == DATA
     window = [r for r in q.rows if r["why"] == "window"]
-    assert q.event["skipped_range"] == [24, state.skipped[0][1]] and len(window) == 16 - (40 in sampler.sample_ids(
-        range(24, state.skipped[0][1])))
+    # 16 samples not skipped already (by id or by the earlier window), from the restored cursor
+    assert q.event["skipped_range"] == [24, state.skipped[0][1]] and len(window) == 16
 
 
 def test_rollback_skip_window_counts_drawn_samples_not_stream_span():

@@ -616,7 +616,7 @@ def test_a_repeated_data_rollback_in_a_region_also_skips_the_stream_ahead_wideni
     plans = [esc.decide(102 - i, 100 - i, 90, 90, 1e-8, 1.0, 0.99, DATA) for i in range(5)]
     assert [p.skip_stream for p in plans] == [False, True, True, True, True]
     assert [p.skip_multiplier for p in plans[1:]] == [1, 2, 4, 4]
-    assert all((p.eps, p.lr_scale, p.beta2, p.level) == (1e-8, 1.0, 0.99, -1) for p in plans)
+    assert all((p.stop, p.eps, p.lr_scale, p.beta2, p.level) == (False, 1e-8, 1.0, 0.99, -1) for p in plans)
     assert "stream ahead is skipped" in plans[1].reason and "stream" not in plans[0].reason
     # An incident in between does not break the chain; a data rollback a region away starts a new one.
     esc.decide(99, 99, 90, 90, 1e-8, 1.0, 0.99, CAUSE_INCIDENT)
