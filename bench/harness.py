@@ -147,12 +147,15 @@ DRIVERS = ("bench/spike_bench.py", "bench/harness.py")
 
 
 def code_version() -> tuple[str, bool]:
-    """The checkout's commit ("unknown" outside git) and whether bigtrain/ or ds_configs/ differ from
-    it (changed or new files), or the bench plug-ins or drivers do: the code the runs depended on."""
+    """The newest commit that changed the code the runs depend on (bigtrain/, ds_configs/, the bench
+    plug-ins and drivers; "unknown" outside git), and whether that code differs from it (changed or
+    new files). A commit of results or docs alone leaves it as it was, so invocations spread over
+    several sessions, with their results committed in between, still name one commit."""
+    code = ["bigtrain", "ds_configs", *PLUGINS, *DRIVERS]
     try:
-        commit = subprocess.run(["git", "log", "-1", "--format=%h"], cwd=REPO, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "bigtrain", "ds_configs", *PLUGINS, *DRIVERS], cwd=REPO,
+        commit = subprocess.run(["git", "log", "-1", "--format=%h", "--", *code], cwd=REPO, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *code], cwd=REPO,
                                capture_output=True, text=True, check=True).stdout.strip() != ""
     except (OSError, subprocess.CalledProcessError):
         return "unknown", False

@@ -230,3 +230,21 @@ def test_faults_that_fired_in_any_earlier_leg_stay_fired(tmp_path):
     again = spike_bench.carried_faults(sc, tmp_path, 55, seen)  # the second leg stopped earlier
     assert "faults.poison_steps=[]" in again and "faults.nan_steps=[]" in again
     assert "faults.poison_ids=[[7,9]]" in again
+
+
+def test_results_name_the_commit_of_the_code_not_a_later_results_commit():
+    """Benchmark invocations spread over sessions commit their results in between: each must still
+    name the commit that last changed the code it ran (bigtrain/, ds_configs/, bench code), not HEAD."""
+    import harness
+
+    commit, _ = harness.code_version()
+    if commit == "unknown":
+        pytest.skip("not a git checkout")
+    touched = subprocess.run(["git", "show", "--name-only", "--format=", commit], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.split()
+    code = ("bigtrain/", "ds_configs/", *harness.PLUGINS, *harness.DRIVERS)
+    assert any(f.startswith(code) for f in touched), (commit, touched)
+    newer = subprocess.run(["git", "log", "--format=%h", f"{commit}..HEAD", "--", "bigtrain", "ds_configs",
+                            *harness.PLUGINS, *harness.DRIVERS], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert newer == [], newer
