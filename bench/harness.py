@@ -146,34 +146,50 @@ PLUGINS = ("bench/bench_entry.py", "bench/competitors.py", "bench/modadd.py")
 DRIVERS = ("bench/spike_bench.py", "bench/harness.py")
 
 
-def code_version() -> tuple[str, bool]:
-    """The newest commit that changed the code the runs depend on (bigtrain/, ds_configs/, the bench
-    plug-ins and drivers; "unknown" outside git), and whether that code differs from it (changed or
-    new files). A commit of results or docs alone leaves it as it was, so invocations spread over
-    several sessions, with their results committed in between, still name one commit."""
-    code = ["bigtrain", "ds_configs", *PLUGINS, *DRIVERS]
+CODE = ("bigtrain", "ds_configs", *PLUGINS, *DRIVERS)
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def code_version(paths: tuple[str, ...] = CODE) -> tuple[str, bool]:
+    """The commit that last changed ``paths`` (by default the code the spike benchmark's runs depend
+    on: bigtrain/, ds_configs/, the bench plug-ins and drivers) along the first-parent line to HEAD,
+    12 hex digits, and whether the checkout's files under ``paths`` differ from HEAD's (changed or new
+    files). A commit of results or docs alone leaves the commit as it was, so invocations spread over
+    sessions, with their results committed in between, still name one commit. "unknown" outside git
+    or when no commit touched ``paths``; " (shallow clone)" is appended where the history is cut, since
+    the boundary commit then counts as changing every file."""
     try:
-        commit = subprocess.run(["git", "log", "-1", "--format=%h", "--", *code], cwd=REPO, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", *code], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip() != ""
+        commit = _git("log", "-1", "--first-parent", "--abbrev=12", "--format=%h", "--", *paths) or "unknown"
+        if _git("rev-parse", "--is-shallow-repository") == "true":
+            commit += " (shallow clone)"
+        dirty = _git("status", "--porcelain", "--untracked-files=all", "--", *paths) != ""
     except (OSError, subprocess.CalledProcessError):
         return "unknown", False
     return commit, dirty
 
 
-def code_sha256() -> str:
-    """Hash of what the runs depend on (bigtrain/*.py, ds_configs/*.json, the bench plug-ins and the
-    spike benchmark's driver), so a change in the middle of a benchmark is noticed."""
-    code = hashlib.sha256(b"".join(p.read_bytes() for p in sorted([*REPO.glob("bigtrain/*.py"),
-                                                                   *REPO.glob("ds_configs/*.json"),
-                                                                   *(REPO / f for f in (*PLUGINS, *DRIVERS))])))
-    return code.hexdigest()[:12]
+def code_sha256(paths: tuple[str, ...] = CODE) -> str:
+    """Hash of the files under ``paths`` as they are on disk (tracked and untracked, git's ignores
+    left out; names included), so a change in the middle of a benchmark is noticed. Outside git:
+    bigtrain/**/*.py, ds_configs/*.json and the bench code by glob."""
+    try:
+        names = sorted(set(_git("ls-files", "--cached", "--others", "--exclude-standard", "--", *paths).splitlines()))
+        files = [REPO / n for n in names if (REPO / n).is_file()]
+    except (OSError, subprocess.CalledProcessError):
+        files = sorted([*REPO.glob("bigtrain/**/*.py"), *REPO.glob("ds_configs/*.json"),
+                        *(REPO / f for f in (*PLUGINS, *DRIVERS))])
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
 
 
 def environment() -> dict[str, str]:
     """The machine, library versions and code of a benchmark, as one flat record."""
     commit, dirty = code_version()
     return {"python": platform.python_version(), **versions(), "cpu": cpu_model(), "cores": str(os.cpu_count()),
-            "os": platform.platform(), "bigtrain": commit + (" + uncommitted changes in bigtrain/ or the bench code" if dirty else ""),
+            "os": platform.platform(), "bigtrain": commit + (" + uncommitted changes in bigtrain/, ds_configs/ or the bench code" if dirty else ""),
             "code_sha256": code_sha256()}

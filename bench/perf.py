@@ -383,13 +383,18 @@ def count_params(hf_config) -> int:
     return sum(x.numel() for x in model.parameters())
 
 
+# What the throughput runs execute: the trainer, its configs, and the contenders' scripts.
+PERF_CODE = ("bigtrain", "ds_configs", "bench/perf.py", "bench/perf_worker.py", "bench/bare_deepspeed.py",
+             "bench/hf_trainer.py", "bench/harness.py")
+
+
 def environment() -> list[str]:
     v = harness.versions(("torch", "deepspeed", "transformers", "accelerate"))
-    commit, dirty = harness.code_version()
+    commit, dirty = harness.code_version(PERF_CODE)
     return [f"* CPU: {harness.cpu_model() or '?'}, {os.cpu_count()} logical cores; {platform.platform()}",
             f"* Python {platform.python_version()}, torch {v['torch']}, deepspeed {v['deepspeed']}, "
             f"transformers {v['transformers']}, accelerate {v['accelerate']}",
-            f"* bigtrain commit {commit}{' + uncommitted changes under bigtrain/' if dirty else ''}"]
+            f"* bigtrain commit {commit}{' + uncommitted changes in the measured code' if dirty else ''}"]
 
 
 def loadavg() -> float:

@@ -1055,6 +1055,21 @@ def plot(results: list[dict], scs: dict[str, Scenario], out: Path) -> list[str]:
     return names
 
 
+def code_line(meta: dict) -> str:
+    """The report's claim about the code: one commit and code hash only when every invocation (the
+    first and each merged one) recorded the same pair and none saw the code change while it ran;
+    otherwise a warning naming every pair."""
+    invocations = [meta, *meta.get("merged", [])]
+    states = list(dict.fromkeys((m["environment"].get("bigtrain", "unknown"), m["environment"].get("code_sha256", "?"))
+                                for m in invocations))
+    changed = [m for m in invocations if m.get("warning")]
+    if len(states) == 1 and not changed:
+        commit, sha = states[0]
+        return (f"Code: bigtrain **{commit}** (code hash {sha}) for every run, all {len(invocations)} invocations. ")
+    return (f"**Warning: the runs mix code versions**: {'; '.join(f'{c} (code hash {h})' for c, h in states)}"
+            f"{f'; {len(changed)} invocation(s) saw the code change while running' if changed else ''}. ")
+
+
 def write_report(results: list[dict], meta: dict, scs: dict[str, Scenario], out: Path) -> Path:
     pngs = plot(results, scs, out)
     md = out / "spike_benchmark.md"
@@ -1065,8 +1080,7 @@ def write_report(results: list[dict], meta: dict, scs: dict[str, Scenario], out:
     lines = [
         "# Spike benchmark",
         "",
-        f"Code: bigtrain **{meta['environment'].get('bigtrain', 'unknown')}** for every run"
-        f"{'' if not meta.get('merged') else ' (and the merged runs below)'}. "
+        code_line(meta),
         f"{len(results)} runs; {meta['total_minutes'] + sum(m['total_minutes'] for m in meta.get('merged', [])):.1f} min "
         f"over {1 + len(meta.get('merged', []))} invocations (replaced runs included); first invocation `{meta['command']}` on {meta['date']} ({meta['total_minutes']:.1f} min; "
         f"{'quick' if meta['quick'] else 'default'} sizing; seeds per scenario in "
@@ -1078,7 +1092,9 @@ def write_report(results: list[dict], meta: dict, scs: dict[str, Scenario], out:
         "Every run is `torchrun --nproc_per_node 2 -m bigtrain train ...` (gloo, CPU), one at a time.",
         *([f"\n**Warning:** {meta['warning']}."] if meta.get("warning") else []),
         *[f"\nRuns added (or replaced) later by `{m['command']}` on {m['date']} (bigtrain "
-          f"{m['environment'].get('bigtrain', 'unknown')}, {m['total_minutes']:.1f} min)." for m in meta.get("merged", [])],
+          f"{m['environment'].get('bigtrain', 'unknown')}, code hash {m['environment'].get('code_sha256', '?')}, "
+          f"{m['total_minutes']:.1f} min)." + (f" **Warning:** {m['warning']}." if m.get("warning") else "")
+          for m in meta.get("merged", [])],
         "",
         "## Results",
         "",
@@ -1470,7 +1486,8 @@ def main(argv: list[str] | None = None) -> int:
                              "--merge (the old set stays in the history file) or with the same sizing")
         done = {(r["scenario"], r["policy"], r["seed"]) for r in results}
         results = [r for r in old_results if (r["scenario"], r["policy"], r["seed"]) not in done] + results
-        merged = old_meta.get("merged", []) + [{k: meta[k] for k in ("command", "date", "total_minutes", "environment")}]
+        merged = old_meta.get("merged", []) + [{k: meta[k] for k in ("command", "date", "total_minutes", "environment",
+                                                                      "warning") if k in meta}]
         old_meta["steps"] = {**old_meta["steps"], **meta["steps"]}
         for k, new_seeds in meta["seeds"].items():
             have = old_meta["seeds"].get(k, [])

@@ -232,19 +232,44 @@ def test_faults_that_fired_in_any_earlier_leg_stay_fired(tmp_path):
     assert "faults.poison_ids=[[7,9]]" in again
 
 
-def test_results_name_the_commit_of_the_code_not_a_later_results_commit():
+def test_results_name_the_commit_of_the_code_not_a_later_results_commit(tmp_path, monkeypatch):
     """Benchmark invocations spread over sessions commit their results in between: each must still
-    name the commit that last changed the code it ran (bigtrain/, ds_configs/, bench code), not HEAD."""
+    name the commit that last changed the code it ran, not HEAD; an uncommitted or new code file is
+    reported and changes the code hash, a results file does neither."""
     import harness
 
-    commit, _ = harness.code_version()
-    if commit == "unknown":
-        pytest.skip("not a git checkout")
-    touched = subprocess.run(["git", "show", "--name-only", "--format=", commit], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout.split()
-    code = ("bigtrain/", "ds_configs/", *harness.PLUGINS, *harness.DRIVERS)
-    assert any(f.startswith(code) for f in touched), (commit, touched)
-    newer = subprocess.run(["git", "log", "--format=%h", f"{commit}..HEAD", "--", "bigtrain", "ds_configs",
-                            *harness.PLUGINS, *harness.DRIVERS], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.split()
-    assert newer == [], newer
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    git("config", "user.email", "t@t")
+    git("config", "user.name", "t")
+    (tmp_path / "bigtrain").mkdir()
+    (tmp_path / "bigtrain" / "train.py").write_text("x = 1\n")
+    git("add", "-A")
+    git("commit", "-qm", "code")
+    code_commit = git("rev-parse", "HEAD")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "results.jsonl").write_text("{}\n")
+    git("add", "-A")
+    git("commit", "-qm", "results")
+    monkeypatch.setattr(harness, "REPO", tmp_path)
+    commit, dirty = harness.code_version()
+    assert code_commit.startswith(commit) and len(commit) == 12 and not dirty
+    sha = harness.code_sha256()
+    (tmp_path / "docs" / "results.jsonl").write_text("{}\n{}\n")
+    assert harness.code_sha256() == sha and not harness.code_version()[1]
+    (tmp_path / "bigtrain" / "new.py").write_text("y = 2\n")  # untracked code counts
+    assert harness.code_version() == (commit, True) and harness.code_sha256() != sha
+
+
+def test_the_report_claims_one_commit_only_when_every_invocation_ran_it():
+    import spike_bench
+
+    env = {"bigtrain": "abc", "code_sha256": "h1"}
+    meta = {"environment": env, "merged": [{"environment": dict(env)}, {"environment": dict(env)}]}
+    assert spike_bench.code_line(meta).startswith("Code: bigtrain **abc** (code hash h1) for every run, all 3")
+    meta["merged"][1]["environment"]["code_sha256"] = "h2"
+    assert "mix code versions" in spike_bench.code_line(meta) and "h2" in spike_bench.code_line(meta)
+    meta["merged"][1] = {"environment": dict(env), "warning": "changed"}
+    assert "mix code versions" in spike_bench.code_line(meta)
