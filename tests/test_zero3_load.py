@@ -20,7 +20,7 @@ BUILD_SCRIPT = textwrap.dedent("""
     import sys, torch
     from bigtrain.config import load_config
     from bigtrain.data import build_tokenizer
-    from bigtrain.distributed import init_distributed
+    from bigtrain.distributed import init_distributed, shutdown
     from bigtrain.engine import resolve_ds_config
     from bigtrain.model import build_model
     init_distributed()
@@ -30,6 +30,7 @@ BUILD_SCRIPT = textwrap.dedent("""
     full = [(n, p.numel(), str(p.dtype)) for n, p in model.named_parameters() if not hasattr(p, "ds_id")]
     shares = {str(p.ds_tensor.dtype) for p in model.parameters() if hasattr(p, "ds_id")}
     print(repr((full, sorted(shares))))
+    shutdown(barrier=True)  # gloo's threads left to finalization can abort the process at exit
 """)
 
 
