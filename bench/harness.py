@@ -162,7 +162,8 @@ def code_version(paths: tuple[str, ...] = CODE) -> tuple[str, bool]:
     or when no commit touched ``paths``; " (shallow clone)" is appended where the history is cut, since
     the boundary commit then counts as changing every file."""
     try:
-        commit = _git("log", "-1", "--first-parent", "--abbrev=12", "--format=%h", "--", *paths) or "unknown"
+        full = _git("rev-list", "-1", "--first-parent", "HEAD", "--", *paths)  # plumbing: no user log config
+        commit = _git("rev-parse", "--short=12", full) if full else "unknown"
         if _git("rev-parse", "--is-shallow-repository") == "true":
             commit += " (shallow clone)"
         dirty = _git("status", "--porcelain", "--untracked-files=all", "--", *paths) != ""
@@ -176,7 +177,9 @@ def code_sha256(paths: tuple[str, ...] = CODE) -> str:
     left out; names included), so a change in the middle of a benchmark is noticed. Outside git:
     bigtrain/**/*.py, ds_configs/*.json and the bench code by glob."""
     try:
-        names = sorted(set(_git("ls-files", "--cached", "--others", "--exclude-standard", "--", *paths).splitlines()))
+        # -z: names as they are (git quotes non-ASCII names otherwise, and a quoted name is no file)
+        names = sorted(set(_git("ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", *paths)
+                           .split("\0")) - {""})
         files = [REPO / n for n in names if (REPO / n).is_file()]
     except (OSError, subprocess.CalledProcessError):
         files = sorted([*REPO.glob("bigtrain/**/*.py"), *REPO.glob("ds_configs/*.json"),

@@ -1057,17 +1057,48 @@ def plot(results: list[dict], scs: dict[str, Scenario], out: Path) -> list[str]:
 
 def code_line(meta: dict) -> str:
     """The report's claim about the code: one commit and code hash only when every invocation (the
-    first and each merged one) recorded the same pair and none saw the code change while it ran;
-    otherwise a warning naming every pair."""
+    first and each merged one) recorded the same pair and none saw the code change while it ran. The
+    same hash under different commit names (a shallow clone or a rebase names one code state anew) is
+    one code state, said so; an invocation that recorded no commit or hash supports no claim; anything
+    else is a warning naming every pair."""
     invocations = [meta, *meta.get("merged", [])]
-    states = list(dict.fromkeys((m["environment"].get("bigtrain", "unknown"), m["environment"].get("code_sha256", "?"))
-                                for m in invocations))
+    pairs = [(m["environment"].get("bigtrain", "unknown"), m["environment"].get("code_sha256", "?")) for m in invocations]
+    states = list(dict.fromkeys(pairs))
     changed = [m for m in invocations if m.get("warning")]
-    if len(states) == 1 and not changed:
+    named = "; ".join(f"{c} (code hash {h})" for c, h in states)
+    if any(c.startswith("unknown") or h == "?" for c, h in states):
+        return f"**Code version not recorded for every invocation**: {named}. "
+    if changed:
+        return f"**Warning: the runs mix code versions**: {named}; {len(changed)} invocation(s) saw the code change while running. "
+    if len(states) == 1:
         commit, sha = states[0]
-        return (f"Code: bigtrain **{commit}** (code hash {sha}) for every run, all {len(invocations)} invocations. ")
-    return (f"**Warning: the runs mix code versions**: {'; '.join(f'{c} (code hash {h})' for c, h in states)}"
-            f"{f'; {len(changed)} invocation(s) saw the code change while running' if changed else ''}. ")
+        return f"Code: bigtrain **{commit}** (code hash {sha}) for every run, all {len(invocations)} invocations. "
+    if len({h for _, h in states}) == 1:
+        return (f"Code: one code hash, **{states[0][1]}**, for every run, all {len(invocations)} invocations, recorded "
+                f"under the commits {', '.join(dict.fromkeys(c for c, _ in states))} (the same files: a shallow clone "
+                "or a rebase names them anew). ")
+    return f"**Warning: the runs mix code versions**: {named}. "
+
+
+MACHINE = ("python", "torch", "deepspeed", "transformers", "cpu", "cores", "os")
+
+
+def machine_warning(meta: dict) -> str:
+    """The report prints the first invocation's machine and libraries; a merged invocation that ran
+    elsewhere (another CPU, core count or library version) is named, since its wall-clock columns
+    and results are not the first machine's. Empty when every invocation matches."""
+    first = meta["environment"]
+    odd = [(m, [k for k in MACHINE if m["environment"].get(k) != first.get(k)]) for m in meta.get("merged", [])]
+    odd = [(m, keys) for m, keys in odd if keys]
+    if not odd:
+        return ""
+    return ("**Warning: the invocations ran on different machines or libraries**: " + "; ".join(
+        f"`{m['command']}`: " + ", ".join(f"{k} {m['environment'].get(k)}" for k in keys) for m, keys in odd) + ".")
+
+
+def merged_entry(meta: dict) -> dict:
+    """What a merged report keeps of one invocation, its code-change warning included."""
+    return {k: meta[k] for k in ("command", "date", "total_minutes", "environment", "warning") if k in meta}
 
 
 def write_report(results: list[dict], meta: dict, scs: dict[str, Scenario], out: Path) -> Path:
@@ -1091,6 +1122,10 @@ def write_report(results: list[dict], meta: dict, scs: dict[str, Scenario], out:
         f"{env['cores']} cores; {env['os']}. "
         "Every run is `torchrun --nproc_per_node 2 -m bigtrain train ...` (gloo, CPU), one at a time.",
         *([f"\n**Warning:** {meta['warning']}."] if meta.get("warning") else []),
+        *([f"\n{machine_warning(meta)}"] if machine_warning(meta) else []),
+        *([f"\nThe runs' files were re-parsed on {meta['reparsed']['date']} by bigtrain "
+           f"{meta['reparsed']['environment'].get('bigtrain', 'unknown')} (code hash "
+           f"{meta['reparsed']['environment'].get('code_sha256', '?')})."] if meta.get("reparsed") else []),
         *[f"\nRuns added (or replaced) later by `{m['command']}` on {m['date']} (bigtrain "
           f"{m['environment'].get('bigtrain', 'unknown')}, code hash {m['environment'].get('code_sha256', '?')}, "
           f"{m['total_minutes']:.1f} min)." + (f" **Warning:** {m['warning']}." if m.get("warning") else "")
@@ -1441,6 +1476,9 @@ def main(argv: list[str] | None = None) -> int:
         scs = {sc.key: sc for sc in scenarios(meta["quick"], meta.get("dev", True))}
         if args.reparse:
             results = [reparse(r, Path(meta["work"]), scs[r["scenario"]]) for r in results]
+            # the runs stay the commit they ran; what read their files now is named beside them
+            meta["reparsed"] = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                                "environment": environment()}
             write_jsonl(jsonl, meta, results)
         print(write_report(results, meta, {k: v for k, v in scs.items() if k in meta["steps"]}, out))
         return 0
@@ -1486,8 +1524,7 @@ def main(argv: list[str] | None = None) -> int:
                              "--merge (the old set stays in the history file) or with the same sizing")
         done = {(r["scenario"], r["policy"], r["seed"]) for r in results}
         results = [r for r in old_results if (r["scenario"], r["policy"], r["seed"]) not in done] + results
-        merged = old_meta.get("merged", []) + [{k: meta[k] for k in ("command", "date", "total_minutes", "environment",
-                                                                      "warning") if k in meta}]
+        merged = old_meta.get("merged", []) + [merged_entry(meta)]
         old_meta["steps"] = {**old_meta["steps"], **meta["steps"]}
         for k, new_seeds in meta["seeds"].items():
             have = old_meta["seeds"].get(k, [])

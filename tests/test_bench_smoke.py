@@ -259,8 +259,35 @@ def test_results_name_the_commit_of_the_code_not_a_later_results_commit(tmp_path
     sha = harness.code_sha256()
     (tmp_path / "docs" / "results.jsonl").write_text("{}\n{}\n")
     assert harness.code_sha256() == sha and not harness.code_version()[1]
+    (tmp_path / ".gitignore").write_text("__pycache__/\n")
+    (tmp_path / "bigtrain" / "__pycache__").mkdir()
+    (tmp_path / "bigtrain" / "__pycache__" / "train.pyc").write_bytes(b"\0")  # written by every run: ignored
+    assert harness.code_sha256() == sha and harness.code_version() == (commit, False)
     (tmp_path / "bigtrain" / "new.py").write_text("y = 2\n")  # untracked code counts
     assert harness.code_version() == (commit, True) and harness.code_sha256() != sha
+    (tmp_path / "bigtrain" / "new.py").unlink()
+    git("mv", "bigtrain/train.py", "bigtrain/tr\u00e4in.py")  # same bytes, another name (git quotes it)
+    renamed = harness.code_sha256()
+    assert renamed != sha and harness.code_version() == (commit, True)
+    (tmp_path / "bigtrain" / "tr\u00e4in.py").write_text("x = 3\n")
+    assert harness.code_sha256() != renamed  # the quoted name's file is in the hash
+    git("commit", "-qam", "rename")
+    # a side branch changes the code and is merged with a merge commit: the merge names the code
+    git("checkout", "-qb", "side")
+    (tmp_path / "bigtrain" / "side.py").write_text("z = 1\n")
+    git("add", "-A")
+    git("commit", "-qm", "side code")
+    git("checkout", "-q", "-")
+    git("merge", "-q", "--no-ff", "-m", "merge", "side")
+    merge = git("rev-parse", "HEAD")
+    (tmp_path / "docs" / "results.jsonl").write_text("{}\n{}\n{}\n")
+    git("commit", "-qam", "results")
+    assert merge.startswith(harness.code_version()[0])
+    # a shallow clone: the cut commit counts as changing every file, so the name is marked
+    clone = tmp_path.parent / f"{tmp_path.name}-shallow"
+    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{tmp_path}", str(clone)], check=True)
+    monkeypatch.setattr(harness, "REPO", clone)
+    assert harness.code_version()[0].endswith(" (shallow clone)")
 
 
 def test_the_report_claims_one_commit_only_when_every_invocation_ran_it():
@@ -271,5 +298,24 @@ def test_the_report_claims_one_commit_only_when_every_invocation_ran_it():
     assert spike_bench.code_line(meta).startswith("Code: bigtrain **abc** (code hash h1) for every run, all 3")
     meta["merged"][1]["environment"]["code_sha256"] = "h2"
     assert "mix code versions" in spike_bench.code_line(meta) and "h2" in spike_bench.code_line(meta)
-    meta["merged"][1] = {"environment": dict(env), "warning": "changed"}
+    meta["merged"][1] = spike_bench.merged_entry({"command": "c", "date": "d", "total_minutes": 1.0,
+                                                  "environment": dict(env), "warning": "changed", "seeds": {}})
+    assert meta["merged"][1]["warning"] == "changed" and "seeds" not in meta["merged"][1]
     assert "mix code versions" in spike_bench.code_line(meta)
+    # the same files under another commit name (a shallow clone): one code state, said so
+    meta["merged"][1] = {"environment": {"bigtrain": "abc (shallow clone)", "code_sha256": "h1"}}
+    line = spike_bench.code_line(meta)
+    assert "one code hash, **h1**, for every run" in line and "abc (shallow clone)" in line
+    meta["merged"][1] = {"environment": {"bigtrain": "unknown", "code_sha256": "h1"}}
+    assert "not recorded" in spike_bench.code_line(meta)
+
+
+def test_the_report_names_an_invocation_that_ran_on_another_machine():
+    import spike_bench
+
+    env = {"bigtrain": "abc", "code_sha256": "h1", "cpu": "AMD EPYC", "cores": "2", "torch": "2.13.0"}
+    meta = {"environment": env, "merged": [{"command": "same", "environment": dict(env)}]}
+    assert spike_bench.machine_warning(meta) == ""
+    meta["merged"].append({"command": "later", "environment": {**env, "cores": "16"}})
+    warning = spike_bench.machine_warning(meta)
+    assert "`later`: cores 16" in warning and "same" not in warning
