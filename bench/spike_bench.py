@@ -1055,6 +1055,11 @@ def plot(results: list[dict], scs: dict[str, Scenario], out: Path) -> list[str]:
     return names
 
 
+def code_state(env: dict) -> tuple[str, str]:
+    """An invocation's recorded (commit, code hash); "unknown" and "?" where it recorded none."""
+    return env.get("bigtrain", "unknown"), env.get("code_sha256", "?")
+
+
 def code_line(meta: dict) -> str:
     """The report's claim about the code: one commit and code hash only when every invocation (the
     first and each merged one) recorded the same pair and none saw the code change while it ran. The
@@ -1062,8 +1067,7 @@ def code_line(meta: dict) -> str:
     one code state, said so; an invocation that recorded no commit or hash supports no claim; anything
     else is a warning naming every pair."""
     invocations = [meta, *meta.get("merged", [])]
-    pairs = [(m["environment"].get("bigtrain", "unknown"), m["environment"].get("code_sha256", "?")) for m in invocations]
-    states = list(dict.fromkeys(pairs))
+    states = list(dict.fromkeys(code_state(m["environment"]) for m in invocations))
     changed = [m for m in invocations if m.get("warning")]
     named = "; ".join(f"{c} (code hash {h})" for c, h in states)
     if any(c.startswith("unknown") or h == "?" for c, h in states):
@@ -1108,6 +1112,7 @@ def write_report(results: list[dict], meta: dict, scs: dict[str, Scenario], out:
     if md.exists() and NOTES_MARKER in md.read_text():
         notes = md.read_text().split(NOTES_MARKER, 1)[1]
     env = meta["environment"]
+    machine = machine_warning(meta)
     lines = [
         "# Spike benchmark",
         "",
@@ -1122,13 +1127,11 @@ def write_report(results: list[dict], meta: dict, scs: dict[str, Scenario], out:
         f"{env['cores']} cores; {env['os']}. "
         "Every run is `torchrun --nproc_per_node 2 -m bigtrain train ...` (gloo, CPU), one at a time.",
         *([f"\n**Warning:** {meta['warning']}."] if meta.get("warning") else []),
-        *([f"\n{machine_warning(meta)}"] if machine_warning(meta) else []),
+        *([f"\n{machine}"] if machine else []),
         *([f"\nThe runs' files were re-parsed on {meta['reparsed']['date']} by bigtrain "
-           f"{meta['reparsed']['environment'].get('bigtrain', 'unknown')} (code hash "
-           f"{meta['reparsed']['environment'].get('code_sha256', '?')})."] if meta.get("reparsed") else []),
+           "{} (code hash {}).".format(*code_state(meta["reparsed"]["environment"]))] if meta.get("reparsed") else []),
         *[f"\nRuns added (or replaced) later by `{m['command']}` on {m['date']} (bigtrain "
-          f"{m['environment'].get('bigtrain', 'unknown')}, code hash {m['environment'].get('code_sha256', '?')}, "
-          f"{m['total_minutes']:.1f} min)." + (f" **Warning:** {m['warning']}." if m.get("warning") else "")
+          "{}, code hash {}, ".format(*code_state(m["environment"])) + f"{m['total_minutes']:.1f} min)." + (f" **Warning:** {m['warning']}." if m.get("warning") else "")
           for m in meta.get("merged", [])],
         "",
         "## Results",
